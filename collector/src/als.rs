@@ -1,0 +1,348 @@
+//! The gRPC access-log service (`envoy.service.accesslog.v3.AccessLogService`).
+//!
+//! A thin adapter: it keeps per-stream state (the node, which Envoy sends only in a stream's
+//! first message), turns each message into flow records with `decode`, and hands them to the
+//! window aggregator through a bounded queue. Messages are received as raw bytes and entries
+//! are decoded one by one, so a bad entry costs only itself, never its batch or its stream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{BoxFuture, StdError, http};
+use tonic::server::{ClientStreamingService, Grpc, NamedService};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::decode::{self, Outcome, Rejection};
+use crate::flow::FlowRecord;
+use crate::identity::{Interner, MeshConfig, NodeContext, Resolver, UNKNOWN};
+use crate::metrics::CollectorMetrics;
+use crate::wire::AlsMessageWire;
+
+/// The full path of the one method.
+pub const STREAM_ACCESS_LOGS_PATH: &str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
+
+/// A gRPC codec that passes message bytes through untouched, both ways. The server decodes
+/// entries itself; load generators send pre-encoded messages with it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BytesCodec;
+
+impl Codec for BytesCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = BytesCodec;
+    type Decoder = BytesCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        BytesCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        BytesCodec
+    }
+}
+
+impl Encoder for BytesCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for BytesCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// Settings of the access-log service, validated.
+#[derive(Clone, Debug)]
+pub struct AlsConfig {
+    /// Largest accepted gRPC message; a larger one ends its stream with `RESOURCE_EXHAUSTED`.
+    pub max_message_bytes: usize,
+    /// How long a stream waits for room in a full queue before it drops a batch (counted).
+    pub enqueue_timeout: Duration,
+    /// Identities kept interned per stream.
+    pub interner_capacity: usize,
+}
+
+impl Default for AlsConfig {
+    fn default() -> Self {
+        AlsConfig { max_message_bytes: 4 << 20, enqueue_timeout: Duration::from_secs(1), interner_capacity: 4096 }
+    }
+}
+
+/// Counters resolved once, so the per-message path does not hash label values.
+#[derive(Debug)]
+struct Handles {
+    all: CollectorMetrics,
+    received: [prometheus::IntCounter; 2],
+    decoded: [prometheus::IntCounter; 2],
+    intermediate: [prometheus::IntCounter; 2],
+    unresolved_source: prometheus::IntCounter,
+    unresolved_destination: prometheus::IntCounter,
+}
+
+impl Handles {
+    fn new(m: CollectorMetrics) -> Handles {
+        let by_protocol = |v: &prometheus::IntCounterVec| [v.with_label_values(&["http"]), v.with_label_values(&["tcp"])];
+        Handles {
+            received: by_protocol(&m.entries_received),
+            decoded: by_protocol(&m.entries_decoded),
+            intermediate: by_protocol(&m.entries_intermediate),
+            unresolved_source: m.identities_unresolved.with_label_values(&["source"]),
+            unresolved_destination: m.identities_unresolved.with_label_values(&["destination"]),
+            all: m,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    mesh: Arc<MeshConfig>,
+    cfg: AlsConfig,
+    tx: mpsc::Sender<Vec<FlowRecord>>,
+    metrics: Handles,
+    shutdown: CancellationToken,
+}
+
+/// The tonic service. Cloning is cheap (one `Arc`).
+#[derive(Clone, Debug)]
+pub struct AlsService {
+    shared: Arc<Shared>,
+}
+
+impl AlsService {
+    /// `tx` is the aggregator queue; `shutdown` ends every open stream when cancelled.
+    pub fn new(
+        mesh: Arc<MeshConfig>,
+        cfg: AlsConfig,
+        tx: mpsc::Sender<Vec<FlowRecord>>,
+        metrics: CollectorMetrics,
+        shutdown: CancellationToken,
+    ) -> AlsService {
+        AlsService { shared: Arc::new(Shared { mesh, cfg, tx, metrics: Handles::new(metrics), shutdown }) }
+    }
+}
+
+impl NamedService for AlsService {
+    const NAME: &'static str = "envoy.service.accesslog.v3.AccessLogService";
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for AlsService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != STREAM_ACCESS_LOGS_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
+        }
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let max = shared.cfg.max_message_bytes;
+            let mut grpc = Grpc::new(BytesCodec).apply_max_message_size_config(Some(max), None);
+            Ok(grpc.client_streaming(StreamHandler(shared), req).await)
+        })
+    }
+}
+
+struct StreamHandler(Arc<Shared>);
+
+impl ClientStreamingService<Bytes> for StreamHandler {
+    type Response = Bytes;
+    type Future = BoxFuture<Response<Bytes>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+        let shared = self.0.clone();
+        Box::pin(async move {
+            run_stream(&shared, request.into_inner()).await;
+            // StreamAccessLogsResponse is empty; Envoy never reads it.
+            Ok(Response::new(Bytes::new()))
+        })
+    }
+}
+
+/// Decrements the open-streams gauge however the stream ends.
+struct OpenStream<'a>(&'a prometheus::IntGauge);
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) {
+    let m = &shared.metrics;
+    m.all.streams_opened.inc();
+    m.all.streams_open.inc();
+    let _open = OpenStream(&m.all.streams_open);
+    let mut state = StreamState { node: None, interner: Interner::new(shared.cfg.interner_capacity) };
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = shared.shutdown.cancelled() => break,
+            next = stream.message() => next,
+        };
+        match next {
+            Ok(Some(bytes)) => {
+                let records = state.message(shared, bytes);
+                if !records.is_empty() {
+                    enqueue(shared, records).await;
+                }
+            }
+            Ok(None) => break,
+            Err(status) => {
+                let reason = match status.code() {
+                    tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "too_large",
+                    _ => "stream_error",
+                };
+                m.all.messages_rejected.with_label_values(&[reason]).inc();
+                debug!(%status, reason, "access-log stream ended with an error");
+                break;
+            }
+        }
+    }
+}
+
+/// What a stream remembers between its messages.
+struct StreamState {
+    node: Option<NodeContext>,
+    interner: Interner,
+}
+
+impl StreamState {
+    /// Turns one message into flow records, counting everything else.
+    fn message(&mut self, shared: &Shared, bytes: Bytes) -> Vec<FlowRecord> {
+        let m = &shared.metrics;
+        m.all.messages_received.inc();
+        let Ok(wire) = AlsMessageWire::decode(bytes) else {
+            m.all.messages_rejected.with_label_values(&["malformed"]).inc();
+            return Vec::new();
+        };
+        if let Some(raw) = wire.identifier {
+            match decode::identifier(raw) {
+                Ok(id) => self.node = Some(NodeContext::new(id.node.as_ref(), &id.log_name, &shared.mesh)),
+                Err(error) => {
+                    m.all.messages_rejected.with_label_values(&["malformed_identifier"]).inc();
+                    debug!(%error, "undecodable stream identifier");
+                }
+            }
+        }
+        let http = wire.http_logs.map(|e| e.log_entry).unwrap_or_default();
+        let tcp = wire.tcp_logs.map(|e| e.log_entry).unwrap_or_default();
+        m.received[0].inc_by(http.len() as u64);
+        m.received[1].inc_by(tcp.len() as u64);
+        let Some(node) = self.node.as_ref() else {
+            m.all.reject(Rejection::NoIdentifier, (http.len() + tcp.len()) as u64);
+            return Vec::new();
+        };
+        let mut records = Vec::with_capacity(http.len() + tcp.len());
+        let mut resolver = Resolver { mesh: &shared.mesh, interner: &mut self.interner };
+        let mut tally = Tally::default();
+        for raw in http {
+            tally.count(0, decode::http_entry(raw, node, &mut resolver), &mut records);
+        }
+        for raw in tcp {
+            tally.count(1, decode::tcp_entry(raw, node, &mut resolver), &mut records);
+        }
+        tally.publish(m);
+        records
+    }
+}
+
+/// Per-message counts, published with one increment per counter.
+#[derive(Default)]
+struct Tally {
+    decoded: [u64; 2],
+    intermediate: [u64; 2],
+    rejected: Vec<(Rejection, u64)>,
+    unresolved: [u64; 2],
+}
+
+impl Tally {
+    fn count(&mut self, protocol: usize, outcome: Outcome, records: &mut Vec<FlowRecord>) {
+        match outcome {
+            Outcome::Record(r) => {
+                self.decoded[protocol] += 1;
+                self.unresolved[0] += u64::from(&*r.source == UNKNOWN);
+                self.unresolved[1] += u64::from(&*r.destination == UNKNOWN);
+                records.push(r);
+            }
+            Outcome::Intermediate => self.intermediate[protocol] += 1,
+            Outcome::Rejected(reason) => match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => self.rejected.push((reason, 1)),
+            },
+        }
+    }
+
+    fn publish(&self, m: &Handles) {
+        for p in 0..2 {
+            m.decoded[p].inc_by(self.decoded[p]);
+            m.intermediate[p].inc_by(self.intermediate[p]);
+        }
+        m.unresolved_source.inc_by(self.unresolved[0]);
+        m.unresolved_destination.inc_by(self.unresolved[1]);
+        for (reason, n) in &self.rejected {
+            m.all.reject(*reason, *n);
+        }
+    }
+}
+
+/// Hands records to the aggregator. The access-log protocol is lossy by design: when the
+/// queue stays full past the timeout, the batch is dropped and counted rather than letting
+/// one slow consumer stall every Envoy.
+async fn enqueue(shared: &Shared, records: Vec<FlowRecord>) {
+    let n = records.len() as u64;
+    let records = match shared.tx.try_send(records) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Full(records)) => records,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            shared.metrics.all.reject(Rejection::QueueFull, n);
+            return;
+        }
+    };
+    match tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(records)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => {
+            shared.metrics.all.reject(Rejection::QueueFull, n);
+            warn_rate_limited(n);
+        }
+    }
+}
+
+/// At most one warning a minute about dropped batches; the counter has the full story.
+fn warn_rate_limited(dropped: u64) {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_WARN_S: AtomicI64 = AtomicI64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let last = LAST_WARN_S.load(Ordering::Relaxed);
+    if now - last >= 60 && LAST_WARN_S.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        warn!(dropped, "pipeline queue full, dropping access-log entries (see meshwatch_als_entries_rejected_total{{reason=\"queue_full\"}})");
+    }
+}

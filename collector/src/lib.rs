@@ -1,0 +1,16 @@
+//! The collector: Envoy access logs in, per-pair windows out.
+//!
+//! `als` is the gRPC service Envoy streams to. Each entry is decoded from the lean `wire`
+//! mirrors of Envoy's protobufs by `decode` into a `flow::FlowRecord`, whose sides are named
+//! and placed inside or outside the trust boundary by `identity`. Records queue (bounded) to
+//! the `pipeline` task, which aggregates them per pair in event-time `window`s and hands each
+//! closed window to the detector. `metrics` are the collector's own.
+
+pub mod als;
+pub mod decode;
+pub mod flow;
+pub mod identity;
+pub mod metrics;
+pub mod pipeline;
+pub mod wire;
+pub mod window;

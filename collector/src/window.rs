@@ -1,0 +1,336 @@
+//! Per-pair aggregation in event-time windows.
+//!
+//! Pure: the caller says what time it is. In live mode that is the wall clock and a window
+//! closes at its end plus a grace period; in replay it is the watermark (the newest event
+//! time seen), so weeks of traffic can go through in minutes. The set of pairs is capped:
+//! a pair beyond the cap is counted under one `__overflow__` pair per direction and reporter.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::decode::Rejection;
+use crate::flow::{Direction, FlowRecord, Identity, Protocol, Reporter, StatusClass};
+
+/// The identity both sides of the overflow pair carry.
+pub const OVERFLOW: &str = "__overflow__";
+
+/// Upper bounds (seconds) of the request-duration histogram buckets; `+Inf` is implied.
+pub const DURATION_BUCKETS_S: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// One pair as one reporter saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairKey {
+    pub source: Identity,
+    pub destination: Identity,
+    pub direction: Direction,
+    pub reporter: Reporter,
+}
+
+impl PairKey {
+    pub fn overflow(direction: Direction, reporter: Reporter) -> PairKey {
+        let name: Identity = Arc::from(OVERFLOW);
+        PairKey { source: name.clone(), destination: name, direction, reporter }
+    }
+
+    pub fn is_overflow(&self) -> bool {
+        &*self.source == OVERFLOW && &*self.destination == OVERFLOW
+    }
+}
+
+/// What one pair did in one window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PairStats {
+    /// HTTP requests by `StatusClass as usize`.
+    pub requests: [u64; StatusClass::COUNT],
+    /// HTTP requests and TCP connections by response flag (index as `ResponseFlags::NAMES`).
+    pub response_flags: [u64; 28],
+    /// Request (or connection) durations: counts per `DURATION_BUCKETS_S` bucket, the last
+    /// one `+Inf`; not cumulative.
+    pub duration_buckets: [u64; DURATION_BUCKETS_S.len() + 1],
+    pub duration_sum_us: u64,
+    /// HTTP bytes from source to destination (headers and body).
+    pub request_bytes: u64,
+    /// HTTP bytes from destination to source.
+    pub response_bytes: u64,
+    pub tcp_connections: u64,
+    pub tcp_sent_bytes: u64,
+    pub tcp_received_bytes: u64,
+    /// Requests and connections whose downstream presented a client certificate.
+    pub mtls: u64,
+}
+
+impl PairStats {
+    pub fn add(&mut self, r: &FlowRecord) {
+        match r.protocol {
+            Protocol::Http => {
+                self.requests[r.status_class() as usize] += 1;
+                self.request_bytes = self.request_bytes.saturating_add(r.bytes_sent);
+                self.response_bytes = self.response_bytes.saturating_add(r.bytes_received);
+            }
+            Protocol::Tcp => {
+                self.tcp_connections += 1;
+                self.tcp_sent_bytes = self.tcp_sent_bytes.saturating_add(r.bytes_sent);
+                self.tcp_received_bytes = self.tcp_received_bytes.saturating_add(r.bytes_received);
+            }
+        }
+        for (i, _) in r.response_flags.iter() {
+            self.response_flags[i] += 1;
+        }
+        if let Some(us) = r.duration_us {
+            let seconds = us as f64 / 1e6;
+            let bucket = DURATION_BUCKETS_S.iter().position(|&le| seconds <= le).unwrap_or(DURATION_BUCKETS_S.len());
+            self.duration_buckets[bucket] += 1;
+            self.duration_sum_us = self.duration_sum_us.saturating_add(us);
+        }
+        if r.mtls {
+            self.mtls += 1;
+        }
+    }
+
+    /// Adds another window's counts (used to fold windows into totals).
+    pub fn merge(&mut self, o: &PairStats) {
+        fn add<const N: usize>(a: &mut [u64; N], b: &[u64; N]) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x = x.saturating_add(*y);
+            }
+        }
+        add(&mut self.requests, &o.requests);
+        add(&mut self.response_flags, &o.response_flags);
+        add(&mut self.duration_buckets, &o.duration_buckets);
+        self.duration_sum_us = self.duration_sum_us.saturating_add(o.duration_sum_us);
+        self.request_bytes = self.request_bytes.saturating_add(o.request_bytes);
+        self.response_bytes = self.response_bytes.saturating_add(o.response_bytes);
+        self.tcp_connections = self.tcp_connections.saturating_add(o.tcp_connections);
+        self.tcp_sent_bytes = self.tcp_sent_bytes.saturating_add(o.tcp_sent_bytes);
+        self.tcp_received_bytes = self.tcp_received_bytes.saturating_add(o.tcp_received_bytes);
+        self.mtls = self.mtls.saturating_add(o.mtls);
+    }
+
+    pub fn total_requests(&self) -> u64 {
+        self.requests.iter().sum()
+    }
+
+    pub fn duration_count(&self) -> u64 {
+        self.duration_buckets.iter().sum()
+    }
+}
+
+/// A closed window: every pair that had traffic in `[start_ms, end_ms)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClosedWindow {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub pairs: Vec<(PairKey, PairStats)>,
+}
+
+/// Window settings, validated (all positive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowConfig {
+    pub length_ms: i64,
+    /// How long after its end a window waits for stragglers.
+    pub grace_ms: i64,
+    /// Entries more than this far ahead of the clock are rejected.
+    pub max_future_ms: i64,
+    /// Distinct pairs tracked, overflow pairs not included.
+    pub max_pairs: usize,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig { length_ms: 10_000, grace_ms: 5_000, max_future_ms: 60_000, max_pairs: 10_000 }
+    }
+}
+
+/// What `Aggregator::add` did with a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Added {
+    Counted,
+    /// Counted under the overflow pair, because the pair cap was reached.
+    Overflowed,
+    /// The pair was seen for the first time and admitted.
+    NewPair,
+}
+
+#[derive(Debug)]
+pub struct Aggregator {
+    cfg: WindowConfig,
+    open: BTreeMap<i64, HashMap<PairKey, PairStats>>,
+    pairs: HashSet<PairKey>,
+    /// Everything before this time is closed; entries for it are late.
+    closed_until_ms: i64,
+}
+
+impl Aggregator {
+    /// `known` are the pairs admitted before (restored from the store).
+    pub fn new(cfg: WindowConfig, known: impl IntoIterator<Item = PairKey>) -> Aggregator {
+        Aggregator { cfg, open: BTreeMap::new(), pairs: known.into_iter().collect(), closed_until_ms: i64::MIN }
+    }
+
+    pub fn config(&self) -> &WindowConfig {
+        &self.cfg
+    }
+
+    pub fn pair_count(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn open_windows(&self) -> usize {
+        self.open.len()
+    }
+
+    fn window_start(&self, t_ms: i64) -> i64 {
+        t_ms.div_euclid(self.cfg.length_ms) * self.cfg.length_ms
+    }
+
+    /// Adds one record at clock time `now_ms`.
+    pub fn add(&mut self, r: &FlowRecord, now_ms: i64) -> Result<Added, Rejection> {
+        if r.end_ms > now_ms.saturating_add(self.cfg.max_future_ms) {
+            return Err(Rejection::Future);
+        }
+        let start = self.window_start(r.end_ms);
+        if start < self.closed_until_ms {
+            return Err(Rejection::Late);
+        }
+        let key = PairKey {
+            source: r.source.clone(),
+            destination: r.destination.clone(),
+            direction: r.direction,
+            reporter: r.reporter,
+        };
+        let window = self.open.entry(start).or_default();
+        // Fast path: the pair already has a slot in this window.
+        if let Some(stats) = window.get_mut(&key) {
+            stats.add(r);
+            return Ok(if key.is_overflow() { Added::Overflowed } else { Added::Counted });
+        }
+        let (key, added) = if self.pairs.contains(&key) {
+            (key, Added::Counted)
+        } else if self.pairs.len() < self.cfg.max_pairs {
+            self.pairs.insert(key.clone());
+            (key, Added::NewPair)
+        } else {
+            (PairKey::overflow(r.direction, r.reporter), Added::Overflowed)
+        };
+        window.entry(key).or_default().add(r);
+        Ok(added)
+    }
+
+    /// Closes every window whose end plus grace has passed at `now_ms`, oldest first.
+    pub fn close_due(&mut self, now_ms: i64) -> Vec<ClosedWindow> {
+        let horizon = now_ms.saturating_sub(self.cfg.grace_ms);
+        let mut closed = Vec::new();
+        while let Some(entry) = self.open.first_entry() {
+            let start = *entry.key();
+            let end = start + self.cfg.length_ms;
+            if end > horizon {
+                break;
+            }
+            let pairs = entry.remove().into_iter().collect();
+            closed.push(ClosedWindow { start_ms: start, end_ms: end, pairs });
+        }
+        // Every window that ends at or before the horizon is closed now, open or not.
+        self.closed_until_ms = self.closed_until_ms.max(self.window_start(horizon));
+        closed
+    }
+
+    /// Closes every open window (at shutdown).
+    pub fn close_all(&mut self) -> Vec<ClosedWindow> {
+        self.close_due(i64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::ResponseFlags;
+
+    fn rec(src: &str, dst: &str, end_ms: i64, code: u16) -> FlowRecord {
+        FlowRecord {
+            end_ms,
+            reporter: Reporter::Source,
+            source: Arc::from(src),
+            destination: Arc::from(dst),
+            direction: Direction::EastWest,
+            protocol: Protocol::Http,
+            response_code: code,
+            response_flags: ResponseFlags::default(),
+            duration_us: Some(20_000),
+            bytes_sent: 10,
+            bytes_received: 20,
+            mtls: true,
+        }
+    }
+
+    fn cfg(max_pairs: usize) -> WindowConfig {
+        WindowConfig { length_ms: 10_000, grace_ms: 5_000, max_future_ms: 60_000, max_pairs }
+    }
+
+    #[test]
+    fn windows_close_at_end_plus_grace() {
+        let mut a = Aggregator::new(cfg(10), []);
+        assert_eq!(a.add(&rec("a", "b", 1_000, 200), 1_000), Ok(Added::NewPair));
+        assert_eq!(a.add(&rec("a", "b", 9_999, 500), 10_000), Ok(Added::Counted));
+        assert_eq!(a.add(&rec("a", "b", 10_000, 200), 10_000), Ok(Added::Counted));
+        assert!(a.close_due(14_999).is_empty());
+        let closed = a.close_due(15_000);
+        assert_eq!(closed.len(), 1);
+        assert_eq!((closed[0].start_ms, closed[0].end_ms), (0, 10_000));
+        let stats = &closed[0].pairs[0].1;
+        assert_eq!(stats.requests[StatusClass::Success as usize], 1);
+        assert_eq!(stats.requests[StatusClass::ServerError as usize], 1);
+        assert_eq!((stats.request_bytes, stats.response_bytes, stats.mtls), (20, 40, 2));
+        assert_eq!(stats.duration_count(), 2);
+        assert_eq!(stats.duration_buckets[4], 2, "20 ms lands in the le=0.025 bucket");
+        // The second window is still open, and the first is now closed to stragglers.
+        assert_eq!(a.open_windows(), 1);
+        assert_eq!(a.add(&rec("a", "b", 9_000, 200), 15_000), Err(Rejection::Late));
+        assert_eq!(a.add(&rec("a", "b", 12_000, 200), 15_000), Ok(Added::Counted));
+    }
+
+    #[test]
+    fn far_past_and_future_are_rejected() {
+        let mut a = Aggregator::new(cfg(10), []);
+        let now = 1_700_000_000_000;
+        a.close_due(now);
+        let years_ago = now - 3 * 365 * 86_400_000;
+        assert_eq!(a.add(&rec("a", "b", years_ago, 200), now), Err(Rejection::Late));
+        assert_eq!(a.add(&rec("a", "b", now + 61_000, 200), now), Err(Rejection::Future));
+        assert_eq!(a.add(&rec("a", "b", now + 1_000, 200), now), Ok(Added::NewPair));
+    }
+
+    #[test]
+    fn pairs_beyond_the_cap_go_to_overflow() {
+        let mut a = Aggregator::new(cfg(2), []);
+        assert_eq!(a.add(&rec("a", "b", 1, 200), 0), Ok(Added::NewPair));
+        assert_eq!(a.add(&rec("a", "c", 1, 200), 0), Ok(Added::NewPair));
+        assert_eq!(a.add(&rec("a", "d", 1, 200), 0), Ok(Added::Overflowed));
+        assert_eq!(a.add(&rec("a", "e", 1, 200), 0), Ok(Added::Overflowed));
+        assert_eq!(a.add(&rec("a", "b", 1, 200), 0), Ok(Added::Counted));
+        assert_eq!(a.pair_count(), 2);
+        let closed = a.close_all();
+        let overflow = closed[0].pairs.iter().find(|(k, _)| k.is_overflow()).expect("overflow pair");
+        assert_eq!(overflow.1.total_requests(), 2);
+    }
+
+    #[test]
+    fn known_pairs_are_admitted_after_a_restart() {
+        let key = PairKey {
+            source: Arc::from("a"),
+            destination: Arc::from("b"),
+            direction: Direction::EastWest,
+            reporter: Reporter::Source,
+        };
+        let mut a = Aggregator::new(cfg(1), [key]);
+        assert_eq!(a.add(&rec("a", "b", 1, 200), 0), Ok(Added::Counted));
+        assert_eq!(a.add(&rec("x", "y", 1, 200), 0), Ok(Added::Overflowed));
+    }
+
+    #[test]
+    fn negative_times_fall_in_the_right_window() {
+        let mut a = Aggregator::new(cfg(10), []);
+        a.add(&rec("a", "b", -1, 200), -1).expect("counted");
+        let closed = a.close_all();
+        assert_eq!((closed[0].start_ms, closed[0].end_ms), (-10_000, 0));
+    }
+}
