@@ -1,0 +1,436 @@
+//! Configuration: a TOML file (optional) plus `MESHWATCH_*` environment overrides, parsed
+//! into `RawConfig`, then validated into `Config` with every problem reported at once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use meshwatch_collector::als::AlsConfig;
+use meshwatch_collector::identity::{MeshConfig, Pattern, ServiceMapping};
+use meshwatch_collector::window::WindowConfig;
+use serde::Deserialize;
+
+/// Environment variables with this prefix override the file: `MESHWATCH_DATA_DIR` sets
+/// `data_dir`, `MESHWATCH_LISTEN__GRPC` sets `[listen] grpc` (a double underscore between
+/// section and key). Values are read as TOML when they parse (`10`, `["a", "b"]`), else as
+/// plain strings.
+pub const ENV_PREFIX: &str = "MESHWATCH_";
+/// Not a configuration key: the log filter (tracing `EnvFilter` syntax).
+pub const ENV_LOG: &str = "MESHWATCH_LOG";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub data_dir: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub listen: RawListen,
+    pub ingest: RawIngest,
+    pub window: RawWindow,
+    pub limits: RawLimits,
+    pub mesh: RawMesh,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawListen {
+    pub grpc: Option<String>,
+    pub http: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIngest {
+    pub max_message_bytes: Option<i64>,
+    pub queue_batches: Option<i64>,
+    pub enqueue_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWindow {
+    pub length: Option<String>,
+    pub grace: Option<String>,
+    pub max_future: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_pairs: Option<i64>,
+    pub max_identity_bytes: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMesh {
+    pub trust_domains: Option<Vec<String>>,
+    pub internal_cidrs: Option<Vec<String>>,
+    pub internal_domains: Option<Vec<String>>,
+    pub gateway_nodes: Option<Vec<String>>,
+    pub external_clusters: Option<Vec<String>>,
+    pub inbound_log_names: Option<Vec<String>>,
+    pub services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: String,
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    #[serde(default)]
+    pub clusters: Vec<String>,
+    #[serde(default)]
+    pub external: bool,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub queue_batches: usize,
+    pub als: AlsConfig,
+    pub window: WindowConfig,
+    pub mesh: MeshConfig,
+}
+
+/// Every problem found, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: String) -> ConfigError {
+        ConfigError { problems: vec![problem] }
+    }
+}
+
+/// Parses `10s`, `250ms`, `5m`, `1h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("`{s}` has no unit (ms, s, m, h, d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` does not start with a whole number"))?;
+    let ms_per = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("`{s}` has an unknown unit `{unit}` (ms, s, m, h, d)")),
+    };
+    n.checked_mul(ms_per).map(Duration::from_millis).ok_or_else(|| format!("`{s}` is too long"))
+}
+
+/// Reads the file (if any), applies environment overrides, and validates.
+pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    let mut table = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::one(format!("{}: cannot read: {e}", p.display())))?;
+            text.parse::<toml::Table>()
+                .map_err(|e| ConfigError::one(format!("{}: not valid TOML: {e}", p.display())))?
+        }
+        None => toml::Table::new(),
+    };
+    apply_env(&mut table, env)?;
+    let raw: RawConfig = table
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::one(format!("{}: {}", path.map_or("environment".into(), |p| p.display().to_string()), e.message())))?;
+    raw.validate()
+}
+
+fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_LOG)
+        .collect();
+    for (name, value) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let (last, sections) = path.split_last().ok_or_else(|| ConfigError::one(format!("{name}: empty key")))?;
+        let mut cursor = &mut *table;
+        for section in sections {
+            let entry = cursor.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = entry
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::one(format!("{name}: `{section}` is not a section")))?;
+        }
+        cursor.insert(last.clone(), parsed);
+    }
+    Ok(())
+}
+
+/// Collects problems while validating.
+struct Check(Vec<String>);
+
+impl Check {
+    fn duration(&mut self, key: &str, v: Option<&str>, default: Duration, min: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v) {
+            Ok(d) if d >= min => d,
+            Ok(_) => {
+                self.0.push(format!("{key}: `{v}` is shorter than {}ms", min.as_millis()));
+                default
+            }
+            Err(e) => {
+                self.0.push(format!("{key}: {e}"));
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, key: &str, v: Option<i64>, default: usize, min: usize, max: usize) -> usize {
+        let Some(v) = v else { return default };
+        match usize::try_from(v) {
+            Ok(n) if (min..=max).contains(&n) => n,
+            _ => {
+                self.0.push(format!("{key}: {v} is outside {min}..={max}"));
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, v: Option<&str>, default: &str) -> SocketAddr {
+        let v = v.unwrap_or(default);
+        v.parse().unwrap_or_else(|e| {
+            self.0.push(format!("{key}: `{v}` is not an address like 127.0.0.1:9977 ({e})"));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn cidrs(&mut self, key: &str, v: &[String]) -> Vec<IpNet> {
+        v.iter()
+            .filter_map(|c| match c.parse::<IpNet>() {
+                Ok(n) => Some(n),
+                Err(_) => match c.parse::<std::net::IpAddr>() {
+                    Ok(ip) => Some(IpNet::from(ip)),
+                    Err(_) => {
+                        self.0.push(format!("{key}: `{c}` is not a CIDR like 10.0.0.0/8"));
+                        None
+                    }
+                },
+            })
+            .collect()
+    }
+
+    fn patterns(&mut self, key: &str, v: &[String]) -> Vec<Pattern> {
+        v.iter()
+            .filter_map(|p| {
+                if p.is_empty() {
+                    self.0.push(format!("{key}: empty pattern"));
+                    None
+                } else {
+                    Some(Pattern::new(p.clone()))
+                }
+            })
+            .collect()
+    }
+}
+
+impl RawConfig {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let mut c = Check(Vec::new());
+        let defaults = MeshConfig::default();
+        let window_defaults = WindowConfig::default();
+        let als_defaults = AlsConfig::default();
+        let grpc_listen = c.addr("listen.grpc", self.listen.grpc.as_deref(), "127.0.0.1:9977");
+        let http_listen = c.addr("listen.http", self.listen.http.as_deref(), "127.0.0.1:9978");
+        if grpc_listen == http_listen && grpc_listen.port() != 0 {
+            c.0.push(format!("listen: grpc and http are both {grpc_listen}"));
+        }
+        let length = c.duration("window.length", self.window.length.as_deref(), Duration::from_millis(window_defaults.length_ms as u64), Duration::from_secs(1));
+        let grace = c.duration("window.grace", self.window.grace.as_deref(), Duration::from_millis(window_defaults.grace_ms as u64), Duration::ZERO);
+        let max_future = c.duration("window.max_future", self.window.max_future.as_deref(), Duration::from_millis(window_defaults.max_future_ms as u64), Duration::ZERO);
+        if length.as_millis() % 1000 != 0 {
+            c.0.push(format!("window.length: {}ms is not a whole number of seconds", length.as_millis()));
+        }
+        let max_pairs = c.count("limits.max_pairs", self.limits.max_pairs, window_defaults.max_pairs, 1, 10_000_000);
+        let max_identity_bytes = c.count("limits.max_identity_bytes", self.limits.max_identity_bytes, defaults.max_identity_bytes, 16, 4096);
+        let max_message_bytes = c.count("ingest.max_message_bytes", self.ingest.max_message_bytes, als_defaults.max_message_bytes, 1024, 256 << 20);
+        let queue_batches = c.count("ingest.queue_batches", self.ingest.queue_batches, 1024, 1, 1 << 20);
+        let enqueue_timeout = c.duration("ingest.enqueue_timeout", self.ingest.enqueue_timeout.as_deref(), als_defaults.enqueue_timeout, Duration::ZERO);
+        let shutdown_grace = c.duration("shutdown_grace", self.shutdown_grace.as_deref(), Duration::from_secs(10), Duration::ZERO);
+
+        let m = self.mesh;
+        let trust_domains = m.trust_domains.unwrap_or(defaults.trust_domains.clone());
+        for td in &trust_domains {
+            if td.is_empty() || td.contains('/') || td.contains(':') {
+                c.0.push(format!("mesh.trust_domains: `{td}` is not a trust domain like cluster.local"));
+            }
+        }
+        let internal_cidrs = match &m.internal_cidrs {
+            Some(v) => c.cidrs("mesh.internal_cidrs", v),
+            None => defaults.internal_cidrs.clone(),
+        };
+        let gateway_nodes = match &m.gateway_nodes {
+            Some(v) => c.patterns("mesh.gateway_nodes", v),
+            None => defaults.gateway_nodes.clone(),
+        };
+        let external_clusters = match &m.external_clusters {
+            Some(v) => c.patterns("mesh.external_clusters", v),
+            None => defaults.external_clusters.clone(),
+        };
+        let inbound_log_names = match &m.inbound_log_names {
+            Some(v) => c.patterns("mesh.inbound_log_names", v),
+            None => defaults.inbound_log_names.clone(),
+        };
+        let mut services = Vec::new();
+        for (i, s) in m.services.iter().enumerate() {
+            let key = format!("mesh.services[{i}]");
+            if s.name.is_empty() {
+                c.0.push(format!("{key}.name: must not be empty"));
+            }
+            if s.cidrs.is_empty() && s.clusters.is_empty() {
+                c.0.push(format!("{key}: `{}` has neither cidrs nor clusters, so nothing maps to it", s.name));
+            }
+            services.push(ServiceMapping {
+                name: s.name.clone(),
+                cidrs: c.cidrs(&format!("{key}.cidrs"), &s.cidrs),
+                clusters: c.patterns(&format!("{key}.clusters"), &s.clusters),
+                external: s.external,
+            });
+        }
+        let data_dir = PathBuf::from(self.data_dir.unwrap_or_else(|| "meshwatch-data".into()));
+        if data_dir.as_os_str().is_empty() {
+            c.0.push("data_dir: must not be empty".into());
+        }
+        if !c.0.is_empty() {
+            return Err(ConfigError { problems: c.0 });
+        }
+        Ok(Config {
+            data_dir,
+            grpc_listen,
+            http_listen,
+            shutdown_grace,
+            queue_batches,
+            als: AlsConfig { max_message_bytes, enqueue_timeout, ..als_defaults },
+            window: WindowConfig {
+                length_ms: length.as_millis() as i64,
+                grace_ms: grace.as_millis() as i64,
+                max_future_ms: max_future.as_millis() as i64,
+                max_pairs,
+            },
+            mesh: MeshConfig {
+                trust_domains,
+                internal_cidrs,
+                internal_domains: m.internal_domains.unwrap_or(defaults.internal_domains),
+                gateway_nodes,
+                external_clusters,
+                inbound_log_names,
+                services,
+                max_identity_bytes,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn no_file_gives_working_defaults() {
+        let c = load(None, env(&[])).expect("defaults are valid");
+        assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:9977");
+        assert_eq!(c.http_listen.to_string(), "127.0.0.1:9978");
+        assert_eq!(c.window.length_ms, 10_000);
+        assert_eq!(c.data_dir, PathBuf::from("meshwatch-data"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = std::env::temp_dir().join(format!("meshwatch-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[listen]\ngrpc = \"0.0.0.0:1\"\n[limits]\nmax_pairs = 5\n").expect("write");
+        let c = load(
+            Some(&file),
+            env(&[
+                ("MESHWATCH_LISTEN__GRPC", "127.0.0.1:7000"),
+                ("MESHWATCH_DATA_DIR", "/var/lib/meshwatch"),
+                ("MESHWATCH_MESH__TRUST_DOMAINS", r#"["a.test", "b.test"]"#),
+                ("MESHWATCH_LOG", "debug"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.grpc_listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(c.window.max_pairs, 5);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/meshwatch"));
+        assert_eq!(c.mesh.trust_domains, vec!["a.test", "b.test"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [listen]
+            grpc = "nope"
+            [window]
+            length = "10 parsecs"
+            grace = "5"
+            [limits]
+            max_pairs = 0
+            [mesh]
+            internal_cidrs = ["10.0.0.0/8", "not-a-cidr"]
+            [[mesh.services]]
+            name = ""
+        "#;
+        let raw: RawConfig = toml::from_str(text).expect("parses");
+        let err = raw.validate().expect_err("invalid");
+        let all = err.problems.join("\n");
+        for key in ["listen.grpc", "window.length", "window.grace", "limits.max_pairs", "not-a-cidr", "mesh.services[0].name", "neither cidrs nor clusters"] {
+            assert!(all.contains(key), "no problem about {key} in:\n{all}");
+        }
+        assert_eq!(err.problems.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = load(None, env(&[("MESHWATCH_LISTEN__GRCP", "127.0.0.1:1")])).expect_err("typo");
+        assert!(err.to_string().contains("grcp"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("1w").is_err());
+    }
+
+    #[test]
+    fn every_shipped_config_is_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut checked = 0;
+        for dir in ["deploy", "tests/configs"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    load(Some(&path), env(&[])).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 1, "no example config found");
+    }
+}

@@ -1,0 +1,9 @@
+//! meshwatch: learns what normal Envoy traffic looks like for every pair of services and
+//! flags what is not.
+//!
+//! This crate is the wiring behind the `meshwatch` binary: `config` reads and validates the
+//! configuration, `serve` runs the collector and the detector in one process. The work itself
+//! lives in the `meshwatch-collector` and `meshwatch-detector` crates.
+
+pub mod config;
+pub mod serve;

@@ -1,0 +1,129 @@
+//! `meshwatch serve`: collector and detector in one process, wired together.
+//!
+//! Shutdown is one path: cancelling the token stops both servers from accepting, ends every
+//! access-log stream, which drops the last queue sender, so the aggregator closes its open
+//! windows, the detector folds them in and flushes the store, and `run` returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use meshwatch_collector::als::AlsService;
+use meshwatch_collector::metrics::CollectorMetrics;
+use meshwatch_collector::pipeline::{self, Clock};
+use meshwatch_collector::window::Aggregator;
+use meshwatch_detector::http::{AppState, router};
+use meshwatch_detector::pairs::{PairCollector, PairTable, from_record};
+use meshwatch_detector::store::{Store, StoreError};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("a task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The addresses actually bound (useful when the configuration asks for port 0).
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what, addr, source })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Bind { what, addr, source })?;
+    Ok((listener, local))
+}
+
+/// Runs until `shutdown` is cancelled, then drains within `config.shutdown_grace`.
+/// `on_bound` is called once both listeners are up.
+pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnOnce(Bound)) -> Result<(), ServeError> {
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir)).await??;
+    let loader = store.clone();
+    let records = tokio::task::spawn_blocking(move || loader.load_pairs()).await??;
+    let restored: Vec<_> = records.iter().filter_map(from_record).collect();
+    info!(pairs = restored.len(), data_dir = %config.data_dir.display(), "store opened");
+
+    let registry = Registry::new();
+    let collector_metrics = CollectorMetrics::new(&registry)?;
+    let aggregator = Aggregator::new(config.window, restored.iter().map(|(k, _)| k.clone()));
+    collector_metrics.pairs_tracked.set(i64::try_from(aggregator.pair_count()).unwrap_or(i64::MAX));
+    let table = Arc::new(PairTable::restore(restored));
+    registry.register(Box::new(PairCollector::new(table.clone())?))?;
+
+    let (grpc_listener, grpc_addr) = bind("grpc", config.grpc_listen).await?;
+    let (http_listener, http_addr) = bind("http", config.http_listen).await?;
+
+    let (records_tx, records_rx) = mpsc::channel(config.queue_batches);
+    let (windows_tx, windows_rx) = mpsc::channel(64);
+    let aggregator_task = tokio::spawn(pipeline::run_aggregator(
+        records_rx,
+        windows_tx,
+        aggregator,
+        Clock::Live,
+        collector_metrics.clone(),
+    ));
+    let detector_task = tokio::spawn(meshwatch_detector::run(windows_rx, table.clone(), store));
+
+    let als = AlsService::new(
+        Arc::new(config.mesh.clone()),
+        config.als.clone(),
+        records_tx,
+        collector_metrics,
+        shutdown.clone(),
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AlsService>().await;
+    let grpc = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(als)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            shutdown.clone().cancelled_owned(),
+        );
+    let ready = Arc::new(AtomicBool::new(false));
+    let app = router(AppState { registry, pairs: table, ready: ready.clone() });
+    let http = axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let grpc_task = tokio::spawn(grpc);
+    let http_task = tokio::spawn(async move { http.await.map_err(ServeError::Http) });
+
+    info!(grpc = %grpc_addr, http = %http_addr, "listening");
+    ready.store(true, Ordering::Relaxed);
+    on_bound(Bound { grpc: grpc_addr, http: http_addr });
+
+    shutdown.cancelled().await;
+    ready.store(false, Ordering::Relaxed);
+    info!(grace = ?config.shutdown_grace, "shutting down");
+    let drain = async {
+        grpc_task.await??;
+        http_task.await??;
+        aggregator_task.await?;
+        detector_task.await?;
+        Ok::<(), ServeError>(())
+    };
+    match tokio::time::timeout(config.shutdown_grace, drain).await {
+        Ok(result) => result?,
+        Err(_) => warn!("shutdown grace period over; open windows may be lost"),
+    }
+    info!("stopped");
+    Ok(())
+}
