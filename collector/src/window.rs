@@ -45,8 +45,8 @@ pub struct PairStats {
     pub requests: [u64; StatusClass::COUNT],
     /// HTTP requests and TCP connections by response flag (index as `ResponseFlags::NAMES`).
     pub response_flags: [u64; 28],
-    /// Request (or connection) durations: counts per `DURATION_BUCKETS_S` bucket, the last
-    /// one `+Inf`; not cumulative.
+    /// HTTP request durations: counts per `DURATION_BUCKETS_S` bucket, the last one `+Inf`;
+    /// not cumulative. (A TCP connection's duration is how long it stayed open, not latency.)
     pub duration_buckets: [u64; DURATION_BUCKETS_S.len() + 1],
     pub duration_sum_us: u64,
     /// HTTP bytes from source to destination (headers and body).
@@ -67,6 +67,13 @@ impl PairStats {
                 self.requests[r.status_class() as usize] += 1;
                 self.request_bytes = self.request_bytes.saturating_add(r.bytes_sent);
                 self.response_bytes = self.response_bytes.saturating_add(r.bytes_received);
+                if let Some(us) = r.duration_us {
+                    let seconds = us as f64 / 1e6;
+                    let bucket =
+                        DURATION_BUCKETS_S.iter().position(|&le| seconds <= le).unwrap_or(DURATION_BUCKETS_S.len());
+                    self.duration_buckets[bucket] += 1;
+                    self.duration_sum_us = self.duration_sum_us.saturating_add(us);
+                }
             }
             Protocol::Tcp => {
                 self.tcp_connections += 1;
@@ -76,12 +83,6 @@ impl PairStats {
         }
         for (i, _) in r.response_flags.iter() {
             self.response_flags[i] += 1;
-        }
-        if let Some(us) = r.duration_us {
-            let seconds = us as f64 / 1e6;
-            let bucket = DURATION_BUCKETS_S.iter().position(|&le| seconds <= le).unwrap_or(DURATION_BUCKETS_S.len());
-            self.duration_buckets[bucket] += 1;
-            self.duration_sum_us = self.duration_sum_us.saturating_add(us);
         }
         if r.mtls {
             self.mtls += 1;

@@ -159,7 +159,7 @@ pub struct PairCollector {
 /// (name, help, type) of every family the collector emits.
 const FAMILIES: [(&str, &str, MetricType); 10] = [
     ("meshwatch_pair_requests_total", "HTTP requests per pair, by response status class.", MetricType::COUNTER),
-    ("meshwatch_pair_request_duration_seconds", "Duration of HTTP requests and TCP connections per pair.", MetricType::HISTOGRAM),
+    ("meshwatch_pair_request_duration_seconds", "Duration of HTTP requests per pair.", MetricType::HISTOGRAM),
     ("meshwatch_pair_request_bytes_total", "HTTP bytes from source to destination (headers and body) per pair.", MetricType::COUNTER),
     ("meshwatch_pair_response_bytes_total", "HTTP bytes from destination to source (headers and body) per pair.", MetricType::COUNTER),
     ("meshwatch_pair_tcp_connections_total", "TCP connections closed per pair.", MetricType::COUNTER),

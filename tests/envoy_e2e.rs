@@ -1,0 +1,210 @@
+//! End to end with the real Envoy 1.40: an ingress gateway, a client-side and a server-side
+//! sidecar with mutual TLS between them, and an external API, all streaming access logs to
+//! the real `meshwatch` binary. Traffic with known outcomes goes through; `/metrics` must
+//! show exactly it, per pair, direction, reporter and identity.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FRONTEND: &str = "spiffe://mesh.test/ns/shop/sa/frontend";
+const BACKEND: &str = "spiffe://mesh.test/ns/shop/sa/backend";
+
+fn pair<'a>(src: &'a str, dst: &'a str, direction: &'a str, reporter: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![("source", src), ("destination", dst), ("direction", direction), ("reporter", reporter)]
+}
+
+fn with<'a>(mut labels: Vec<(&'a str, &'a str)>, k: &'a str, v: &'a str) -> Vec<(&'a str, &'a str)> {
+    labels.push((k, v));
+    labels
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_mesh_traffic_is_counted_per_pair_direction_and_identity() {
+    let work = TempDir::new("e2e");
+    gen_certs(&work.path().join("certs"));
+    let data = TempDir::new("e2e-data");
+    let config = repo_root().join("deploy/meshwatch-example.toml");
+    let env = [
+        ("MESHWATCH_DATA_DIR", data.path().display().to_string()),
+        ("MESHWATCH_WINDOW__LENGTH", "1s".to_string()),
+        ("MESHWATCH_WINDOW__GRACE", "3s".to_string()),
+    ];
+    let mw = Meshwatch::start(&config, &env);
+    let mw_port = mw.grpc.port();
+
+    let frontend_app = start_app("127.0.0.1", 5).await;
+    let backend_app = start_app("127.0.0.1", 100).await;
+    let external_app = start_app("127.0.0.3", 1234).await;
+    let tcp_app = start_tcp_app(1000, 2500).await;
+
+    let backend = Envoy::start(
+        "sidecar-backend",
+        &HashMap::from([
+            ("backend_inbound_http", 0),
+            ("backend_inbound_tcp", 0),
+            ("backend_app", backend_app.port()),
+            ("backend_tcp_app", tcp_app.port()),
+            ("meshwatch", mw_port),
+        ]),
+        work.path(),
+    )
+    .await;
+    let frontend = Envoy::start(
+        "sidecar-frontend",
+        &HashMap::from([
+            ("frontend_outbound_http", 0),
+            ("frontend_outbound_tcp", 0),
+            ("backend_inbound_http", backend.listeners["inbound_http"]),
+            ("backend_inbound_tcp", backend.listeners["inbound_tcp"]),
+            ("backend_down", closed_port()),
+            ("external_api", external_app.port()),
+            ("meshwatch", mw_port),
+        ]),
+        work.path(),
+    )
+    .await;
+    let gateway = Envoy::start(
+        "gateway",
+        &HashMap::from([("gateway_http", 0), ("frontend_app", frontend_app.port()), ("meshwatch", mw_port)]),
+        work.path(),
+    )
+    .await;
+
+    // Ingress: an outside client (127.0.0.2 is outside internal_cidrs) through the gateway.
+    let gw = gateway.listener("gateway_http");
+    for _ in 0..3 {
+        assert_eq!(http_request(Some("127.0.0.2"), gw, "GET", "/hello", "shop.test", b"").await.0, 200);
+    }
+    assert_eq!(http_request(Some("127.0.0.2"), gw, "GET", "/missing", "shop.test", b"").await.0, 404);
+
+    // East/west over mTLS: the frontend app calls the backend through its sidecar.
+    let out = frontend.listener("outbound_http");
+    for _ in 0..4 {
+        assert_eq!(http_request(None, out, "POST", "/ok", "backend", &[b'p'; 300]).await.0, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(http_request(None, out, "GET", "/fail", "backend", b"").await.0, 503);
+    }
+    assert_eq!(http_request(None, out, "GET", "/slow", "backend", b"").await.0, 504, "route timeout");
+    assert_eq!(http_request(None, out, "GET", "/nowhere", "backend", b"").await.0, 503, "connection refused");
+
+    // Egress: to an API outside the boundary.
+    let (status, body) = http_request(None, out, "GET", "/ext/data", "api.example.com", b"").await;
+    assert_eq!((status, body.len()), (200, 1234));
+
+    // TCP over mTLS: two connections, 1000 bytes up and 2500 down each.
+    let tcp = frontend.listener("outbound_tcp");
+    for _ in 0..2 {
+        let mut s = connect(None, tcp).await;
+        s.write_all(&[b'q'; 1000]).await.unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply.len(), 2500);
+    }
+
+    // 4 gateway + 9 client-side + 7 server-side HTTP entries; 2 + 2 TCP entries.
+    let m = mw
+        .metrics_until(Duration::from_secs(40), |m| {
+            m.sum("meshwatch_pair_requests_total", &[]) >= 20.0 && m.sum("meshwatch_pair_tcp_connections_total", &[]) >= 4.0
+        })
+        .await;
+    let text = &m.text;
+    assert_eq!(m.sum("meshwatch_pair_requests_total", &[]), 20.0, "{text}\n{}", mw.logs());
+    assert_eq!(m.sum("meshwatch_pair_tcp_connections_total", &[]), 4.0, "{text}");
+    assert_eq!(m.sum("meshwatch_als_entries_decoded_total", &[("protocol", "http")]), 20.0);
+    assert_eq!(m.sum("meshwatch_als_entries_decoded_total", &[("protocol", "tcp")]), 4.0);
+    assert_eq!(m.sum("meshwatch_als_entries_rejected_total", &[]), 0.0, "{text}");
+    assert_eq!(m.sum("meshwatch_identities_unresolved_total", &[]), 0.0, "{text}");
+
+    // Ingress, reported by the gateway.
+    let ingress = pair("external", FRONTEND, "ingress", "gateway");
+    assert_eq!(m.get("meshwatch_pair_requests_total", &with(ingress.clone(), "status_class", "2xx")), Some(3.0), "{text}");
+    assert_eq!(m.get("meshwatch_pair_requests_total", &with(ingress.clone(), "status_class", "4xx")), Some(1.0));
+    assert_eq!(m.get("meshwatch_pair_request_duration_seconds_count", &ingress), Some(4.0));
+    assert_eq!(m.get("meshwatch_pair_mtls_total", &ingress), Some(0.0));
+
+    // East/west, as the client side saw it: 4 ok, 2 × 503 from the app, 504 (UT), 503 (UF).
+    let client = pair(FRONTEND, BACKEND, "east_west", "source");
+    assert_eq!(m.get("meshwatch_pair_requests_total", &with(client.clone(), "status_class", "2xx")), Some(4.0), "{text}");
+    assert_eq!(m.get("meshwatch_pair_requests_total", &with(client.clone(), "status_class", "5xx")), Some(4.0));
+    assert_eq!(m.get("meshwatch_pair_response_flags_total", &with(client.clone(), "flag", "UT")), Some(1.0));
+    assert_eq!(m.get("meshwatch_pair_response_flags_total", &with(client.clone(), "flag", "UF")), Some(1.0));
+    assert_eq!(m.get("meshwatch_pair_mtls_total", &client), Some(0.0), "the app talks plaintext to its own sidecar");
+    // The 0.5 s route timeout: one request took at least 0.5 s.
+    let under_half_second = m.get("meshwatch_pair_request_duration_seconds_bucket", &with(client.clone(), "le", "0.25")).unwrap();
+    assert_eq!(m.get("meshwatch_pair_request_duration_seconds_count", &client), Some(8.0));
+    assert_eq!(under_half_second, 7.0, "{text}");
+    let request_bytes = m.get("meshwatch_pair_request_bytes_total", &client).unwrap();
+    assert!(request_bytes >= 4.0 * 300.0, "request bytes {request_bytes} below the 4 × 300 bytes of bodies");
+
+    // The same traffic as the server side saw it: the caller's SPIFFE ID from its client
+    // certificate, every request over mTLS, and not one request counted twice.
+    let server = pair(FRONTEND, BACKEND, "east_west", "destination");
+    assert_eq!(m.get("meshwatch_pair_requests_total", &with(server.clone(), "status_class", "2xx")), Some(4.0), "{text}");
+    assert_eq!(m.get("meshwatch_pair_requests_total", &with(server.clone(), "status_class", "5xx")), Some(2.0));
+    assert_eq!(m.sum("meshwatch_pair_requests_total", &server), 7.0, "the unreachable instance never reached the server");
+    assert_eq!(m.get("meshwatch_pair_mtls_total", &server), Some(9.0), "7 requests and 2 TCP connections");
+
+    // Egress to the external API, named by its authority.
+    let egress = pair(FRONTEND, "api.example.com", "egress", "source");
+    assert_eq!(m.get("meshwatch_pair_requests_total", &with(egress.clone(), "status_class", "2xx")), Some(1.0), "{text}");
+    let response_bytes = m.get("meshwatch_pair_response_bytes_total", &egress).unwrap();
+    assert!((1234.0..1234.0 + 512.0).contains(&response_bytes), "egress response bytes {response_bytes}");
+
+    // TCP, both views, exact bytes.
+    for reporter in ["source", "destination"] {
+        let tcp = pair(FRONTEND, BACKEND, "east_west", reporter);
+        assert_eq!(m.get("meshwatch_pair_tcp_connections_total", &tcp), Some(2.0), "{reporter}: {text}");
+        assert_eq!(m.get("meshwatch_pair_tcp_sent_bytes_total", &tcp), Some(2000.0), "{reporter}");
+        assert_eq!(m.get("meshwatch_pair_tcp_received_bytes_total", &tcp), Some(5000.0), "{reporter}");
+    }
+
+    // No other pair appeared.
+    let pairs: std::collections::BTreeSet<_> = m
+        .matching("meshwatch_pair_first_seen_timestamp_seconds", &[])
+        .map(|s| (s.labels["source"].clone(), s.labels["destination"].clone(), s.labels["direction"].clone(), s.labels["reporter"].clone()))
+        .collect();
+    assert_eq!(pairs.len(), 4, "{pairs:?}");
+
+    // The exposition passes promtool.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Restart: the pairs learnt survive.
+    drop((gateway, frontend, backend));
+    let status = mw.stop();
+    assert!(status.success(), "meshwatch exited with {status}");
+    let mw = Meshwatch::start(&config, &env);
+    let (code, body) = http_get(mw.http, "/api/v1/pairs").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let restored = v["pairs"].as_array().unwrap();
+    assert_eq!(restored.len(), 4, "{body}");
+    let server_pair = restored
+        .iter()
+        .find(|p| p["reporter"] == "destination" && p["source"] == FRONTEND)
+        .unwrap_or_else(|| panic!("{body}"));
+    assert_eq!(server_pair["total_flows"], 9, "7 requests and 2 connections: {body}");
+    assert!(mw.stop().success());
+}
