@@ -141,17 +141,15 @@ pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
         None => toml::Table::new(),
     };
     apply_env(&mut table, env)?;
-    let raw: RawConfig = table
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::one(format!("{}: {}", path.map_or("environment".into(), |p| p.display().to_string()), e.message())))?;
+    let raw: RawConfig = table.try_into().map_err(|e: toml::de::Error| {
+        ConfigError::one(format!("{}: {}", path.map_or("environment".into(), |p| p.display().to_string()), e.message()))
+    })?;
     raw.validate()
 }
 
 fn apply_env(table: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
-    let vars: BTreeMap<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_LOG)
-        .collect();
+    let vars: BTreeMap<String, String> =
+        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_LOG).collect();
     for (name, value) in vars {
         let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
         let parsed = format!("v = {value}")
@@ -250,18 +248,46 @@ impl RawConfig {
         if grpc_listen == http_listen && grpc_listen.port() != 0 {
             c.0.push(format!("listen: grpc and http are both {grpc_listen}"));
         }
-        let length = c.duration("window.length", self.window.length.as_deref(), Duration::from_millis(window_defaults.length_ms as u64), Duration::from_secs(1));
-        let grace = c.duration("window.grace", self.window.grace.as_deref(), Duration::from_millis(window_defaults.grace_ms as u64), Duration::ZERO);
-        let max_future = c.duration("window.max_future", self.window.max_future.as_deref(), Duration::from_millis(window_defaults.max_future_ms as u64), Duration::ZERO);
-        if length.as_millis() % 1000 != 0 {
+        let length = c.duration(
+            "window.length",
+            self.window.length.as_deref(),
+            Duration::from_millis(window_defaults.length_ms as u64),
+            Duration::from_secs(1),
+        );
+        let grace = c.duration(
+            "window.grace",
+            self.window.grace.as_deref(),
+            Duration::from_millis(window_defaults.grace_ms as u64),
+            Duration::ZERO,
+        );
+        let max_future = c.duration(
+            "window.max_future",
+            self.window.max_future.as_deref(),
+            Duration::from_millis(window_defaults.max_future_ms as u64),
+            Duration::ZERO,
+        );
+        if !length.as_millis().is_multiple_of(1000) {
             c.0.push(format!("window.length: {}ms is not a whole number of seconds", length.as_millis()));
         }
         let max_pairs = c.count("limits.max_pairs", self.limits.max_pairs, window_defaults.max_pairs, 1, 10_000_000);
-        let max_identity_bytes = c.count("limits.max_identity_bytes", self.limits.max_identity_bytes, defaults.max_identity_bytes, 16, 4096);
-        let max_message_bytes = c.count("ingest.max_message_bytes", self.ingest.max_message_bytes, als_defaults.max_message_bytes, 1024, 256 << 20);
+        let max_identity_bytes =
+            c.count("limits.max_identity_bytes", self.limits.max_identity_bytes, defaults.max_identity_bytes, 16, 4096);
+        let max_message_bytes = c.count(
+            "ingest.max_message_bytes",
+            self.ingest.max_message_bytes,
+            als_defaults.max_message_bytes,
+            1024,
+            256 << 20,
+        );
         let queue_batches = c.count("ingest.queue_batches", self.ingest.queue_batches, 1024, 1, 1 << 20);
-        let enqueue_timeout = c.duration("ingest.enqueue_timeout", self.ingest.enqueue_timeout.as_deref(), als_defaults.enqueue_timeout, Duration::ZERO);
-        let shutdown_grace = c.duration("shutdown_grace", self.shutdown_grace.as_deref(), Duration::from_secs(10), Duration::ZERO);
+        let enqueue_timeout = c.duration(
+            "ingest.enqueue_timeout",
+            self.ingest.enqueue_timeout.as_deref(),
+            als_defaults.enqueue_timeout,
+            Duration::ZERO,
+        );
+        let shutdown_grace =
+            c.duration("shutdown_grace", self.shutdown_grace.as_deref(), Duration::from_secs(10), Duration::ZERO);
 
         let m = self.mesh;
         let trust_domains = m.trust_domains.unwrap_or(defaults.trust_domains.clone());
@@ -395,7 +421,15 @@ mod tests {
         let raw: RawConfig = toml::from_str(text).expect("parses");
         let err = raw.validate().expect_err("invalid");
         let all = err.problems.join("\n");
-        for key in ["listen.grpc", "window.length", "window.grace", "limits.max_pairs", "not-a-cidr", "mesh.services[0].name", "neither cidrs nor clusters"] {
+        for key in [
+            "listen.grpc",
+            "window.length",
+            "window.grace",
+            "limits.max_pairs",
+            "not-a-cidr",
+            "mesh.services[0].name",
+            "neither cidrs nor clusters",
+        ] {
             assert!(all.contains(key), "no problem about {key} in:\n{all}");
         }
         assert_eq!(err.problems.len(), 7, "{all}");

@@ -11,7 +11,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 #[derive(Parser)]
-#[command(name = "meshwatch", version, about = "Learns what normal Envoy traffic looks like for every pair of services and flags what is not.")]
+#[command(
+    name = "meshwatch",
+    version,
+    about = "Learns what normal Envoy traffic looks like for every pair of services and flags what is not."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -73,7 +77,8 @@ fn main() -> ExitCode {
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load(path.as_deref(), std::env::vars()).context("invalid configuration")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));

@@ -113,7 +113,8 @@ async fn envoy_mesh_traffic_is_counted_per_pair_direction_and_identity() {
     // 4 gateway + 9 client-side + 7 server-side HTTP entries; 2 + 2 TCP entries.
     let m = mw
         .metrics_until(Duration::from_secs(40), |m| {
-            m.sum("meshwatch_pair_requests_total", &[]) >= 20.0 && m.sum("meshwatch_pair_tcp_connections_total", &[]) >= 4.0
+            m.sum("meshwatch_pair_requests_total", &[]) >= 20.0
+                && m.sum("meshwatch_pair_tcp_connections_total", &[]) >= 4.0
         })
         .await;
     let text = &m.text;
@@ -126,20 +127,29 @@ async fn envoy_mesh_traffic_is_counted_per_pair_direction_and_identity() {
 
     // Ingress, reported by the gateway.
     let ingress = pair("external", FRONTEND, "ingress", "gateway");
-    assert_eq!(m.get("meshwatch_pair_requests_total", &with(ingress.clone(), "status_class", "2xx")), Some(3.0), "{text}");
+    assert_eq!(
+        m.get("meshwatch_pair_requests_total", &with(ingress.clone(), "status_class", "2xx")),
+        Some(3.0),
+        "{text}"
+    );
     assert_eq!(m.get("meshwatch_pair_requests_total", &with(ingress.clone(), "status_class", "4xx")), Some(1.0));
     assert_eq!(m.get("meshwatch_pair_request_duration_seconds_count", &ingress), Some(4.0));
     assert_eq!(m.get("meshwatch_pair_mtls_total", &ingress), Some(0.0));
 
     // East/west, as the client side saw it: 4 ok, 2 × 503 from the app, 504 (UT), 503 (UF).
     let client = pair(FRONTEND, BACKEND, "east_west", "source");
-    assert_eq!(m.get("meshwatch_pair_requests_total", &with(client.clone(), "status_class", "2xx")), Some(4.0), "{text}");
+    assert_eq!(
+        m.get("meshwatch_pair_requests_total", &with(client.clone(), "status_class", "2xx")),
+        Some(4.0),
+        "{text}"
+    );
     assert_eq!(m.get("meshwatch_pair_requests_total", &with(client.clone(), "status_class", "5xx")), Some(4.0));
     assert_eq!(m.get("meshwatch_pair_response_flags_total", &with(client.clone(), "flag", "UT")), Some(1.0));
     assert_eq!(m.get("meshwatch_pair_response_flags_total", &with(client.clone(), "flag", "UF")), Some(1.0));
     assert_eq!(m.get("meshwatch_pair_mtls_total", &client), Some(0.0), "the app talks plaintext to its own sidecar");
     // The 0.5 s route timeout: one request took at least 0.5 s.
-    let under_half_second = m.get("meshwatch_pair_request_duration_seconds_bucket", &with(client.clone(), "le", "0.25")).unwrap();
+    let under_half_second =
+        m.get("meshwatch_pair_request_duration_seconds_bucket", &with(client.clone(), "le", "0.25")).unwrap();
     assert_eq!(m.get("meshwatch_pair_request_duration_seconds_count", &client), Some(8.0));
     assert_eq!(under_half_second, 7.0, "{text}");
     let request_bytes = m.get("meshwatch_pair_request_bytes_total", &client).unwrap();
@@ -148,14 +158,26 @@ async fn envoy_mesh_traffic_is_counted_per_pair_direction_and_identity() {
     // The same traffic as the server side saw it: the caller's SPIFFE ID from its client
     // certificate, every request over mTLS, and not one request counted twice.
     let server = pair(FRONTEND, BACKEND, "east_west", "destination");
-    assert_eq!(m.get("meshwatch_pair_requests_total", &with(server.clone(), "status_class", "2xx")), Some(4.0), "{text}");
+    assert_eq!(
+        m.get("meshwatch_pair_requests_total", &with(server.clone(), "status_class", "2xx")),
+        Some(4.0),
+        "{text}"
+    );
     assert_eq!(m.get("meshwatch_pair_requests_total", &with(server.clone(), "status_class", "5xx")), Some(2.0));
-    assert_eq!(m.sum("meshwatch_pair_requests_total", &server), 7.0, "the unreachable instance never reached the server");
+    assert_eq!(
+        m.sum("meshwatch_pair_requests_total", &server),
+        7.0,
+        "the unreachable instance never reached the server"
+    );
     assert_eq!(m.get("meshwatch_pair_mtls_total", &server), Some(9.0), "7 requests and 2 TCP connections");
 
     // Egress to the external API, named by its authority.
     let egress = pair(FRONTEND, "api.example.com", "egress", "source");
-    assert_eq!(m.get("meshwatch_pair_requests_total", &with(egress.clone(), "status_class", "2xx")), Some(1.0), "{text}");
+    assert_eq!(
+        m.get("meshwatch_pair_requests_total", &with(egress.clone(), "status_class", "2xx")),
+        Some(1.0),
+        "{text}"
+    );
     let response_bytes = m.get("meshwatch_pair_response_bytes_total", &egress).unwrap();
     assert!((1234.0..1234.0 + 512.0).contains(&response_bytes), "egress response bytes {response_bytes}");
 
@@ -170,7 +192,14 @@ async fn envoy_mesh_traffic_is_counted_per_pair_direction_and_identity() {
     // No other pair appeared.
     let pairs: std::collections::BTreeSet<_> = m
         .matching("meshwatch_pair_first_seen_timestamp_seconds", &[])
-        .map(|s| (s.labels["source"].clone(), s.labels["destination"].clone(), s.labels["direction"].clone(), s.labels["reporter"].clone()))
+        .map(|s| {
+            (
+                s.labels["source"].clone(),
+                s.labels["destination"].clone(),
+                s.labels["direction"].clone(),
+                s.labels["reporter"].clone(),
+            )
+        })
         .collect();
     assert_eq!(pairs.len(), 4, "{pairs:?}");
 

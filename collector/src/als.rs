@@ -99,7 +99,8 @@ struct Handles {
 
 impl Handles {
     fn new(m: CollectorMetrics) -> Handles {
-        let by_protocol = |v: &prometheus::IntCounterVec| [v.with_label_values(&["http"]), v.with_label_values(&["tcp"])];
+        let by_protocol =
+            |v: &prometheus::IntCounterVec| [v.with_label_values(&["http"]), v.with_label_values(&["tcp"])];
         Handles {
             received: by_protocol(&m.entries_received),
             decoded: by_protocol(&m.entries_decoded),
@@ -178,7 +179,7 @@ impl ClientStreamingService<Bytes> for StreamHandler {
     fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
         let shared = self.0.clone();
         Box::pin(async move {
-            run_stream(&shared, request.into_inner()).await;
+            run_stream(&shared, request.into_inner()).await?;
             // StreamAccessLogsResponse is empty; Envoy never reads it.
             Ok(Response::new(Bytes::new()))
         })
@@ -194,7 +195,9 @@ impl Drop for OpenStream<'_> {
     }
 }
 
-async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) {
+/// Reads a stream to its end (or shutdown). A transport or framing error (a message over the
+/// size limit, for one) ends the stream and is returned to the client.
+async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) -> Result<(), Status> {
     let m = &shared.metrics;
     m.all.streams_opened.inc();
     m.all.streams_open.inc();
@@ -203,7 +206,7 @@ async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) {
     loop {
         let next = tokio::select! {
             biased;
-            () = shared.shutdown.cancelled() => break,
+            () = shared.shutdown.cancelled() => return Ok(()),
             next = stream.message() => next,
         };
         match next {
@@ -213,7 +216,7 @@ async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) {
                     enqueue(shared, records).await;
                 }
             }
-            Ok(None) => break,
+            Ok(None) => return Ok(()),
             Err(status) => {
                 let reason = match status.code() {
                     tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "too_large",
@@ -221,7 +224,7 @@ async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) {
                 };
                 m.all.messages_rejected.with_label_values(&[reason]).inc();
                 debug!(%status, reason, "access-log stream ended with an error");
-                break;
+                return Err(status);
             }
         }
     }
@@ -343,6 +346,9 @@ fn warn_rate_limited(dropped: u64) {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     let last = LAST_WARN_S.load(Ordering::Relaxed);
     if now - last >= 60 && LAST_WARN_S.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-        warn!(dropped, "pipeline queue full, dropping access-log entries (see meshwatch_als_entries_rejected_total{{reason=\"queue_full\"}})");
+        warn!(
+            dropped,
+            "pipeline queue full, dropping access-log entries (see meshwatch_als_entries_rejected_total{{reason=\"queue_full\"}})"
+        );
     }
 }

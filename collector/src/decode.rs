@@ -166,8 +166,7 @@ pub fn http_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_
         response_flags: fields.flags,
         duration_us: fields.duration_us,
         bytes_sent: request.map_or(0, |r| r.request_headers_bytes.saturating_add(r.request_body_bytes)),
-        bytes_received: response
-            .map_or(0, |r| r.response_headers_bytes.saturating_add(r.response_body_bytes)),
+        bytes_received: response.map_or(0, |r| r.response_headers_bytes.saturating_add(r.response_body_bytes)),
         mtls: is_mtls(common),
     })
 }

@@ -141,9 +141,8 @@ pub struct ResponseFlags(pub u32);
 impl ResponseFlags {
     /// Envoy's short names, indexed by field number minus one (as `%RESPONSE_FLAGS%` prints them).
     pub const NAMES: [&'static str; 28] = [
-        "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE",
-        "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF",
-        "DR",
+        "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX", "SI",
+        "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DR",
     ];
     pub const UPSTREAM_REQUEST_TIMEOUT: u32 = 1 << 2;
     pub const UPSTREAM_CONNECTION_FAILURE: u32 = 1 << 5;
@@ -156,11 +155,7 @@ impl ResponseFlags {
 
     /// The flags that are set, as (index, short name).
     pub fn iter(self) -> impl Iterator<Item = (usize, &'static str)> {
-        Self::NAMES
-            .iter()
-            .enumerate()
-            .filter(move |(i, _)| self.0 & (1 << i) != 0)
-            .map(|(i, name)| (i, *name))
+        Self::NAMES.iter().enumerate().filter(move |(i, _)| self.0 & (1 << i) != 0).map(|(i, name)| (i, *name))
     }
 }
 

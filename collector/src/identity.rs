@@ -98,15 +98,8 @@ pub struct MeshConfig {
 
 impl Default for MeshConfig {
     fn default() -> Self {
-        let cidrs = [
-            "10.0.0.0/8",
-            "172.16.0.0/12",
-            "192.168.0.0/16",
-            "100.64.0.0/10",
-            "127.0.0.0/8",
-            "fc00::/7",
-            "::1/128",
-        ];
+        let cidrs =
+            ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "fc00::/7", "::1/128"];
         MeshConfig {
             trust_domains: vec!["cluster.local".into()],
             internal_cidrs: cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
@@ -150,9 +143,8 @@ impl NodeContext {
             .or_else(|| (!node.cluster.is_empty()).then(|| node.cluster.clone()))
             .or_else(|| (!node.id.is_empty()).then(|| node.id.clone()))
             .unwrap_or_else(|| UNKNOWN.to_owned());
-        let is_gateway = mesh.gateway_nodes.iter().any(|p| {
-            p.matches(node.id.as_bytes()) || p.matches(node.cluster.as_bytes())
-        });
+        let is_gateway =
+            mesh.gateway_nodes.iter().any(|p| p.matches(node.id.as_bytes()) || p.matches(node.cluster.as_bytes()));
         NodeContext {
             node_id: node.id.clone(),
             identity: Arc::from(truncate(&identity, mesh.max_identity_bytes)),
@@ -263,8 +255,7 @@ impl<'m> Resolver<'m, '_> {
     }
 
     fn spiffe_side(&mut self, uri: &str) -> Side {
-        let inside = spiffe_trust_domain(uri)
-            .is_some_and(|td| self.mesh.trust_domains.iter().any(|t| t == td));
+        let inside = spiffe_trust_domain(uri).is_some_and(|td| self.mesh.trust_domains.iter().any(|t| t == td));
         self.side(uri, inside)
     }
 
@@ -414,9 +405,7 @@ mod tests {
     use envoy_types::pb::google::protobuf::Value;
 
     fn addr(ip: &str) -> AddressWire {
-        AddressWire {
-            socket_address: Some(SocketAddressWire { address: ip.to_owned().into(), port_value: 80 }),
-        }
+        AddressWire { socket_address: Some(SocketAddressWire { address: ip.to_owned().into(), port_value: 80 }) }
     }
 
     fn cert(uri: &str) -> CertificateWire {
@@ -486,7 +475,11 @@ mod tests {
         let m = mesh();
         let cases: [(Node, &str, &str); 5] = [
             (node("n", "c", &[("meshwatch_identity", "spiffe://mesh.test/web")]), "outbound", "spiffe://mesh.test/web"),
-            (node("n", "c", &[("NAMESPACE", "shop"), ("SERVICE_ACCOUNT", "cart")]), "x", "spiffe://mesh.test/ns/shop/sa/cart"),
+            (
+                node("n", "c", &[("NAMESPACE", "shop"), ("SERVICE_ACCOUNT", "cart")]),
+                "x",
+                "spiffe://mesh.test/ns/shop/sa/cart",
+            ),
             (node("n", "reviews.shop", &[]), "x", "reviews.shop"),
             (node("sidecar~10.0.0.1~pod", "", &[]), "x", "sidecar~10.0.0.1~pod"),
             (Node::default(), "x", UNKNOWN),
@@ -546,11 +539,20 @@ mod tests {
             }),
         }]);
         let cases = [
-            Case { name: "source reporter is the node", reporter: Reporter::Source, ev: Evidence::default(), want: ("web.shop", true) },
+            Case {
+                name: "source reporter is the node",
+                reporter: Reporter::Source,
+                ev: Evidence::default(),
+                want: ("web.shop", true),
+            },
             Case {
                 name: "peer spiffe in trust domain",
                 reporter: Reporter::Destination,
-                ev: Evidence { peer_certificate: Some(leak(cert("spiffe://mesh.test/ns/shop/sa/cart"))), downstream_address: Some(leak(addr("8.8.8.8"))), ..Default::default() },
+                ev: Evidence {
+                    peer_certificate: Some(leak(cert("spiffe://mesh.test/ns/shop/sa/cart"))),
+                    downstream_address: Some(leak(addr("8.8.8.8"))),
+                    ..Default::default()
+                },
                 want: ("spiffe://mesh.test/ns/shop/sa/cart", true),
             },
             Case {
@@ -559,11 +561,36 @@ mod tests {
                 ev: Evidence { peer_certificate: Some(leak(cert("spiffe://evil.example/x"))), ..Default::default() },
                 want: ("spiffe://evil.example/x", false),
             },
-            Case { name: "istio peer metadata", reporter: Reporter::Destination, ev: Evidence { filter_state: fs, ..Default::default() }, want: ("cart-v1.shop", true) },
-            Case { name: "mapped cidr", reporter: Reporter::Gateway, ev: Evidence { downstream_address: Some(leak(addr("10.7.1.1"))), ..Default::default() }, want: ("payments", true) },
-            Case { name: "mapped external cidr", reporter: Reporter::Gateway, ev: Evidence { downstream_address: Some(leak(addr("203.0.113.9"))), ..Default::default() }, want: ("partner-api", false) },
-            Case { name: "internal address", reporter: Reporter::Destination, ev: Evidence { downstream_address: Some(leak(addr("10.1.1.1"))), ..Default::default() }, want: (UNKNOWN, true) },
-            Case { name: "external address", reporter: Reporter::Gateway, ev: Evidence { downstream_address: Some(leak(addr("8.8.8.8"))), ..Default::default() }, want: (EXTERNAL, false) },
+            Case {
+                name: "istio peer metadata",
+                reporter: Reporter::Destination,
+                ev: Evidence { filter_state: fs, ..Default::default() },
+                want: ("cart-v1.shop", true),
+            },
+            Case {
+                name: "mapped cidr",
+                reporter: Reporter::Gateway,
+                ev: Evidence { downstream_address: Some(leak(addr("10.7.1.1"))), ..Default::default() },
+                want: ("payments", true),
+            },
+            Case {
+                name: "mapped external cidr",
+                reporter: Reporter::Gateway,
+                ev: Evidence { downstream_address: Some(leak(addr("203.0.113.9"))), ..Default::default() },
+                want: ("partner-api", false),
+            },
+            Case {
+                name: "internal address",
+                reporter: Reporter::Destination,
+                ev: Evidence { downstream_address: Some(leak(addr("10.1.1.1"))), ..Default::default() },
+                want: (UNKNOWN, true),
+            },
+            Case {
+                name: "external address",
+                reporter: Reporter::Gateway,
+                ev: Evidence { downstream_address: Some(leak(addr("8.8.8.8"))), ..Default::default() },
+                want: (EXTERNAL, false),
+            },
             Case { name: "no address", reporter: Reporter::Gateway, ev: Evidence::default(), want: (UNKNOWN, true) },
         ];
         let mut interner = Interner::new(64);
@@ -585,17 +612,75 @@ mod tests {
             ..Default::default()
         };
         let cases = [
-            Case { name: "destination reporter, local cert", reporter: Reporter::Destination, ev: Evidence { local_certificate: Some(leak(cert("spiffe://mesh.test/ns/shop/sa/reviews"))), ..Default::default() }, want: ("spiffe://mesh.test/ns/shop/sa/reviews", true) },
-            Case { name: "destination reporter, node", reporter: Reporter::Destination, ev: Evidence::default(), want: ("reviews.shop", true) },
-            Case { name: "mapped cluster", reporter: Reporter::Source, ev: ext(b"payments-v2", b"", "10.1.1.1"), want: ("payments", true) },
-            Case { name: "mapped address", reporter: Reporter::Source, ev: ext(b"whatever", b"", "10.7.3.3"), want: ("payments", true) },
-            Case { name: "passthrough by authority", reporter: Reporter::Source, ev: ext(b"PassthroughCluster", b"api.stripe.com:443", "10.1.1.1"), want: ("api.stripe.com", false) },
-            Case { name: "passthrough tcp by address", reporter: Reporter::Source, ev: ext(b"PassthroughCluster", b"", "52.1.2.3"), want: ("52.1.2.3", false) },
-            Case { name: "plain cluster to outside address", reporter: Reporter::Source, ev: ext(b"ext_api", b"api.example.com", "52.1.2.3"), want: ("api.example.com", false) },
-            Case { name: "plain cluster to outside address, no authority", reporter: Reporter::Source, ev: ext(b"ext_api", b"", "52.1.2.3"), want: ("ext_api", false) },
-            Case { name: "istio internal", reporter: Reporter::Source, ev: ext(b"outbound|9080||ratings.shop.svc.cluster.local", b"ratings", "10.1.1.1"), want: ("ratings.shop", true) },
-            Case { name: "istio service entry", reporter: Reporter::Gateway, ev: ext(b"outbound|443||api.github.com", b"", "10.1.1.1"), want: ("api.github.com", false) },
-            Case { name: "plain cluster", reporter: Reporter::Source, ev: ext(b"backend", b"backend:80", "10.1.1.1"), want: ("backend", true) },
+            Case {
+                name: "destination reporter, local cert",
+                reporter: Reporter::Destination,
+                ev: Evidence {
+                    local_certificate: Some(leak(cert("spiffe://mesh.test/ns/shop/sa/reviews"))),
+                    ..Default::default()
+                },
+                want: ("spiffe://mesh.test/ns/shop/sa/reviews", true),
+            },
+            Case {
+                name: "destination reporter, node",
+                reporter: Reporter::Destination,
+                ev: Evidence::default(),
+                want: ("reviews.shop", true),
+            },
+            Case {
+                name: "mapped cluster",
+                reporter: Reporter::Source,
+                ev: ext(b"payments-v2", b"", "10.1.1.1"),
+                want: ("payments", true),
+            },
+            Case {
+                name: "mapped address",
+                reporter: Reporter::Source,
+                ev: ext(b"whatever", b"", "10.7.3.3"),
+                want: ("payments", true),
+            },
+            Case {
+                name: "passthrough by authority",
+                reporter: Reporter::Source,
+                ev: ext(b"PassthroughCluster", b"api.stripe.com:443", "10.1.1.1"),
+                want: ("api.stripe.com", false),
+            },
+            Case {
+                name: "passthrough tcp by address",
+                reporter: Reporter::Source,
+                ev: ext(b"PassthroughCluster", b"", "52.1.2.3"),
+                want: ("52.1.2.3", false),
+            },
+            Case {
+                name: "plain cluster to outside address",
+                reporter: Reporter::Source,
+                ev: ext(b"ext_api", b"api.example.com", "52.1.2.3"),
+                want: ("api.example.com", false),
+            },
+            Case {
+                name: "plain cluster to outside address, no authority",
+                reporter: Reporter::Source,
+                ev: ext(b"ext_api", b"", "52.1.2.3"),
+                want: ("ext_api", false),
+            },
+            Case {
+                name: "istio internal",
+                reporter: Reporter::Source,
+                ev: ext(b"outbound|9080||ratings.shop.svc.cluster.local", b"ratings", "10.1.1.1"),
+                want: ("ratings.shop", true),
+            },
+            Case {
+                name: "istio service entry",
+                reporter: Reporter::Gateway,
+                ev: ext(b"outbound|443||api.github.com", b"", "10.1.1.1"),
+                want: ("api.github.com", false),
+            },
+            Case {
+                name: "plain cluster",
+                reporter: Reporter::Source,
+                ev: ext(b"backend", b"backend:80", "10.1.1.1"),
+                want: ("backend", true),
+            },
             Case { name: "no cluster", reporter: Reporter::Source, ev: Evidence::default(), want: (UNKNOWN, true) },
         ];
         let mut interner = Interner::new(64);

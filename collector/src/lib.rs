@@ -12,5 +12,5 @@ pub mod flow;
 pub mod identity;
 pub mod metrics;
 pub mod pipeline;
-pub mod wire;
 pub mod window;
+pub mod wire;

@@ -99,7 +99,11 @@ impl CollectorMetrics {
                 "meshwatch_pipeline_queue_capacity",
                 "Capacity of the window aggregator queue, in batches.",
             )?,
-            pairs_tracked: gauge(registry, "meshwatch_pairs_tracked", "Distinct pairs tracked (source, destination, direction, reporter).")?,
+            pairs_tracked: gauge(
+                registry,
+                "meshwatch_pairs_tracked",
+                "Distinct pairs tracked (source, destination, direction, reporter).",
+            )?,
             pairs_max: gauge(registry, "meshwatch_pairs_max", "Configured cap on distinct pairs.")?,
             overflow_entries: counter(
                 registry,
@@ -107,7 +111,11 @@ impl CollectorMetrics {
                 "Flow records counted under the __overflow__ pair because the pair cap was reached.",
             )?,
             windows_open: gauge(registry, "meshwatch_windows_open", "Event-time windows currently open.")?,
-            windows_closed: counter(registry, "meshwatch_windows_closed_total", "Event-time windows closed and handed to the detector.")?,
+            windows_closed: counter(
+                registry,
+                "meshwatch_windows_closed_total",
+                "Event-time windows closed and handed to the detector.",
+            )?,
             window_close_lag: {
                 let g = prometheus::Gauge::new(
                     "meshwatch_window_close_lag_seconds",

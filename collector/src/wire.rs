@@ -256,10 +256,7 @@ impl prost::Message for ResponseFlagsWire {
 
     fn encoded_len(&self) -> usize {
         // Each set flag is its key and one value byte (field 13: its key and a zero length).
-        (1..=28u32)
-            .filter(|tag| self.bits & (1 << (tag - 1)) != 0)
-            .map(|tag| prost::encoding::key_len(tag) + 1)
-            .sum()
+        (1..=28u32).filter(|tag| self.bits & (1 << (tag - 1)) != 0).map(|tag| prost::encoding::key_len(tag) + 1).sum()
     }
 
     fn clear(&mut self) {
@@ -288,9 +285,7 @@ mod tests {
 
     fn san_uri(uri: &str) -> al::tls_properties::certificate_properties::SubjectAltName {
         al::tls_properties::certificate_properties::SubjectAltName {
-            san: Some(al::tls_properties::certificate_properties::subject_alt_name::San::Uri(
-                uri.into(),
-            )),
+            san: Some(al::tls_properties::certificate_properties::subject_alt_name::San::Uri(uri.into())),
         }
     }
 
@@ -300,15 +295,9 @@ mod tests {
             downstream_remote_address: Some(socket("10.1.2.3", 41000)),
             upstream_remote_address: Some(socket("10.9.9.9", 8080)),
             downstream_direct_remote_address: Some(socket("10.1.2.4", 41001)),
-            start_time: Some(envoy_types::pb::google::protobuf::Timestamp {
-                seconds: 1_700_000_000,
-                nanos: 5,
-            }),
+            start_time: Some(envoy_types::pb::google::protobuf::Timestamp { seconds: 1_700_000_000, nanos: 5 }),
             duration: Some(envoy_types::pb::google::protobuf::Duration { seconds: 1, nanos: 7 }),
-            time_to_last_downstream_tx_byte: Some(envoy_types::pb::google::protobuf::Duration {
-                seconds: 2,
-                nanos: 0,
-            }),
+            time_to_last_downstream_tx_byte: Some(envoy_types::pb::google::protobuf::Duration { seconds: 2, nanos: 0 }),
             upstream_cluster: "outbound|9080||reviews.shop.svc.cluster.local".into(),
             response_flags: Some(al::ResponseFlags {
                 upstream_request_timeout: true,
@@ -416,10 +405,7 @@ mod tests {
                 svc::stream_access_logs_message::TcpAccessLogEntries {
                     log_entry: vec![
                         al::TcpAccessLogEntry {
-                            connection_properties: Some(al::ConnectionProperties {
-                                received_bytes: 7,
-                                sent_bytes: 9,
-                            }),
+                            connection_properties: Some(al::ConnectionProperties { received_bytes: 7, sent_bytes: 9 }),
                             ..Default::default()
                         };
                         2

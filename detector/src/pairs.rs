@@ -72,10 +72,9 @@ impl PairTable {
         let mut pairs = self.pairs.write().unwrap_or_else(|e| e.into_inner());
         let mut changed = Vec::with_capacity(window.pairs.len());
         for (key, stats) in &window.pairs {
-            let entry = pairs.entry(key.clone()).or_insert_with(|| PairEntry {
-                first_seen_ms: window.start_ms,
-                ..PairEntry::default()
-            });
+            let entry = pairs
+                .entry(key.clone())
+                .or_insert_with(|| PairEntry { first_seen_ms: window.start_ms, ..PairEntry::default() });
             entry.totals.merge(stats);
             entry.last_seen_ms = entry.last_seen_ms.max(window.start_ms);
             entry.total_flows = entry.total_flows.saturating_add(flows(stats));
@@ -160,14 +159,34 @@ pub struct PairCollector {
 const FAMILIES: [(&str, &str, MetricType); 10] = [
     ("meshwatch_pair_requests_total", "HTTP requests per pair, by response status class.", MetricType::COUNTER),
     ("meshwatch_pair_request_duration_seconds", "Duration of HTTP requests per pair.", MetricType::HISTOGRAM),
-    ("meshwatch_pair_request_bytes_total", "HTTP bytes from source to destination (headers and body) per pair.", MetricType::COUNTER),
-    ("meshwatch_pair_response_bytes_total", "HTTP bytes from destination to source (headers and body) per pair.", MetricType::COUNTER),
+    (
+        "meshwatch_pair_request_bytes_total",
+        "HTTP bytes from source to destination (headers and body) per pair.",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_response_bytes_total",
+        "HTTP bytes from destination to source (headers and body) per pair.",
+        MetricType::COUNTER,
+    ),
     ("meshwatch_pair_tcp_connections_total", "TCP connections closed per pair.", MetricType::COUNTER),
     ("meshwatch_pair_tcp_sent_bytes_total", "TCP bytes from source to destination per pair.", MetricType::COUNTER),
     ("meshwatch_pair_tcp_received_bytes_total", "TCP bytes from destination to source per pair.", MetricType::COUNTER),
-    ("meshwatch_pair_response_flags_total", "Requests and connections per pair with an Envoy response flag, by flag.", MetricType::COUNTER),
-    ("meshwatch_pair_mtls_total", "Requests and connections per pair whose caller presented a client certificate.", MetricType::COUNTER),
-    ("meshwatch_pair_first_seen_timestamp_seconds", "Event time of the first window in which the pair had traffic.", MetricType::GAUGE),
+    (
+        "meshwatch_pair_response_flags_total",
+        "Requests and connections per pair with an Envoy response flag, by flag.",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_mtls_total",
+        "Requests and connections per pair whose caller presented a client certificate.",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_first_seen_timestamp_seconds",
+        "Event time of the first window in which the pair had traffic.",
+        MetricType::GAUGE,
+    ),
 ];
 
 const PAIR_LABELS: [&str; 4] = ["source", "destination", "direction", "reporter"];

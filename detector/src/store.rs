@@ -90,7 +90,7 @@ mod tests {
         }
         let store = Store::open(&dir).expect("reopen");
         let mut loaded = store.load_pairs().expect("load");
-        loaded.sort_by(|a, b| a.last_seen_ms.cmp(&b.last_seen_ms));
+        loaded.sort_by_key(|r| r.last_seen_ms);
         assert_eq!(loaded, vec![record("c", 6), record("a", 9)]);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);

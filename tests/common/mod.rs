@@ -192,9 +192,9 @@ impl Metrics {
     }
 
     pub fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&str, &str)]) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.samples
-            .iter()
-            .filter(move |s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        self.samples.iter().filter(move |s| {
+            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
     }
 
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -437,7 +437,12 @@ impl Envoy {
             .stderr(log_file)
             .spawn()
             .expect("envoy starts");
-        let mut envoy = Envoy { child, admin: "127.0.0.1:0".parse().unwrap(), listeners: HashMap::new(), workdir: workdir.to_path_buf() };
+        let mut envoy = Envoy {
+            child,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            listeners: HashMap::new(),
+            workdir: workdir.to_path_buf(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             assert!(Instant::now() < deadline, "envoy {name} did not become ready:\n{}", envoy.log(name));

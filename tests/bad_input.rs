@@ -1,0 +1,281 @@
+//! Bad input over real gRPC into the real binary: each case gets a counted rejection (or lands
+//! in `unknown` or the overflow pair), nothing panics, and the process keeps serving.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::*;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::data::accesslog::v3 as al;
+use envoy_types::pb::envoy::service::accesslog::v3::{StreamAccessLogsMessage, stream_access_logs_message as sm};
+use envoy_types::pb::google::protobuf::{Timestamp, UInt32Value};
+use meshwatch_collector::als::{BytesCodec, STREAM_ACCESS_LOGS_PATH};
+use prost::Message;
+
+fn start(extra: &[(&str, &str)]) -> (Meshwatch, TempDir) {
+    let data = TempDir::new("bad-input");
+    let mut env = vec![
+        ("MESHWATCH_DATA_DIR", data.path().display().to_string()),
+        ("MESHWATCH_WINDOW__LENGTH", "1s".to_string()),
+        ("MESHWATCH_WINDOW__GRACE", "1s".to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    (Meshwatch::start(&repo_root().join("deploy/meshwatch-example.toml"), &env), data)
+}
+
+/// Sends one client stream of raw messages; `Err` when the server ended it with an error.
+async fn send(mw: &Meshwatch, messages: Vec<Bytes>) -> Result<(), tonic::Status> {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", mw.grpc)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(STREAM_ACCESS_LOGS_PATH);
+    grpc.client_streaming(tonic::Request::new(tokio_stream::iter(messages)), path, BytesCodec).await.map(|_| ())
+}
+
+fn now_s() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn identifier(log_name: &str) -> Option<sm::Identifier> {
+    Some(sm::Identifier {
+        node: Some(core::Node { id: "web-1".into(), cluster: "web".into(), ..Default::default() }),
+        log_name: log_name.into(),
+    })
+}
+
+fn socket(ip: &str) -> Option<core::Address> {
+    Some(core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(443)),
+            ..Default::default()
+        })),
+    })
+}
+
+fn entry(start_s: Option<i64>, cluster: &str, code: Option<u32>) -> al::HttpAccessLogEntry {
+    al::HttpAccessLogEntry {
+        common_properties: Some(al::AccessLogCommon {
+            start_time: start_s.map(|seconds| Timestamp { seconds, nanos: 0 }),
+            upstream_cluster: cluster.into(),
+            upstream_remote_address: socket("127.0.0.1"),
+            downstream_remote_address: socket("127.0.0.1"),
+            ..Default::default()
+        }),
+        response: Some(al::HttpResponseProperties {
+            response_code: code.map(|value| UInt32Value { value }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn message(id: Option<sm::Identifier>, entries: Vec<al::HttpAccessLogEntry>) -> Bytes {
+    StreamAccessLogsMessage {
+        identifier: id,
+        log_entries: Some(sm::LogEntries::HttpLogs(sm::HttpAccessLogEntries { log_entry: entries })),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// A message built from already-encoded entries, for entries prost would not encode.
+fn raw_message(id: Option<sm::Identifier>, entries: &[Vec<u8>]) -> Bytes {
+    let mut list = Vec::new();
+    for e in entries {
+        prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut list);
+        prost::encoding::encode_varint(e.len() as u64, &mut list);
+        list.extend_from_slice(e);
+    }
+    let mut out = StreamAccessLogsMessage { identifier: id, log_entries: None }.encode_to_vec();
+    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut out);
+    prost::encoding::encode_varint(list.len() as u64, &mut out);
+    out.extend_from_slice(&list);
+    out.into()
+}
+
+const DECODED: &str = "meshwatch_als_entries_decoded_total";
+const REJECTED: &str = "meshwatch_als_entries_rejected_total";
+
+#[tokio::test]
+async fn malformed_messages_are_counted_and_the_stream_goes_on() {
+    let (mw, _data) = start(&[]);
+    let good = message(identifier("outbound"), vec![entry(Some(now_s()), "backend", Some(200))]);
+    let garbage = Bytes::from_static(&[0x12, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x00]);
+    send(&mw, vec![garbage, good.clone()]).await.unwrap();
+    // An entry that is not protobuf inside a valid batch costs only itself.
+    let bad_entry = vec![0x0a, 0x03, 0xff, 0xff, 0xff];
+    let good_entry = entry(Some(now_s()), "backend", Some(200)).encode_to_vec();
+    let batch = raw_message(identifier("outbound"), &[bad_entry, good_entry]);
+    send(&mw, vec![batch]).await.unwrap();
+    let m = mw.metrics().await;
+    assert_eq!(m.get("meshwatch_als_messages_rejected_total", &[("reason", "malformed")]), Some(1.0), "{}", m.text);
+    assert_eq!(m.get(REJECTED, &[("reason", "malformed")]), Some(1.0), "{}", m.text);
+    assert_eq!(m.sum(DECODED, &[]), 2.0);
+    assert_eq!(m.get("meshwatch_als_streams_opened_total", &[]), Some(2.0));
+    assert!(mw.stop().success());
+}
+
+#[tokio::test]
+async fn a_stream_without_identifier_is_rejected_until_one_arrives() {
+    let (mw, _data) = start(&[]);
+    let e = || entry(Some(now_s()), "backend", Some(200));
+    send(
+        &mw,
+        vec![message(None, vec![e(), e(), e()]), message(identifier("outbound"), vec![e()]), message(None, vec![e()])],
+    )
+    .await
+    .unwrap();
+    let m = mw.metrics().await;
+    assert_eq!(m.get(REJECTED, &[("reason", "no_identifier")]), Some(3.0), "{}", m.text);
+    assert_eq!(m.sum(DECODED, &[]), 2.0, "the identifier holds for the rest of the stream");
+    assert!(mw.stop().success());
+}
+
+#[tokio::test]
+async fn missing_fields_and_impossible_times() {
+    let (mw, _data) = start(&[]);
+    let now = now_s();
+    let mut no_addresses = entry(Some(now), "", Some(200));
+    let common = no_addresses.common_properties.as_mut().unwrap();
+    common.upstream_remote_address = None;
+    common.downstream_remote_address = None;
+    let entries = vec![
+        entry(None, "orders", Some(200)),
+        entry(Some(now), "orders", None),
+        no_addresses,
+        entry(Some(now - 3 * 365 * 86_400), "orders", Some(200)),
+        entry(Some(now + 5 * 365 * 86_400), "orders", Some(200)),
+        al::HttpAccessLogEntry::default(),
+    ];
+    send(&mw, vec![message(identifier("outbound"), entries)]).await.unwrap();
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_pair_requests_total", &[]) >= 2.0).await;
+    assert_eq!(m.get(REJECTED, &[("reason", "missing_time")]), Some(2.0), "{}", m.text);
+    assert_eq!(m.get(REJECTED, &[("reason", "late")]), Some(1.0));
+    assert_eq!(m.get(REJECTED, &[("reason", "future")]), Some(1.0));
+    assert_eq!(m.get("meshwatch_identities_unresolved_total", &[("side", "destination")]), Some(1.0));
+    let web_orders = [("source", "web"), ("destination", "orders"), ("status_class", "none")];
+    assert_eq!(m.get("meshwatch_pair_requests_total", &web_orders), Some(1.0), "{}", m.text);
+    let web_unknown = [("source", "web"), ("destination", "unknown"), ("status_class", "2xx")];
+    assert_eq!(m.get("meshwatch_pair_requests_total", &web_unknown), Some(1.0), "{}", m.text);
+    assert!(mw.stop().success());
+}
+
+#[tokio::test]
+async fn hostile_header_values_are_cut_or_replaced_never_fatal() {
+    let (mw, _data) = start(&[]);
+    let now = now_s();
+    // Egress entries are named by their authority: one of a megabyte, one not UTF-8.
+    let egress = |authority: String| {
+        let mut e = entry(Some(now), "ext", Some(200));
+        e.common_properties.as_mut().unwrap().upstream_remote_address = socket("203.0.113.7");
+        e.request = Some(al::HttpRequestProperties {
+            authority,
+            request_headers: [("x-big".to_string(), "b".repeat(1 << 20))].into(),
+            ..Default::default()
+        });
+        e
+    };
+    let raw = message(identifier("outbound"), vec![egress("a".repeat(1 << 20))]).to_vec();
+    // The same entry again with a non-UTF-8 authority, spliced in by hand (prost will not
+    // encode one): authority is field 3 of the request, inside field 3 of the entry.
+    let mut odd = egress("\u{1}\u{1}".into()).encode_to_vec();
+    let at = odd.windows(2).position(|w| w == [1, 1]).unwrap();
+    odd[at] = 0xc3;
+    odd[at + 1] = 0x28;
+    send(&mw, vec![raw.into(), raw_message(None, &[odd])]).await.unwrap();
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_pair_requests_total", &[]) >= 2.0).await;
+    assert_eq!(m.sum(DECODED, &[]), 2.0, "{}", &m.text[..m.text.len().min(4000)]);
+    let destinations: Vec<_> = m
+        .matching("meshwatch_pair_requests_total", &[("direction", "egress")])
+        .map(|s| s.labels["destination"].clone())
+        .collect();
+    assert_eq!(destinations.len(), 2, "{destinations:?}");
+    assert!(destinations.iter().any(|d| d == &"a".repeat(256)), "a megabyte identity is cut to 256 bytes");
+    assert!(destinations.iter().any(|d| d == "\u{FFFD}("), "{destinations:?}");
+    assert!(mw.stop().success());
+}
+
+#[tokio::test]
+async fn oversized_messages_end_their_stream_only() {
+    let (mw, _data) = start(&[("MESHWATCH_INGEST__MAX_MESSAGE_BYTES", "65536")]);
+    let mut big = entry(Some(now_s()), "backend", Some(200));
+    big.request = Some(al::HttpRequestProperties {
+        request_headers: [("x-big".to_string(), "b".repeat(100_000))].into(),
+        ..Default::default()
+    });
+    let status = send(&mw, vec![message(identifier("outbound"), vec![big])]).await.expect_err("too large");
+    assert!(matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{status:?}");
+    send(&mw, vec![message(identifier("outbound"), vec![entry(Some(now_s()), "backend", Some(200))])]).await.unwrap();
+    let m = mw.metrics().await;
+    assert_eq!(m.get("meshwatch_als_messages_rejected_total", &[("reason", "too_large")]), Some(1.0), "{}", m.text);
+    assert_eq!(m.sum(DECODED, &[]), 1.0);
+    assert!(mw.stop().success());
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_flood_of_identities_stays_within_the_pair_cap() {
+    // A long grace, so that no entry of the flood arrives after its window closed.
+    let (mw, _data) = start(&[("MESHWATCH_LIMITS__MAX_PAIRS", "1000"), ("MESHWATCH_WINDOW__GRACE", "10s")]);
+    let now = now_s();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    // 100,000 server-side entries, each from a caller with a random SPIFFE ID.
+    let messages: Vec<Bytes> = (0..100)
+        .map(|i| {
+            let entries = (0..1000)
+                .map(|_| {
+                    let mut e = entry(Some(now), "inbound|8080||", Some(200));
+                    e.common_properties.as_mut().unwrap().tls_properties = Some(al::TlsProperties {
+                        peer_certificate_properties: Some(al::tls_properties::CertificateProperties {
+                            subject_alt_name: vec![al::tls_properties::certificate_properties::SubjectAltName {
+                                san: Some(al::tls_properties::certificate_properties::subject_alt_name::San::Uri(
+                                    format!("spiffe://mesh.test/ns/flood/sa/{:016x}", next()),
+                                )),
+                            }],
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    });
+                    e
+                })
+                .collect();
+            message(if i == 0 { identifier("inbound") } else { None }, entries)
+        })
+        .collect();
+    send(&mw, messages).await.unwrap();
+    let m =
+        mw.metrics_until(Duration::from_secs(20), |m| m.sum("meshwatch_pair_requests_total", &[]) >= 100_000.0).await;
+    assert_eq!(m.sum(REJECTED, &[]), 0.0, "{}", &m.text[..4000]);
+    assert_eq!(m.sum("meshwatch_pair_requests_total", &[]), 100_000.0, "nothing lost");
+    assert_eq!(m.get("meshwatch_pairs_tracked", &[]), Some(1000.0));
+    assert_eq!(m.get("meshwatch_pairs_overflow_entries_total", &[]), Some(99_000.0));
+    let overflow = [("source", "__overflow__"), ("destination", "__overflow__"), ("status_class", "2xx")];
+    assert_eq!(m.get("meshwatch_pair_requests_total", &overflow), Some(99_000.0));
+    assert_eq!(m.matching("meshwatch_pair_first_seen_timestamp_seconds", &[]).count(), 1001);
+    let rss_mib = rss_kib(mw.pid()) / 1024;
+    assert!(rss_mib < 256, "resident memory {rss_mib} MiB after the flood");
+    assert!(mw.stop().success());
+}
