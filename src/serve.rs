@@ -80,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         aggregator,
         Clock::Live,
         collector_metrics.clone(),
+        shutdown.clone(),
     ));
     let detector_task = tokio::spawn(meshwatch_detector::run(windows_rx, table.clone(), store));
 
@@ -113,16 +114,17 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     shutdown.cancelled().await;
     ready.store(false, Ordering::Relaxed);
     info!(grace = ?config.shutdown_grace, "shutting down");
+    // Windows and the store first: they must not wait for clients to hang up.
     let drain = async {
-        grpc_task.await??;
-        http_task.await??;
         aggregator_task.await?;
         detector_task.await?;
+        grpc_task.await??;
+        http_task.await??;
         Ok::<(), ServeError>(())
     };
     match tokio::time::timeout(config.shutdown_grace, drain).await {
         Ok(result) => result?,
-        Err(_) => warn!("shutdown grace period over; open windows may be lost"),
+        Err(_) => warn!("shutdown grace period over with connections still open"),
     }
     info!("stopped");
     Ok(())

@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
@@ -21,11 +20,10 @@ use tonic::server::{ClientStreamingService, Grpc, NamedService};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use crate::decode::{self, Outcome, Rejection};
+use crate::decode::{Rejection, StreamDecoder, Tally};
 use crate::flow::FlowRecord;
-use crate::identity::{Interner, MeshConfig, NodeContext, Resolver, UNKNOWN};
+use crate::identity::MeshConfig;
 use crate::metrics::CollectorMetrics;
-use crate::wire::AlsMessageWire;
 
 /// The full path of the one method.
 pub const STREAM_ACCESS_LOGS_PATH: &str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
@@ -202,7 +200,7 @@ async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) -> Result<(),
     m.all.streams_opened.inc();
     m.all.streams_open.inc();
     let _open = OpenStream(&m.all.streams_open);
-    let mut state = StreamState { node: None, interner: Interner::new(shared.cfg.interner_capacity) };
+    let mut decoder = StreamDecoder::new(shared.cfg.interner_capacity);
     loop {
         let next = tokio::select! {
             biased;
@@ -211,7 +209,8 @@ async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) -> Result<(),
         };
         match next {
             Ok(Some(bytes)) => {
-                let records = state.message(shared, bytes);
+                let (records, tally) = decoder.message(&shared.mesh, bytes);
+                publish(m, &tally);
                 if !records.is_empty() {
                     enqueue(shared, records).await;
                 }
@@ -230,88 +229,21 @@ async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) -> Result<(),
     }
 }
 
-/// What a stream remembers between its messages.
-struct StreamState {
-    node: Option<NodeContext>,
-    interner: Interner,
-}
-
-impl StreamState {
-    /// Turns one message into flow records, counting everything else.
-    fn message(&mut self, shared: &Shared, bytes: Bytes) -> Vec<FlowRecord> {
-        let m = &shared.metrics;
-        m.all.messages_received.inc();
-        let Ok(wire) = AlsMessageWire::decode(bytes) else {
-            m.all.messages_rejected.with_label_values(&["malformed"]).inc();
-            return Vec::new();
-        };
-        if let Some(raw) = wire.identifier {
-            match decode::identifier(raw) {
-                Ok(id) => self.node = Some(NodeContext::new(id.node.as_ref(), &id.log_name, &shared.mesh)),
-                Err(error) => {
-                    m.all.messages_rejected.with_label_values(&["malformed_identifier"]).inc();
-                    debug!(%error, "undecodable stream identifier");
-                }
-            }
-        }
-        let http = wire.http_logs.map(|e| e.log_entry).unwrap_or_default();
-        let tcp = wire.tcp_logs.map(|e| e.log_entry).unwrap_or_default();
-        m.received[0].inc_by(http.len() as u64);
-        m.received[1].inc_by(tcp.len() as u64);
-        let Some(node) = self.node.as_ref() else {
-            m.all.reject(Rejection::NoIdentifier, (http.len() + tcp.len()) as u64);
-            return Vec::new();
-        };
-        let mut records = Vec::with_capacity(http.len() + tcp.len());
-        let mut resolver = Resolver { mesh: &shared.mesh, interner: &mut self.interner };
-        let mut tally = Tally::default();
-        for raw in http {
-            tally.count(0, decode::http_entry(raw, node, &mut resolver), &mut records);
-        }
-        for raw in tcp {
-            tally.count(1, decode::tcp_entry(raw, node, &mut resolver), &mut records);
-        }
-        tally.publish(m);
-        records
+/// Publishes what decoding one message counted, one increment per counter.
+fn publish(m: &Handles, t: &Tally) {
+    m.all.messages_received.inc();
+    if let Some(reason) = t.message_rejected {
+        m.all.messages_rejected.with_label_values(&[reason]).inc();
     }
-}
-
-/// Per-message counts, published with one increment per counter.
-#[derive(Default)]
-struct Tally {
-    decoded: [u64; 2],
-    intermediate: [u64; 2],
-    rejected: Vec<(Rejection, u64)>,
-    unresolved: [u64; 2],
-}
-
-impl Tally {
-    fn count(&mut self, protocol: usize, outcome: Outcome, records: &mut Vec<FlowRecord>) {
-        match outcome {
-            Outcome::Record(r) => {
-                self.decoded[protocol] += 1;
-                self.unresolved[0] += u64::from(&*r.source == UNKNOWN);
-                self.unresolved[1] += u64::from(&*r.destination == UNKNOWN);
-                records.push(r);
-            }
-            Outcome::Intermediate => self.intermediate[protocol] += 1,
-            Outcome::Rejected(reason) => match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
-                Some((_, n)) => *n += 1,
-                None => self.rejected.push((reason, 1)),
-            },
-        }
+    for p in 0..2 {
+        m.received[p].inc_by(t.received[p]);
+        m.decoded[p].inc_by(t.decoded[p]);
+        m.intermediate[p].inc_by(t.intermediate[p]);
     }
-
-    fn publish(&self, m: &Handles) {
-        for p in 0..2 {
-            m.decoded[p].inc_by(self.decoded[p]);
-            m.intermediate[p].inc_by(self.intermediate[p]);
-        }
-        m.unresolved_source.inc_by(self.unresolved[0]);
-        m.unresolved_destination.inc_by(self.unresolved[1]);
-        for (reason, n) in &self.rejected {
-            m.all.reject(*reason, *n);
-        }
+    m.unresolved_source.inc_by(t.unresolved[0]);
+    m.unresolved_destination.inc_by(t.unresolved[1]);
+    for (reason, n) in &t.rejected {
+        m.all.reject(*reason, *n);
     }
 }
 

@@ -8,8 +8,8 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
 use prost::Message;
 
 use crate::flow::{Direction, FlowRecord, Protocol, ResponseFlags};
-use crate::identity::{Evidence, NodeContext, Resolver, reporter};
-use crate::wire::{CommonWire, DurationWire, HttpEntryWire, TcpEntryWire, TimestampWire};
+use crate::identity::{Evidence, Interner, MeshConfig, NodeContext, Resolver, UNKNOWN, reporter};
+use crate::wire::{AlsMessageWire, CommonWire, DurationWire, HttpEntryWire, TcpEntryWire, TimestampWire};
 
 /// Why an entry (or a whole message) was not counted. Each is a label value of
 /// `meshwatch_als_entries_rejected_total{reason}`.
@@ -205,6 +205,86 @@ pub fn tcp_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_>
         bytes_received: conn.sent_bytes,
         mtls: is_mtls(common),
     })
+}
+
+/// What decoding one message counted. Index 0 is HTTP, 1 is TCP; `unresolved` is
+/// [source, destination].
+#[derive(Debug, Default, PartialEq)]
+pub struct Tally {
+    /// Set when the whole message was unusable (`malformed`, `malformed_identifier`).
+    pub message_rejected: Option<&'static str>,
+    pub received: [u64; 2],
+    pub decoded: [u64; 2],
+    pub intermediate: [u64; 2],
+    pub rejected: Vec<(Rejection, u64)>,
+    pub unresolved: [u64; 2],
+}
+
+impl Tally {
+    fn reject(&mut self, reason: Rejection, n: u64) {
+        match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, count)) => *count += n,
+            None => self.rejected.push((reason, n)),
+        }
+    }
+
+    fn count(&mut self, protocol: usize, outcome: Outcome, records: &mut Vec<FlowRecord>) {
+        match outcome {
+            Outcome::Record(r) => {
+                self.decoded[protocol] += 1;
+                self.unresolved[0] += u64::from(&*r.source == UNKNOWN);
+                self.unresolved[1] += u64::from(&*r.destination == UNKNOWN);
+                records.push(r);
+            }
+            Outcome::Intermediate => self.intermediate[protocol] += 1,
+            Outcome::Rejected(reason) => self.reject(reason, 1),
+        }
+    }
+}
+
+/// Decodes the messages of one access-log stream, in order. Envoy sends the node only in a
+/// stream's first message; the decoder keeps it, and interns identities, for the rest.
+#[derive(Debug)]
+pub struct StreamDecoder {
+    node: Option<NodeContext>,
+    interner: Interner,
+}
+
+impl StreamDecoder {
+    pub fn new(interner_capacity: usize) -> StreamDecoder {
+        StreamDecoder { node: None, interner: Interner::new(interner_capacity) }
+    }
+
+    /// One encoded `StreamAccessLogsMessage` into flow records, and what was counted.
+    pub fn message(&mut self, mesh: &MeshConfig, bytes: Bytes) -> (Vec<FlowRecord>, Tally) {
+        let mut tally = Tally::default();
+        let Ok(wire) = AlsMessageWire::decode(bytes) else {
+            tally.message_rejected = Some("malformed");
+            return (Vec::new(), tally);
+        };
+        if let Some(raw) = wire.identifier {
+            match identifier(raw) {
+                Ok(id) => self.node = Some(NodeContext::new(id.node.as_ref(), &id.log_name, mesh)),
+                Err(_) => tally.message_rejected = Some("malformed_identifier"),
+            }
+        }
+        let http = wire.http_logs.map(|e| e.log_entry).unwrap_or_default();
+        let tcp = wire.tcp_logs.map(|e| e.log_entry).unwrap_or_default();
+        tally.received = [http.len() as u64, tcp.len() as u64];
+        let Some(node) = self.node.as_ref() else {
+            tally.reject(Rejection::NoIdentifier, (http.len() + tcp.len()) as u64);
+            return (Vec::new(), tally);
+        };
+        let mut records = Vec::with_capacity(http.len() + tcp.len());
+        let mut resolver = Resolver { mesh, interner: &mut self.interner };
+        for raw in http {
+            tally.count(0, http_entry(raw, node, &mut resolver), &mut records);
+        }
+        for raw in tcp {
+            tally.count(1, tcp_entry(raw, node, &mut resolver), &mut records);
+        }
+        (records, tally)
+    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::flow::FlowRecord;
@@ -24,14 +25,16 @@ pub fn wall_clock_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Runs until `rx` is closed (every stream and the server gone), then closes every open
-/// window and returns. Windows go to `out` in order; the detector's pace is the limit.
+/// Runs until `shutdown` is cancelled or every sender is gone; then takes what is still
+/// queued, closes every open window and returns. Windows go to `out` in order; the detector's
+/// pace is the limit.
 pub async fn run_aggregator(
     mut rx: mpsc::Receiver<Vec<FlowRecord>>,
     out: mpsc::Sender<ClosedWindow>,
     mut agg: Aggregator,
     clock: Clock,
     metrics: CollectorMetrics,
+    shutdown: CancellationToken,
 ) {
     metrics.queue_capacity.set(i64::try_from(rx.max_capacity()).unwrap_or(i64::MAX));
     metrics.pairs_max.set(i64::try_from(agg.config().max_pairs).unwrap_or(i64::MAX));
@@ -48,6 +51,14 @@ pub async fn run_aggregator(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
+            () = shutdown.cancelled() => {
+                // No new batches; the ones already queued are still counted.
+                rx.close();
+                while let Some(batch) = rx.recv().await {
+                    add_batch(&mut agg, &batch, now(watermark_ms), &metrics);
+                }
+                break;
+            }
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
                 if clock == Clock::Watermark {
