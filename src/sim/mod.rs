@@ -1,3 +1,8 @@
-//! Simulated Envoy traffic: access-log entries as Envoy fills them (`envoy`).
+//! Simulated Envoy traffic: scenario files (`scenario`), a deterministic generator of the
+//! access logs a mesh would send (`generate`, drawing from `random`, writing entries with
+//! `envoy`), and the player that streams them to meshwatch over gRPC (`play`).
 
 pub mod envoy;
+pub mod generate;
+pub mod random;
+pub mod scenario;

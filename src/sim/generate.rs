@@ -1,0 +1,692 @@
+//! The traffic generator: a scenario, slice by slice of simulated time, becomes the access-log
+//! messages each simulated Envoy would send, plus the ground truth of the incidents.
+//!
+//! Pure and deterministic: the same scenario and seed give the same bytes, whatever the pace
+//! at which slices are taken. Each sidecar has an outbound and an inbound logger per
+//! protocol (one gRPC stream each); ingress goes through one gateway node.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::Identifier;
+use ipnet::IpNet;
+use meshwatch_collector::flow::ResponseFlags;
+use meshwatch_collector::identity::{EXTERNAL, MeshConfig, Pattern, ServiceMapping};
+use serde::Serialize;
+
+use super::envoy::{FlowSpec, HttpSpec, TcpSpec, http_entry, identifier, tcp_entry};
+use super::random::Rng;
+use super::scenario::{Edge, IncidentKind, Protocol, Scenario};
+
+/// What a stream of the simulated mesh is.
+#[derive(Clone, Debug)]
+pub struct StreamInfo {
+    pub node_id: String,
+    pub log_name: String,
+    identifier: Identifier,
+}
+
+/// One labelled incident, as the ground-truth file holds it (one JSON object a line).
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct Truth {
+    pub kind: String,
+    pub source: String,
+    /// `*` for a fan-out scan (many destinations).
+    pub destination: String,
+    pub direction: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+/// What the generator produced for one pair as one reporter logs it: HTTP requests by
+/// status class (as `meshwatch_collector::flow::StatusClass`) and TCP connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub requests: [u64; 6],
+    pub connections: u64,
+}
+
+/// (source, destination, direction, reporter).
+pub type PairReporter = (String, String, &'static str, &'static str);
+
+/// One slice of simulated time: the messages to send, by stream index.
+#[derive(Debug, Default)]
+pub struct Slice {
+    pub start_ms: i64,
+    pub messages: Vec<(usize, Bytes)>,
+    pub entries: u64,
+}
+
+const GATEWAY: &str = "ingress-gateway";
+
+/// A logger kind of a sidecar, the offset of its stream in the node's block of four.
+#[derive(Clone, Copy)]
+enum Logger {
+    OutboundHttp = 0,
+    InboundHttp = 1,
+    OutboundTcp = 2,
+    InboundTcp = 3,
+}
+
+/// An edge as it runs: the scenario's edge, or one an incident added.
+struct LiveEdge {
+    edge: Edge,
+    rng: Rng,
+    /// Only carries traffic within [from, until) (incident edges).
+    from_ms: i64,
+    until_ms: i64,
+    /// Scan traffic: answered 404 by the callee.
+    scan: bool,
+    counts: [Counts; 2],
+    noise_factor: f64,
+}
+
+pub struct Generator {
+    scenario: Scenario,
+    slice_ms: i64,
+    next_ms: i64,
+    end_ms: i64,
+    streams: Vec<StreamInfo>,
+    /// Entries waiting per stream (the repeated field's encoded records).
+    pending: Vec<Vec<u8>>,
+    sent_identifier: Vec<bool>,
+    edges: Vec<LiveEdge>,
+    seq: u64,
+    total_entries: u64,
+}
+
+fn spiffe(s: &Scenario, name: &str) -> String {
+    format!("spiffe://{}/ns/{}/sa/{}", s.trust_domain, s.namespace, name)
+}
+
+fn fqdn(s: &Scenario, name: &str) -> String {
+    format!("{name}.{}.svc.cluster.local", s.namespace)
+}
+
+fn service_ip(i: usize) -> String {
+    format!("10.10.{}.{}", i / 250, i % 250 + 1)
+}
+
+const GATEWAY_IP: &str = "10.9.0.1";
+
+/// A stable public-looking address for an external host.
+fn external_ip(host: &str) -> String {
+    let h = host.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("52.{}.{}.{}", h % 200 + 1, (h >> 8) % 250 + 1, (h >> 16) % 250 + 1)
+}
+
+/// The `[mesh]` settings under which meshwatch names this scenario's services as the ground
+/// truth does: each sidecar's cluster and address → its SPIFFE ID.
+pub fn mesh_config(s: &Scenario) -> MeshConfig {
+    let mut services: Vec<ServiceMapping> = s
+        .services
+        .iter()
+        .enumerate()
+        .filter(|(_, svc)| !svc.external)
+        .map(|(i, svc)| ServiceMapping {
+            name: spiffe(s, &svc.name),
+            cidrs: service_ip(i).parse::<std::net::IpAddr>().map(IpNet::from).into_iter().collect(),
+            clusters: vec![
+                Pattern::new(format!("outbound|8080||{}", fqdn(s, &svc.name))),
+                Pattern::new(format!("outbound|9000||{}", fqdn(s, &svc.name))),
+            ],
+            external: false,
+        })
+        .collect();
+    services.push(ServiceMapping {
+        name: spiffe(s, GATEWAY),
+        cidrs: GATEWAY_IP.parse::<std::net::IpAddr>().map(IpNet::from).into_iter().collect(),
+        clusters: vec![],
+        external: false,
+    });
+    MeshConfig {
+        trust_domains: vec![s.trust_domain.clone()],
+        internal_cidrs: vec!["10.0.0.0/8".parse().expect("a valid CIDR literal")],
+        gateway_nodes: vec![Pattern::new("*gateway*")],
+        services,
+        ..MeshConfig::default()
+    }
+}
+
+/// The same settings as TOML, to paste into meshwatch's configuration.
+pub fn mesh_config_toml(s: &Scenario) -> String {
+    let m = mesh_config(s);
+    let mut out = String::new();
+    let _ = writeln!(out, "# [mesh] settings for scenario `{}`", s.name);
+    let _ = writeln!(
+        out,
+        "[mesh]\ntrust_domains = [\"{}\"]\ninternal_cidrs = [\"10.0.0.0/8\"]\ngateway_nodes = [\"*gateway*\"]",
+        s.trust_domain
+    );
+    for svc in &m.services {
+        let cidrs: Vec<String> = svc.cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+        let clusters: Vec<String> = svc.clusters.iter().map(|c| format!("\"{}\"", c.as_str())).collect();
+        let _ = writeln!(
+            out,
+            "\n[[mesh.services]]\nname = \"{}\"\ncidrs = [{}]\nclusters = [{}]",
+            svc.name,
+            cidrs.join(", "),
+            clusters.join(", ")
+        );
+    }
+    out
+}
+
+impl Generator {
+    /// Slices are `slice_ms` of simulated time; the generator covers the scenario's duration.
+    pub fn new(scenario: Scenario, seed: u64, slice_ms: i64) -> Generator {
+        let mut streams = Vec::new();
+        let ns = scenario.namespace.clone();
+        for (i, svc) in scenario.services.iter().enumerate() {
+            let node_id = format!("{}-0", svc.name);
+            for log_name in ["outbound_http", "inbound_http", "outbound_tcp", "inbound_tcp"] {
+                let id = if svc.external || i == 0 {
+                    Identifier::default()
+                } else {
+                    identifier(&node_id, &format!("{}.{ns}", svc.name), Some(&spiffe(&scenario, &svc.name)), log_name)
+                };
+                streams.push(StreamInfo { node_id: node_id.clone(), log_name: log_name.into(), identifier: id });
+            }
+        }
+        // The gateway node's streams sit where `internet` (service 0) would have its own.
+        for (k, log_name) in
+            ["gateway_http", "gateway_http_unused", "gateway_tcp", "gateway_tcp_unused"].iter().enumerate()
+        {
+            streams[k] = StreamInfo {
+                node_id: format!("{GATEWAY}-0"),
+                log_name: log_name.to_string(),
+                identifier: identifier(&format!("{GATEWAY}-0"), GATEWAY, Some(&spiffe(&scenario, GATEWAY)), log_name),
+            };
+        }
+        let mut edges: Vec<LiveEdge> = scenario
+            .edges
+            .iter()
+            .map(|e| LiveEdge {
+                rng: Rng::derive(seed, &format!("edge {} {}", e.from, e.to)),
+                edge: e.clone(),
+                from_ms: i64::MIN,
+                until_ms: i64::MAX,
+                scan: false,
+                counts: Default::default(),
+                noise_factor: 1.0,
+            })
+            .collect();
+        for (k, inc) in scenario.incidents.iter().enumerate() {
+            let template = |to: usize, rate: f64| Edge {
+                from: inc.from,
+                to,
+                protocol: Protocol::Http,
+                rate_per_s: rate,
+                daily: [1.0; 24],
+                weekly: [1.0; 7],
+                noise: 0.0,
+                error_ratio: 0.0,
+                latency_median_ms: 15.0,
+                latency_sigma: 0.4,
+                request_bytes: 400.0,
+                response_bytes: 1500.0,
+                mtls: !scenario.services[inc.from].external && !scenario.services[to].external,
+            };
+            let mut add = |edge: Edge, scan: bool, label: String| {
+                edges.push(LiveEdge {
+                    rng: Rng::derive(seed, &label),
+                    edge,
+                    from_ms: inc.start_ms,
+                    until_ms: inc.end_ms,
+                    scan,
+                    counts: Default::default(),
+                    noise_factor: 1.0,
+                })
+            };
+            match (inc.kind, inc.to) {
+                (IncidentKind::NewEdge | IncidentKind::NewEgress, Some(to)) => {
+                    add(template(to, inc.magnitude), false, format!("incident {k}"));
+                }
+                (IncidentKind::FanOutScan, _) => {
+                    // Every internal service `from` does not call yet, a few requests each.
+                    let targets: Vec<usize> = (1..scenario.services.len())
+                        .filter(|&t| t != inc.from && !scenario.services[t].external)
+                        .filter(|&t| !scenario.edges.iter().any(|e| e.from == inc.from && e.to == t))
+                        .take(inc.magnitude.max(1.0) as usize)
+                        .collect();
+                    let seconds = (inc.end_ms - inc.start_ms) as f64 / 1000.0;
+                    for t in targets {
+                        add(template(t, 3.0 / seconds.max(1.0)), true, format!("incident {k} scan {t}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let n = streams.len();
+        Generator {
+            next_ms: scenario.start_ms,
+            end_ms: scenario.start_ms + scenario.duration_ms,
+            scenario,
+            slice_ms,
+            streams,
+            pending: vec![Vec::new(); n],
+            sent_identifier: vec![false; n],
+            edges,
+            seq: 0,
+            total_entries: 0,
+        }
+    }
+
+    pub fn scenario(&self) -> &Scenario {
+        &self.scenario
+    }
+
+    pub fn streams(&self) -> &[StreamInfo] {
+        &self.streams
+    }
+
+    /// Stops the simulation `duration_ms` after its start (shorter than the scenario's).
+    pub fn limit(&mut self, duration_ms: i64) {
+        self.end_ms = self.end_ms.min(self.scenario.start_ms + duration_ms);
+    }
+
+    pub fn total_entries(&self) -> u64 {
+        self.total_entries
+    }
+
+    pub fn done(&self) -> bool {
+        self.next_ms >= self.end_ms
+    }
+
+    /// Simulated time of the next slice.
+    pub fn now_ms(&self) -> i64 {
+        self.next_ms
+    }
+
+    /// The labelled incidents (those that start before the simulation ends).
+    pub fn truth(&self) -> Vec<Truth> {
+        let s = &self.scenario;
+        s.incidents
+            .iter()
+            .filter(|i| i.start_ms < self.end_ms)
+            .map(|i| {
+                let (source, destination, direction) = match i.to {
+                    Some(to) => {
+                        let (src, dst, dir) = pair_names(s, i.from, to);
+                        (src, dst, dir)
+                    }
+                    None => (spiffe(s, &s.services[i.from].name), "*".to_string(), "east_west"),
+                };
+                Truth {
+                    kind: i.kind.as_str().into(),
+                    source,
+                    destination,
+                    direction: direction.into(),
+                    start_ms: i.start_ms,
+                    end_ms: i.end_ms.min(self.end_ms),
+                }
+            })
+            .collect()
+    }
+
+    /// What was generated so far, per pair and reporter.
+    pub fn counts(&self) -> BTreeMap<PairReporter, Counts> {
+        let s = &self.scenario;
+        let mut out: BTreeMap<PairReporter, Counts> = BTreeMap::new();
+        for e in &self.edges {
+            let (src, dst, dir) = pair_names(s, e.edge.from, e.edge.to);
+            let client_reporter = if e.edge.from == 0 { "gateway" } else { "source" };
+            let views = [
+                ((src.clone(), dst.clone(), dir, client_reporter), e.counts[0]),
+                (server_view(s, e.edge.from, &dst), e.counts[1]),
+            ];
+            for (key, c) in views {
+                if c == Counts::default() {
+                    continue;
+                }
+                let slot = out.entry(key).or_default();
+                for (a, b) in slot.requests.iter_mut().zip(c.requests) {
+                    *a += b;
+                }
+                slot.connections += c.connections;
+            }
+        }
+        out
+    }
+
+    /// The next slice of traffic, with timestamps moved by `shift_ms` (0 for simulated
+    /// time; wall clock minus simulated time to stamp entries "now"). `None` when done.
+    pub fn next_slice(&mut self, shift_ms: i64) -> Option<Slice> {
+        if self.done() {
+            return None;
+        }
+        let start = self.next_ms;
+        let end = (start + self.slice_ms).min(self.end_ms);
+        self.next_ms = end;
+        let mut entries = 0;
+        for k in 0..self.edges.len() {
+            entries += self.edge_slice(k, start, end, shift_ms);
+        }
+        self.total_entries += entries;
+        let mut messages = Vec::new();
+        for (i, buf) in self.pending.iter_mut().enumerate() {
+            if buf.is_empty() {
+                continue;
+            }
+            let mut msg = Vec::with_capacity(buf.len() + 256);
+            if !self.sent_identifier[i] {
+                self.sent_identifier[i] = true;
+                prost::encoding::message::encode(1, &self.streams[i].identifier, &mut msg);
+            }
+            let field = if self.streams[i].log_name.contains("tcp") { 3 } else { 2 };
+            prost::encoding::encode_key(field, prost::encoding::WireType::LengthDelimited, &mut msg);
+            prost::encoding::encode_varint(buf.len() as u64, &mut msg);
+            msg.extend_from_slice(buf);
+            buf.clear();
+            messages.push((i, Bytes::from(msg)));
+        }
+        Some(Slice { start_ms: start, messages, entries })
+    }
+
+    /// Traffic of one edge in [start, end); returns the entries written.
+    fn edge_slice(&mut self, k: usize, start: i64, end: i64, shift_ms: i64) -> u64 {
+        let e = &self.edges[k];
+        if end <= e.from_ms || start >= e.until_ms {
+            return 0;
+        }
+        let s = &self.scenario;
+        let edge = e.edge.clone();
+        let mut rate = edge.rate_per_s * shape(&edge, start);
+        let mut latency_factor = 1.0;
+        let mut error_ratio = edge.error_ratio;
+        let mut mtls = edge.mtls;
+        let mut denial = 0.0;
+        let mut rate_limit = 0.0;
+        let mut request_bytes_factor = 1.0;
+        for inc in s.incidents.iter().filter(|i| i.start_ms < end && i.end_ms > start) {
+            if inc.from != edge.from || inc.to != Some(edge.to) {
+                continue;
+            }
+            match inc.kind {
+                IncidentKind::LatencyShift => latency_factor *= inc.magnitude,
+                IncidentKind::ErrorBurst => error_ratio = inc.magnitude,
+                IncidentKind::TrafficDrop => rate = 0.0,
+                IncidentKind::TrafficSurge => rate *= inc.magnitude,
+                IncidentKind::MtlsDowngrade => mtls = false,
+                IncidentKind::DenialSurge => denial = inc.magnitude,
+                IncidentKind::RateLimitSurge => rate_limit = inc.magnitude,
+                IncidentKind::EgressBytesSurge => request_bytes_factor *= inc.magnitude,
+                IncidentKind::NewEdge | IncidentKind::NewEgress | IncidentKind::FanOutScan => {}
+            }
+        }
+        let e = &mut self.edges[k];
+        // Noise moves slowly: a new factor every slice, half of the old one kept.
+        if edge.noise > 0.0 {
+            let fresh = e.rng.lognormal(1.0, edge.noise);
+            e.noise_factor = (e.noise_factor * fresh).sqrt();
+        }
+        let from = start.max(e.from_ms);
+        let to = end.min(e.until_ms);
+        let n = e.rng.poisson(rate * e.noise_factor * (to - from) as f64 / 1000.0);
+        let mut written = 0;
+        for _ in 0..n {
+            let e = &mut self.edges[k];
+            let t = from + e.rng.below((to - from) as u64) as i64;
+            let latency_us =
+                (e.rng.lognormal(edge.latency_median_ms * latency_factor, edge.latency_sigma) * 1000.0) as u64;
+            let (code, flags) = if e.scan {
+                (404, 0)
+            } else if e.rng.chance(denial) {
+                (403, ResponseFlags::UNAUTHORIZED)
+            } else if e.rng.chance(rate_limit) {
+                (429, ResponseFlags::RATE_LIMITED)
+            } else if e.rng.chance(error_ratio) {
+                match e.rng.below(5) {
+                    0 => (503, ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
+                    1 => (504, ResponseFlags::UPSTREAM_REQUEST_TIMEOUT),
+                    _ => (500, 0),
+                }
+            } else {
+                (200, 0)
+            };
+            let req_bytes = (e.rng.exponential(edge.request_bytes) * request_bytes_factor) as u64;
+            let resp_bytes = e.rng.exponential(edge.response_bytes) as u64;
+            let outcome = Outcome { t: t + shift_ms, latency_us, code, flags, req_bytes, resp_bytes, mtls };
+            written += self.request(k, &outcome);
+        }
+        written
+    }
+
+    /// Writes the entries of one request (client side, and server side when the callee
+    /// has a sidecar); returns how many.
+    fn request(&mut self, k: usize, o: &Outcome) -> u64 {
+        self.seq += 1;
+        let seq = self.seq;
+        let s = &self.scenario;
+        let (from, to, tcp) = {
+            let edge = &self.edges[k].edge;
+            (edge.from, edge.to, edge.protocol == Protocol::Tcp)
+        };
+        let callee_external = s.services[to].external;
+        let caller_spiffe = if from == 0 { spiffe(s, GATEWAY) } else { spiffe(s, &s.services[from].name) };
+        let callee_spiffe = spiffe(s, &s.services[to].name);
+        let caller_ip = if from == 0 { format!("203.0.113.{}", seq % 254 + 1) } else { service_ip(from) };
+        let callee_ip = if callee_external { external_ip(&s.services[to].name) } else { service_ip(to) };
+        let port = if tcp { 9000 } else { 8080 };
+        let (cluster, authority) = if callee_external {
+            ("PassthroughCluster".to_string(), s.services[to].name.clone())
+        } else {
+            let name = &s.services[to].name;
+            (format!("outbound|{port}||{}", fqdn(s, name)), format!("{name}.{}:{port}", s.namespace))
+        };
+        let flow = FlowSpec {
+            start_ms: o.t,
+            duration_us: o.latency_us,
+            downstream_ip: &caller_ip,
+            upstream_ip: &callee_ip,
+            upstream_cluster: &cluster,
+            flags: o.flags,
+            peer_spiffe: None,
+            local_spiffe: None,
+            seq,
+        };
+        // Client side: the caller's sidecar, or the gateway for traffic from the internet.
+        let node = if from == 0 { 0 } else { from * 4 };
+        let class = (o.code / 100) as usize;
+        let client_stream = node + if tcp { Logger::OutboundTcp as usize } else { Logger::OutboundHttp as usize };
+        self.write(client_stream, &flow, tcp, &authority, o);
+        let e = &mut self.edges[k];
+        if tcp {
+            e.counts[0].connections += 1
+        } else {
+            e.counts[0].requests[class] += 1
+        }
+        if callee_external || (o.flags & ResponseFlags::UPSTREAM_CONNECTION_FAILURE) != 0 {
+            return 1;
+        }
+        // Server side: the callee's sidecar, which sees the caller's certificate under mTLS.
+        let inbound_cluster = format!("inbound|{port}||");
+        let server_flow = FlowSpec {
+            downstream_ip: if from == 0 { GATEWAY_IP } else { &caller_ip },
+            upstream_cluster: &inbound_cluster,
+            peer_spiffe: o.mtls.then_some(caller_spiffe.as_str()),
+            local_spiffe: o.mtls.then_some(callee_spiffe.as_str()),
+            upstream_ip: &callee_ip,
+            ..flow
+        };
+        let server_stream = to * 4 + if tcp { Logger::InboundTcp as usize } else { Logger::InboundHttp as usize };
+        self.write(server_stream, &server_flow, tcp, &authority, o);
+        let e = &mut self.edges[k];
+        if tcp {
+            e.counts[1].connections += 1
+        } else {
+            e.counts[1].requests[class] += 1
+        }
+        2
+    }
+
+    fn write(&mut self, stream: usize, flow: &FlowSpec<'_>, tcp: bool, authority: &str, o: &Outcome) {
+        let buf = &mut self.pending[stream];
+        if tcp {
+            let entry = tcp_entry(&TcpSpec {
+                flow: flow.clone(),
+                sni: "",
+                sent_bytes: o.req_bytes,
+                received_bytes: o.resp_bytes,
+            });
+            prost::encoding::message::encode(1, &entry, buf);
+        } else {
+            let entry = http_entry(&HttpSpec {
+                flow: flow.clone(),
+                authority,
+                path: "/api",
+                code: o.code,
+                request_body_bytes: o.req_bytes,
+                response_body_bytes: o.resp_bytes,
+            });
+            prost::encoding::message::encode(1, &entry, buf);
+        }
+    }
+}
+
+struct Outcome {
+    t: i64,
+    latency_us: u64,
+    code: u32,
+    flags: u32,
+    req_bytes: u64,
+    resp_bytes: u64,
+    mtls: bool,
+}
+
+/// The daily and weekly multiplier at `t_ms`, hours interpolated linearly.
+fn shape(e: &Edge, t_ms: i64) -> f64 {
+    let day = t_ms.div_euclid(86_400_000);
+    let hour = (t_ms.rem_euclid(86_400_000)) as f64 / 3_600_000.0;
+    let h = hour.floor() as usize % 24;
+    let frac = hour - hour.floor();
+    let daily = e.daily[h] * (1.0 - frac) + e.daily[(h + 1) % 24] * frac;
+    // 1970-01-01 was a Thursday; index 0 is Monday.
+    let weekday = (day + 3).rem_euclid(7) as usize;
+    daily * e.weekly[weekday]
+}
+
+/// The pair names meshwatch will show for an edge, as the caller's side (or the gateway)
+/// reports it.
+fn pair_names(s: &Scenario, from: usize, to: usize) -> (String, String, &'static str) {
+    let caller = &s.services[from];
+    let callee = &s.services[to];
+    let source = if from == 0 { EXTERNAL.to_string() } else { spiffe(s, &caller.name) };
+    let destination = if callee.external { callee.name.clone() } else { spiffe(s, &callee.name) };
+    let direction = if from == 0 || caller.external {
+        "ingress"
+    } else if callee.external {
+        "egress"
+    } else {
+        "east_west"
+    };
+    (source, destination, direction)
+}
+
+/// The callee sidecar's view: traffic from the internet arrives from the gateway.
+fn server_view(s: &Scenario, from: usize, destination: &str) -> PairReporter {
+    let source = if from == 0 { spiffe(s, GATEWAY) } else { spiffe(s, &s.services[from].name) };
+    (source, destination.to_string(), "east_west", "destination")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: &str = r#"
+        name = "t"
+        start = "2026-01-05"
+        duration = "1h"
+        namespace = "shop"
+        services = [{ name = "web" }, { name = "api" }, { name = "db" }, { name = "pay.example.com", external = true }]
+        [[edges]]
+        from = "internet"
+        to = "web"
+        rate = 5
+        [[edges]]
+        from = "web"
+        to = "api"
+        rate = 10
+        [[edges]]
+        from = "api"
+        to = "db"
+        protocol = "tcp"
+        rate = 2
+        [[edges]]
+        from = "api"
+        to = "pay.example.com"
+        rate = 1
+        [[incidents]]
+        kind = "error_burst"
+        from = "web"
+        to = "api"
+        start = "20m"
+        duration = "10m"
+        magnitude = 0.5
+    "#;
+
+    fn run(seed: u64) -> (Vec<(usize, Bytes)>, u64) {
+        let mut g = Generator::new(Scenario::parse(SMALL).expect("valid"), seed, 10_000);
+        let mut all = Vec::new();
+        while let Some(slice) = g.next_slice(0) {
+            all.extend(slice.messages);
+        }
+        (all, g.total_entries())
+    }
+
+    #[test]
+    fn deterministic_under_a_seed() {
+        let (a, na) = run(1);
+        let (b, nb) = run(1);
+        let (c, _) = run(2);
+        assert_eq!(na, nb);
+        assert!(a == b, "same seed, different bytes");
+        assert!(a != c, "another seed, same bytes");
+        // 1 h of 5 + 10 + 2 + 1 per second, mostly logged twice.
+        assert!((100_000..140_000).contains(&na), "{na} entries");
+    }
+
+    #[test]
+    fn counts_and_truth_describe_the_traffic() {
+        let mut g = Generator::new(Scenario::parse(SMALL).expect("valid"), 3, 10_000);
+        while g.next_slice(0).is_some() {}
+        let counts = g.counts();
+        let web = "spiffe://cluster.local/ns/shop/sa/web".to_string();
+        let api = "spiffe://cluster.local/ns/shop/sa/api".to_string();
+        let client = counts.get(&(web.clone(), api.clone(), "east_west", "source")).expect("client view");
+        let server = counts.get(&(web.clone(), api.clone(), "east_west", "destination")).expect("server view");
+        let total: u64 = client.requests.iter().sum();
+        assert!((30_000..42_000).contains(&total), "{total}");
+        // Errors concentrate in the 10-minute burst at ratio 0.5: about 3000 of them.
+        assert!((2_000..4_000).contains(&client.requests[5]), "{:?}", client.requests);
+        // Connection failures never reach the server side.
+        assert!(server.requests.iter().sum::<u64>() <= total);
+        let egress = counts.get(&(api.clone(), "pay.example.com".into(), "egress", "source")).expect("egress");
+        assert!(egress.requests[2] > 3_000);
+        assert!(!counts.contains_key(&(api.clone(), "pay.example.com".into(), "egress", "destination")));
+        let tcp =
+            counts.get(&(api, "spiffe://cluster.local/ns/shop/sa/db".into(), "east_west", "destination")).expect("tcp");
+        assert!(tcp.connections > 5_000);
+        let ingress = counts.get(&("external".into(), web, "ingress", "gateway")).expect("ingress");
+        assert!(ingress.requests[2] > 15_000);
+        let total_entries: u64 = counts.values().map(|c| c.requests.iter().sum::<u64>() + c.connections).sum();
+        assert_eq!(total_entries, g.total_entries());
+        let truth = g.truth();
+        assert_eq!(truth.len(), 1);
+        assert_eq!(truth[0].kind, "error_burst");
+        assert_eq!(truth[0].end_ms - truth[0].start_ms, 600_000);
+    }
+
+    #[test]
+    fn shapes_average_to_the_rate() {
+        let s = Scenario::parse(&SMALL.replace("rate = 10", "rate = 10\ndaily = \"business\"\nweekly = \"weekdays\""))
+            .expect("valid");
+        let e = &s.edges[1];
+        let week_ms = 7 * 86_400_000;
+        let samples = 7 * 24 * 6;
+        let mean: f64 =
+            (0..samples).map(|i| shape(e, s.start_ms + i * week_ms / samples)).sum::<f64>() / samples as f64;
+        assert!((mean - 1.0).abs() < 0.02, "{mean}");
+    }
+}
