@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use meshwatch_collector::als::AlsConfig;
 use meshwatch_collector::identity::{MeshConfig, Pattern, ServiceMapping};
+use meshwatch_collector::pipeline::Clock;
 use meshwatch_collector::window::WindowConfig;
 use serde::Deserialize;
 
@@ -50,6 +51,7 @@ pub struct RawIngest {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawWindow {
+    pub clock: Option<String>,
     pub length: Option<String>,
     pub grace: Option<String>,
     pub max_future: Option<String>,
@@ -96,6 +98,7 @@ pub struct Config {
     pub queue_batches: usize,
     pub als: AlsConfig,
     pub window: WindowConfig,
+    pub clock: Clock,
     pub mesh: MeshConfig,
 }
 
@@ -266,6 +269,14 @@ impl RawConfig {
             Duration::from_millis(window_defaults.max_future_ms as u64),
             Duration::ZERO,
         );
+        let clock = match self.window.clock.as_deref() {
+            None | Some("live") => Clock::Live,
+            Some("watermark") => Clock::Watermark,
+            Some(other) => {
+                c.0.push(format!("window.clock: `{other}` (live or watermark)"));
+                Clock::Live
+            }
+        };
         if !length.as_millis().is_multiple_of(1000) {
             c.0.push(format!("window.length: {}ms is not a whole number of seconds", length.as_millis()));
         }
@@ -348,6 +359,7 @@ impl RawConfig {
                 max_future_ms: max_future.as_millis() as i64,
                 max_pairs,
             },
+            clock,
             mesh: MeshConfig {
                 trust_domains,
                 internal_cidrs,

@@ -2,9 +2,11 @@
 //! flags what is not.
 //!
 //! This crate is the wiring behind the `meshwatch` binary: `config` reads and validates the
-//! configuration, `serve` runs the collector and the detector in one process. The work itself
-//! lives in the `meshwatch-collector` and `meshwatch-detector` crates.
+//! configuration, `serve` runs the collector and the detector in one process, `sim` plays
+//! simulated meshes into it and `eval` measures what it detects. The work itself lives in the
+//! `meshwatch-collector` and `meshwatch-detector` crates.
 
 pub mod config;
+pub mod eval;
 pub mod serve;
 pub mod sim;

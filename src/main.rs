@@ -1,14 +1,21 @@
 //! The `meshwatch` command line: parses arguments, starts logging, calls the library.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use meshwatch::config::{self, ENV_LOG};
+use meshwatch::sim::generate::{Generator, mesh_config, mesh_config_toml};
+use meshwatch::sim::play::{Pace, PlayOptions, Stamp, play};
+use meshwatch::sim::scenario::{Scenario, parse_offset_ms};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
+
+/// The scenario `meshwatch demo` plays unless given another.
+const DEMO_SCENARIO: &str = include_str!("../scenarios/demo.toml");
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +41,62 @@ enum Command {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// Play a scenario's simulated Envoys into a running meshwatch over gRPC.
+    Simulate {
+        /// The scenario file (see scenarios/README.md).
+        scenario: PathBuf,
+        /// meshwatch's gRPC address.
+        #[arg(long, default_value = "127.0.0.1:9977")]
+        target: SocketAddr,
+        /// `max` (as fast as meshwatch takes it), `realtime`, or a speed-up such as `60x`.
+        #[arg(long, default_value = "max")]
+        rate: String,
+        /// Timestamps: `simulated` (the scenario's time; meshwatch needs window.clock =
+        /// "watermark") or `wall` (now, for a meshwatch on its live clock). Default: `wall`
+        /// at realtime, `simulated` otherwise.
+        #[arg(long)]
+        clock: Option<String>,
+        /// Seed of the random draws (default: the scenario's).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Play only this much of the scenario, such as `2h` or `3d`.
+        #[arg(long)]
+        duration: Option<String>,
+        /// Write the labelled incidents here, one JSON object a line.
+        #[arg(long)]
+        truth: Option<PathBuf>,
+        /// gRPC connections the simulated Envoys share.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Print the [mesh] configuration meshwatch needs for this scenario, and exit.
+        #[arg(long)]
+        print_mesh_config: bool,
+    },
+    /// Run a scenario through an in-process meshwatch in fast-forward and report detection
+    /// quality per incident kind.
+    Eval {
+        scenario: PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Evaluate only this much of the scenario, such as `1d`.
+        #[arg(long)]
+        duration: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve and play a small mesh in real time, with an incident every few minutes.
+    Demo {
+        /// Another scenario to play (default: scenarios/demo.toml, built in).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// meshwatch's HTTP address (/metrics, the API).
+        #[arg(long, default_value = "127.0.0.1:9978")]
+        http: SocketAddr,
+        /// meshwatch's gRPC address.
+        #[arg(long, default_value = "127.0.0.1:9977")]
+        grpc: SocketAddr,
+    },
 }
 
 fn init_tracing() {
@@ -48,8 +111,8 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig { file } => match config::load(Some(&file), std::env::vars()) {
+    if let Command::CheckConfig { file } = &cli.command {
+        return match config::load(Some(file), std::env::vars()) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -61,29 +124,139 @@ fn main() -> ExitCode {
                 }
                 ExitCode::from(2)
             }
-        },
-        Command::Serve { config } => {
-            init_tracing();
-            match serve(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!("{e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        };
+    }
+    init_tracing();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
         }
     }
 }
 
-fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = config::load(path.as_deref(), std::env::vars()).context("invalid configuration")?;
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(signal_shutdown(shutdown.clone()));
-        meshwatch::serve::run(config, shutdown, |_| {}).await.context("meshwatch serve failed")
+async fn run(command: Command) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    match command {
+        Command::CheckConfig { .. } => Ok(()),
+        Command::Serve { config } => {
+            let config = config::load(config.as_deref(), std::env::vars()).context("invalid configuration")?;
+            meshwatch::serve::run(config, shutdown, |_| {}).await.context("meshwatch serve failed")
+        }
+        Command::Simulate { scenario, target, rate, clock, seed, duration, truth, connections, print_mesh_config } => {
+            let scenario = Scenario::load(&scenario)?;
+            if print_mesh_config {
+                print!("{}", mesh_config_toml(&scenario));
+                return Ok(());
+            }
+            let pace = parse_rate(&rate)?;
+            let stamp = match clock.as_deref() {
+                Some("wall") => Stamp::Wall,
+                Some("simulated") => Stamp::Simulated,
+                None if pace == Pace::Speed(1.0) => Stamp::Wall,
+                None => Stamp::Simulated,
+                Some(other) => bail!("--clock {other}: simulated or wall"),
+            };
+            let seed = seed.unwrap_or(scenario.seed);
+            let mut generator = Generator::new(scenario, seed, if pace == Pace::Speed(1.0) { 1_000 } else { 10_000 });
+            if let Some(d) = duration {
+                generator.limit(parse_offset_ms(&d).map_err(anyhow::Error::msg)?);
+            }
+            if let Some(path) = &truth {
+                std::fs::write(path, meshwatch::eval::truth_jsonl(&generator.truth()))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            let opts = PlayOptions { target, pace, stamp, connections };
+            let (_, report) = play(generator, &opts, shutdown).await?;
+            println!(
+                "sent {} entries in {} messages: {:.2} simulated hours in {:.1} s ({:.0} entries/s){}",
+                report.entries,
+                report.messages,
+                report.simulated_ms as f64 / 3_600_000.0,
+                report.wall.as_secs_f64(),
+                report.entries as f64 / report.wall.as_secs_f64().max(1e-9),
+                if report.stream_errors > 0 {
+                    format!(", {} streams ended with an error", report.stream_errors)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        Command::Eval { scenario, seed, duration, json } => {
+            let scenario = Scenario::load(&scenario)?;
+            let seed = seed.unwrap_or(scenario.seed);
+            let duration_ms = duration.map(|d| parse_offset_ms(&d)).transpose().map_err(anyhow::Error::msg)?;
+            let data = std::env::temp_dir().join(format!("meshwatch-eval-{}", std::process::id()));
+            let report = meshwatch::eval::run(scenario, seed, duration_ms, data.clone()).await;
+            let _ = std::fs::remove_dir_all(&data);
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        Command::Demo { scenario, http, grpc } => demo(scenario, http, grpc, shutdown).await,
+    }
+}
+
+fn parse_rate(rate: &str) -> anyhow::Result<Pace> {
+    Ok(match rate {
+        "max" => Pace::Max,
+        "realtime" => Pace::Speed(1.0),
+        other => match other.strip_suffix('x').and_then(|n| n.parse::<f64>().ok()) {
+            Some(x) if x > 0.0 && x.is_finite() => Pace::Speed(x),
+            _ => bail!("--rate {other}: max, realtime, or a speed-up such as 60x"),
+        },
     })
+}
+
+/// `serve` on its live clock, with the demo mesh configured, and the demo scenario played
+/// into it in real time.
+async fn demo(
+    scenario: Option<PathBuf>,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let scenario = match scenario {
+        Some(path) => Scenario::load(&path)?,
+        None => Scenario::parse(DEMO_SCENARIO)?,
+    };
+    let mut config = config::load(None, std::env::vars()).context("invalid configuration")?;
+    config.grpc_listen = grpc;
+    config.http_listen = http;
+    config.mesh = mesh_config(&scenario);
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(meshwatch::serve::run(config, shutdown.clone(), move |b| {
+        let _ = bound_tx.send(b);
+    }));
+    let Ok(bound) = bound_rx.await else {
+        return server.await?.context("meshwatch serve failed");
+    };
+    info!(
+        metrics = %format!("http://{}/metrics", bound.http),
+        pairs = %format!("http://{}/api/v1/pairs", bound.http),
+        scenario = %scenario.name,
+        "demo running; Ctrl-C to stop"
+    );
+    let seed = scenario.seed;
+    let generator = Generator::new(scenario, seed, 1_000);
+    let opts = PlayOptions { target: bound.grpc, pace: Pace::Speed(1.0), stamp: Stamp::Wall, connections: 2 };
+    let played = play(generator, &opts, shutdown.clone()).await;
+    shutdown.cancel();
+    server.await?.context("meshwatch serve failed")?;
+    played?;
+    Ok(())
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.

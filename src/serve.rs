@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use meshwatch_collector::als::AlsService;
 use meshwatch_collector::metrics::CollectorMetrics;
-use meshwatch_collector::pipeline::{self, Clock};
+use meshwatch_collector::pipeline;
 use meshwatch_collector::window::Aggregator;
 use meshwatch_detector::http::{AppState, router};
 use meshwatch_detector::pairs::{PairCollector, PairTable, from_record};
@@ -78,7 +78,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         records_rx,
         windows_tx,
         aggregator,
-        Clock::Live,
+        config.clock,
         collector_metrics.clone(),
         shutdown.clone(),
     ));

@@ -21,6 +21,9 @@ pub enum Clock {
     Watermark,
 }
 
+/// In watermark mode, how long without input before the open windows are closed.
+pub const WATERMARK_IDLE_FLUSH: Duration = Duration::from_secs(2);
+
 pub fn wall_clock_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
@@ -47,6 +50,7 @@ pub async fn run_aggregator(
         // Anything that ended before the grace period is late from the start.
         agg.close_due(wall_clock_ms());
     }
+    let mut last_batch = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -61,6 +65,7 @@ pub async fn run_aggregator(
             }
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
+                last_batch = tokio::time::Instant::now();
                 if clock == Clock::Watermark {
                     watermark_ms = batch.iter().map(|r| r.end_ms).fold(watermark_ms, i64::max);
                 }
@@ -75,6 +80,15 @@ pub async fn run_aggregator(
                     let now_ms = wall_clock_ms();
                     let grace = agg.config().grace_ms;
                     if !emit(agg.close_due(now_ms), &out, &metrics, Some(now_ms - grace)).await {
+                        return;
+                    }
+                } else if agg.open_windows() > 0 && last_batch.elapsed() >= WATERMARK_IDLE_FLUSH {
+                    // A replay that stopped (or paused): nothing will move the watermark, so
+                    // close every window up to the one holding it. Later entries of those
+                    // windows will be late; entries after the watermark are still taken.
+                    let cfg = agg.config();
+                    let horizon = watermark_ms.saturating_add(cfg.grace_ms + cfg.length_ms);
+                    if !emit(agg.close_due(horizon), &out, &metrics, None).await {
                         return;
                     }
                 }

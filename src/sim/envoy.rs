@@ -148,15 +148,7 @@ fn common(f: &FlowSpec<'_>, end: al::AccessLogType, sni: &str) -> al::AccessLogC
 
 /// A request id in UUID text form, as `x-request-id` carries it.
 fn request_id(seq: u64) -> String {
-    let h = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    format!(
-        "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
-        h >> 32,
-        h & 0xffff,
-        (h >> 16) & 0xfff,
-        (h >> 4) & 0xfff,
-        h & 0xffff_ffff_ffff
-    )
+    RequestId(seq).to_string()
 }
 
 pub fn http_entry(s: &HttpSpec<'_>) -> al::HttpAccessLogEntry {
@@ -243,4 +235,110 @@ pub fn tcp_message(id: Option<sm::Identifier>, entries: Vec<al::TcpAccessLogEntr
     }
     .encode_to_vec()
     .into()
+}
+
+/// What changes from one request (or connection) of an edge to the next.
+#[derive(Clone, Copy, Debug)]
+pub struct Varying {
+    pub start_ms: i64,
+    pub duration_us: u64,
+    pub code: u32,
+    pub flags: u32,
+    /// HTTP: request and response bodies; TCP: bytes from and to the caller.
+    pub up_bytes: u64,
+    pub down_bytes: u64,
+    pub seq: u64,
+}
+
+/// An entry built once per edge and side, then refilled per request: the simulator's fast
+/// path, with no allocation per entry once its strings have their capacity.
+#[derive(Clone, Debug)]
+pub enum Template {
+    Http(Box<al::HttpAccessLogEntry>),
+    Tcp(Box<al::TcpAccessLogEntry>),
+}
+
+fn set_duration(slot: &mut Option<Duration>, us: u64) {
+    *slot = duration(us);
+}
+
+fn refill_common(c: &mut al::AccessLogCommon, v: &Varying) {
+    c.start_time = timestamp(v.start_ms);
+    set_duration(&mut c.time_to_first_upstream_rx_byte, v.duration_us.saturating_sub(300));
+    set_duration(&mut c.time_to_last_upstream_rx_byte, v.duration_us.saturating_sub(100));
+    set_duration(&mut c.time_to_first_downstream_tx_byte, v.duration_us.saturating_sub(250));
+    set_duration(&mut c.time_to_last_downstream_tx_byte, v.duration_us);
+    set_duration(&mut c.duration, v.duration_us);
+    c.response_flags = flags(v.flags);
+    c.stream_id.clear();
+    let _ = std::fmt::Write::write_fmt(&mut c.stream_id, format_args!("{:016x}", v.seq));
+    let port = 30_000 + (v.seq % 30_000) as u32;
+    for addr in [&mut c.downstream_remote_address, &mut c.downstream_direct_remote_address].into_iter().flatten() {
+        if let Some(core::address::Address::SocketAddress(sock)) = addr.address.as_mut() {
+            sock.port_specifier = Some(core::socket_address::PortSpecifier::PortValue(port));
+        }
+    }
+}
+
+impl Template {
+    pub fn http(spec: &HttpSpec<'_>) -> Template {
+        Template::Http(Box::new(http_entry(spec)))
+    }
+
+    pub fn tcp(spec: &TcpSpec<'_>) -> Template {
+        Template::Tcp(Box::new(tcp_entry(spec)))
+    }
+
+    /// Refills the entry for one request and appends it, as field 1 of an entries message,
+    /// to `buf`.
+    pub fn write(&mut self, v: &Varying, buf: &mut Vec<u8>) {
+        match self {
+            Template::Http(e) => {
+                if let Some(c) = e.common_properties.as_mut() {
+                    refill_common(c, v);
+                }
+                if let Some(r) = e.request.as_mut() {
+                    r.request_method = if v.up_bytes > 0 { 3 } else { 1 };
+                    r.request_body_bytes = v.up_bytes;
+                    r.request_id.clear();
+                    let _ = std::fmt::Write::write_fmt(&mut r.request_id, format_args!("{}", RequestId(v.seq)));
+                    if let Some(h) = r.request_headers.get_mut("x-request-id") {
+                        h.clear();
+                        h.push_str(&r.request_id);
+                    }
+                }
+                if let Some(r) = e.response.as_mut() {
+                    r.response_code = (v.code > 0).then_some(UInt32Value { value: v.code });
+                    r.response_body_bytes = v.down_bytes;
+                }
+                prost::encoding::message::encode(1, e.as_ref(), buf);
+            }
+            Template::Tcp(e) => {
+                if let Some(c) = e.common_properties.as_mut() {
+                    refill_common(c, v);
+                }
+                e.connection_properties =
+                    Some(al::ConnectionProperties { received_bytes: v.up_bytes, sent_bytes: v.down_bytes });
+                prost::encoding::message::encode(1, e.as_ref(), buf);
+            }
+        }
+    }
+}
+
+/// `request_id` without allocating.
+struct RequestId(u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        write!(
+            f,
+            "{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}",
+            h >> 32,
+            h & 0xffff,
+            (h >> 16) & 0xfff,
+            (h >> 4) & 0xfff,
+            h & 0xffff_ffff_ffff
+        )
+    }
 }

@@ -15,7 +15,7 @@ use meshwatch_collector::flow::ResponseFlags;
 use meshwatch_collector::identity::{EXTERNAL, MeshConfig, Pattern, ServiceMapping};
 use serde::Serialize;
 
-use super::envoy::{FlowSpec, HttpSpec, TcpSpec, http_entry, identifier, tcp_entry};
+use super::envoy::{FlowSpec, HttpSpec, TcpSpec, Template, Varying, identifier};
 use super::random::Rng;
 use super::scenario::{Edge, IncidentKind, Protocol, Scenario};
 
@@ -80,6 +80,8 @@ struct LiveEdge {
     scan: bool,
     counts: [Counts; 2],
     noise_factor: f64,
+    /// Entry templates: client side, server side with mTLS, server side plaintext.
+    templates: [Option<Template>; 3],
 }
 
 pub struct Generator {
@@ -142,7 +144,7 @@ pub fn mesh_config(s: &Scenario) -> MeshConfig {
     });
     MeshConfig {
         trust_domains: vec![s.trust_domain.clone()],
-        internal_cidrs: vec!["10.0.0.0/8".parse().expect("a valid CIDR literal")],
+        internal_cidrs: vec![IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default())],
         gateway_nodes: vec![Pattern::new("*gateway*")],
         services,
         ..MeshConfig::default()
@@ -210,6 +212,7 @@ impl Generator {
                 scan: false,
                 counts: Default::default(),
                 noise_factor: 1.0,
+                templates: Default::default(),
             })
             .collect();
         for (k, inc) in scenario.incidents.iter().enumerate() {
@@ -237,6 +240,7 @@ impl Generator {
                     scan,
                     counts: Default::default(),
                     noise_factor: 1.0,
+                    templates: Default::default(),
                 })
             };
             match (inc.kind, inc.to) {
@@ -457,61 +461,46 @@ impl Generator {
     /// has a sidecar); returns how many.
     fn request(&mut self, k: usize, o: &Outcome) -> u64 {
         self.seq += 1;
-        let seq = self.seq;
-        let s = &self.scenario;
+        let v = Varying {
+            start_ms: o.t,
+            duration_us: o.latency_us,
+            code: o.code,
+            flags: o.flags,
+            up_bytes: o.req_bytes,
+            down_bytes: o.resp_bytes,
+            seq: self.seq,
+        };
         let (from, to, tcp) = {
             let edge = &self.edges[k].edge;
             (edge.from, edge.to, edge.protocol == Protocol::Tcp)
         };
-        let callee_external = s.services[to].external;
-        let caller_spiffe = if from == 0 { spiffe(s, GATEWAY) } else { spiffe(s, &s.services[from].name) };
-        let callee_spiffe = spiffe(s, &s.services[to].name);
-        let caller_ip = if from == 0 { format!("203.0.113.{}", seq % 254 + 1) } else { service_ip(from) };
-        let callee_ip = if callee_external { external_ip(&s.services[to].name) } else { service_ip(to) };
-        let port = if tcp { 9000 } else { 8080 };
-        let (cluster, authority) = if callee_external {
-            ("PassthroughCluster".to_string(), s.services[to].name.clone())
-        } else {
-            let name = &s.services[to].name;
-            (format!("outbound|{port}||{}", fqdn(s, name)), format!("{name}.{}:{port}", s.namespace))
-        };
-        let flow = FlowSpec {
-            start_ms: o.t,
-            duration_us: o.latency_us,
-            downstream_ip: &caller_ip,
-            upstream_ip: &callee_ip,
-            upstream_cluster: &cluster,
-            flags: o.flags,
-            peer_spiffe: None,
-            local_spiffe: None,
-            seq,
-        };
-        // Client side: the caller's sidecar, or the gateway for traffic from the internet.
-        let node = if from == 0 { 0 } else { from * 4 };
         let class = (o.code / 100) as usize;
-        let client_stream = node + if tcp { Logger::OutboundTcp as usize } else { Logger::OutboundHttp as usize };
-        self.write(client_stream, &flow, tcp, &authority, o);
+        // Client side: the caller's sidecar, or the gateway for traffic from the internet.
+        let client_stream = from * 4 + if tcp { Logger::OutboundTcp as usize } else { Logger::OutboundHttp as usize };
+        if self.edges[k].templates[0].is_none() {
+            self.edges[k].templates[0] = Some(self.template(k, None));
+        }
+        if let Some(t) = self.edges[k].templates[0].as_mut() {
+            t.write(&v, &mut self.pending[client_stream]);
+        }
         let e = &mut self.edges[k];
         if tcp {
             e.counts[0].connections += 1
         } else {
             e.counts[0].requests[class] += 1
         }
-        if callee_external || (o.flags & ResponseFlags::UPSTREAM_CONNECTION_FAILURE) != 0 {
+        if self.scenario.services[to].external || (o.flags & ResponseFlags::UPSTREAM_CONNECTION_FAILURE) != 0 {
             return 1;
         }
         // Server side: the callee's sidecar, which sees the caller's certificate under mTLS.
-        let inbound_cluster = format!("inbound|{port}||");
-        let server_flow = FlowSpec {
-            downstream_ip: if from == 0 { GATEWAY_IP } else { &caller_ip },
-            upstream_cluster: &inbound_cluster,
-            peer_spiffe: o.mtls.then_some(caller_spiffe.as_str()),
-            local_spiffe: o.mtls.then_some(callee_spiffe.as_str()),
-            upstream_ip: &callee_ip,
-            ..flow
-        };
         let server_stream = to * 4 + if tcp { Logger::InboundTcp as usize } else { Logger::InboundHttp as usize };
-        self.write(server_stream, &server_flow, tcp, &authority, o);
+        let slot = if o.mtls { 1 } else { 2 };
+        if self.edges[k].templates[slot].is_none() {
+            self.edges[k].templates[slot] = Some(self.template(k, Some(o.mtls)));
+        }
+        if let Some(t) = self.edges[k].templates[slot].as_mut() {
+            t.write(&v, &mut self.pending[server_stream]);
+        }
         let e = &mut self.edges[k];
         if tcp {
             e.counts[1].connections += 1
@@ -521,26 +510,61 @@ impl Generator {
         2
     }
 
-    fn write(&mut self, stream: usize, flow: &FlowSpec<'_>, tcp: bool, authority: &str, o: &Outcome) {
-        let buf = &mut self.pending[stream];
-        if tcp {
-            let entry = tcp_entry(&TcpSpec {
-                flow: flow.clone(),
-                sni: "",
-                sent_bytes: o.req_bytes,
-                received_bytes: o.resp_bytes,
-            });
-            prost::encoding::message::encode(1, &entry, buf);
+    /// The entry template of edge `k`: the client side (`server: None`) or the server side,
+    /// with or without mTLS.
+    fn template(&self, k: usize, server: Option<bool>) -> Template {
+        let s = &self.scenario;
+        let edge = &self.edges[k].edge;
+        let (from, to) = (edge.from, edge.to);
+        let tcp = edge.protocol == Protocol::Tcp;
+        let callee = &s.services[to];
+        let caller_ip = if from == 0 { format!("203.0.113.{}", k % 254 + 1) } else { service_ip(from) };
+        let callee_ip = if callee.external { external_ip(&callee.name) } else { service_ip(to) };
+        let port = if tcp { 9000 } else { 8080 };
+        let (cluster, authority) = if callee.external {
+            ("PassthroughCluster".to_string(), callee.name.clone())
         } else {
-            let entry = http_entry(&HttpSpec {
-                flow: flow.clone(),
-                authority,
+            (format!("outbound|{port}||{}", fqdn(s, &callee.name)), format!("{}.{}:{port}", callee.name, s.namespace))
+        };
+        let caller_spiffe = if from == 0 { spiffe(s, GATEWAY) } else { spiffe(s, &s.services[from].name) };
+        let callee_spiffe = spiffe(s, &callee.name);
+        let inbound_cluster = format!("inbound|{port}||");
+        let mtls = server.unwrap_or(false);
+        let flow = match server {
+            None => FlowSpec {
+                start_ms: 0,
+                duration_us: 0,
+                downstream_ip: &caller_ip,
+                upstream_ip: &callee_ip,
+                upstream_cluster: &cluster,
+                flags: 0,
+                peer_spiffe: None,
+                local_spiffe: None,
+                seq: 0,
+            },
+            Some(_) => FlowSpec {
+                start_ms: 0,
+                duration_us: 0,
+                downstream_ip: if from == 0 { GATEWAY_IP } else { &caller_ip },
+                upstream_ip: &callee_ip,
+                upstream_cluster: &inbound_cluster,
+                flags: 0,
+                peer_spiffe: mtls.then_some(caller_spiffe.as_str()),
+                local_spiffe: mtls.then_some(callee_spiffe.as_str()),
+                seq: 0,
+            },
+        };
+        if tcp {
+            Template::tcp(&TcpSpec { flow, sni: "", sent_bytes: 0, received_bytes: 0 })
+        } else {
+            Template::http(&HttpSpec {
+                flow,
+                authority: &authority,
                 path: "/api",
-                code: o.code,
-                request_body_bytes: o.req_bytes,
-                response_body_bytes: o.resp_bytes,
-            });
-            prost::encoding::message::encode(1, &entry, buf);
+                code: 200,
+                request_body_bytes: 0,
+                response_body_bytes: 0,
+            })
         }
     }
 }

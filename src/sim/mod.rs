@@ -4,5 +4,6 @@
 
 pub mod envoy;
 pub mod generate;
+pub mod play;
 pub mod random;
 pub mod scenario;
