@@ -30,11 +30,11 @@ const FANOUT: usize = 5;
 const BATCH_BYTES: usize = 16 * 1024;
 const MESSAGES_PER_STREAM: usize = 4;
 
-/// One simulated access-log stream: its messages, the first carrying the identifier.
+/// One simulated access-log stream: its messages (with their entry counts), the first
+/// carrying the identifier.
 struct Stream {
-    first: Bytes,
-    rest: Vec<Bytes>,
-    entries_per_message: usize,
+    first: (Bytes, u64),
+    rest: Vec<(Bytes, u64)>,
 }
 
 fn spiffe(i: usize) -> String {
@@ -53,7 +53,6 @@ fn workload(start_ms: i64) -> Vec<Stream> {
             let me = spiffe(svc);
             let mut entries = Vec::new();
             let mut messages = Vec::new();
-            let mut per_message = 0;
             while messages.len() <= MESSAGES_PER_STREAM {
                 seq += 1;
                 let peer = (svc + 1 + (seq as usize % FANOUT)) % SERVICES;
@@ -86,7 +85,7 @@ fn workload(start_ms: i64) -> Vec<Stream> {
                 }));
                 let size: usize = entries.iter().map(Message::encoded_len).sum();
                 if size >= BATCH_BYTES {
-                    per_message = entries.len();
+                    let n = entries.len() as u64;
                     let id = messages.is_empty().then(|| {
                         identifier(
                             &format!("svc-{svc:02}-1"),
@@ -95,11 +94,11 @@ fn workload(start_ms: i64) -> Vec<Stream> {
                             if inbound { "inbound" } else { "outbound" },
                         )
                     });
-                    messages.push(http_message(id, std::mem::take(&mut entries)));
+                    messages.push((http_message(id, std::mem::take(&mut entries)), n));
                 }
             }
             let first = messages.remove(0);
-            streams.push(Stream { first, rest: messages, entries_per_message: per_message });
+            streams.push(Stream { first, rest: messages });
         }
     }
     streams
@@ -185,13 +184,12 @@ async fn stream_for(channel: tonic::transport::Channel, stream: Arc<Stream>, unt
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(STREAM_ACCESS_LOGS_PATH);
-    let n = stream.entries_per_message as u64;
     let s2 = stream.clone();
     let messages = tokio_stream::iter(
         std::iter::once(stream.first.clone()).chain((0..).map(move |i| s2.rest[i % s2.rest.len()].clone())),
     )
     .take_while(move |_| Instant::now() < until)
-    .map(move |m| {
+    .map(move |(m, n)| {
         sent.fetch_add(n, Ordering::Relaxed);
         m
     });
@@ -202,7 +200,7 @@ fn decode_only(streams: &[Stream], seconds: f64) -> (f64, f64) {
     let messages: Vec<(usize, &Bytes)> = streams
         .iter()
         .enumerate()
-        .flat_map(|(i, s)| std::iter::once((i, &s.first)).chain(s.rest.iter().map(move |m| (i, m))))
+        .flat_map(|(i, s)| std::iter::once((i, &s.first.0)).chain(s.rest.iter().map(move |(m, _)| (i, m))))
         .collect();
     let prost_rate = {
         let t = Instant::now();
@@ -289,8 +287,7 @@ fn main() {
     let connections: usize = std::env::var("BENCH_CONNECTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     let start_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     let streams = workload(start_ms);
-    let entries_per_message = streams[0].entries_per_message;
-    let message_bytes = streams[0].rest[0].len();
+    let (message_bytes, entries_per_message) = (streams[0].rest[0].0.len(), streams[0].rest[0].1 as usize);
     println!(
         "workload: {} streams, {} pairs x 2 reporters, {} entries per message, {} bytes per message ({} bytes per entry)",
         streams.len(),
@@ -300,6 +297,28 @@ fn main() {
         message_bytes / entries_per_message
     );
 
+    // The simulator alone: the shop scenario, one thread, one simulated day.
+    {
+        let scenario = meshwatch::sim::scenario::Scenario::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scenarios/shop.toml"
+        )))
+        .unwrap();
+        let mut generator = meshwatch::sim::generate::Generator::new(scenario, 2, 10_000);
+        generator.limit(86_400_000);
+        let t = Instant::now();
+        let mut bytes = 0usize;
+        while let Some(slice) = generator.next_slice(0) {
+            bytes += slice.messages.iter().map(|(_, m)| m.len()).sum::<usize>();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "simulator alone, one thread, shop scenario, 1 simulated day: {} entries in {secs:.2} s, {:.0} entries/s ({} bytes per entry)",
+            generator.total_entries(),
+            generator.total_entries() as f64 / secs,
+            bytes / generator.total_entries().max(1) as usize
+        );
+    }
     let (prost_rate, meshwatch_rate) = decode_only(&streams, 3.0);
     println!("decode only, one thread, envoy-types (prost) full decode: {:>10.0} entries/s", prost_rate);
     println!("decode only, one thread, meshwatch decode to flow records: {:>8.0} entries/s", meshwatch_rate);

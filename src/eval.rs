@@ -210,7 +210,8 @@ pub fn eval_config(scenario: &Scenario, data_dir: PathBuf) -> Result<Config, Con
     config.grpc_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.clock = meshwatch_collector::pipeline::Clock::Watermark;
-    config.window.grace_ms = 60_000;
+    // Event time: streams of a fast-forward replay may drift a few slices apart.
+    config.window.grace_ms = 300_000;
     config.window.max_future_ms = i64::MAX / 4;
     config.window.max_pairs = 100_000;
     config.mesh = mesh_config(scenario);

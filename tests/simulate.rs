@@ -65,7 +65,7 @@ async fn a_fast_forward_run_is_counted_exactly_and_matches_its_ground_truth() {
     let config = dir.path().join("meshwatch.toml");
     std::fs::write(
         &config,
-        format!("[window]\nclock = \"watermark\"\ngrace = \"60s\"\n\n{}", mesh_config_toml(&scenario)),
+        format!("[window]\nclock = \"watermark\"\ngrace = \"5m\"\n\n{}", mesh_config_toml(&scenario)),
     )
     .unwrap();
     let mw = Meshwatch::start(&config, &[("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())]);

@@ -21,8 +21,14 @@ pub enum Clock {
     Watermark,
 }
 
-/// In watermark mode, how long without input before the open windows are closed.
-pub const WATERMARK_IDLE_FLUSH: Duration = Duration::from_secs(2);
+/// In watermark mode, how long without input, once every stream has ended, before the
+/// open windows are closed; and how long with streams still open.
+pub const WATERMARK_IDLE_FLUSH: Duration = Duration::from_secs(1);
+pub const WATERMARK_STALL_FLUSH: Duration = Duration::from_secs(60);
+
+fn replay_over(metrics: &CollectorMetrics, idle: Duration) -> bool {
+    (metrics.streams_open.get() == 0 && idle >= WATERMARK_IDLE_FLUSH) || idle >= WATERMARK_STALL_FLUSH
+}
 
 pub fn wall_clock_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -82,8 +88,8 @@ pub async fn run_aggregator(
                     if !emit(agg.close_due(now_ms), &out, &metrics, Some(now_ms - grace)).await {
                         return;
                     }
-                } else if agg.open_windows() > 0 && last_batch.elapsed() >= WATERMARK_IDLE_FLUSH {
-                    // A replay that stopped (or paused): nothing will move the watermark, so
+                } else if agg.open_windows() > 0 && replay_over(&metrics, last_batch.elapsed()) {
+                    // A replay that ended (or stalled): nothing will move the watermark, so
                     // close every window up to the one holding it. Later entries of those
                     // windows will be late; entries after the watermark are still taken.
                     let cfg = agg.config();

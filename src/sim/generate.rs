@@ -144,7 +144,9 @@ pub fn mesh_config(s: &Scenario) -> MeshConfig {
     });
     MeshConfig {
         trust_domains: vec![s.trust_domain.clone()],
-        internal_cidrs: vec![IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default())],
+        internal_cidrs: vec![IpNet::V4(
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default(),
+        )],
         gateway_nodes: vec![Pattern::new("*gateway*")],
         services,
         ..MeshConfig::default()
