@@ -133,13 +133,18 @@ fn is_mtls(common: &CommonWire) -> bool {
         .is_some_and(|c| !c.subject_alt_name.is_empty() || !c.subject.is_empty())
 }
 
-/// One encoded `HTTPAccessLogEntry`.
-pub fn http_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_>) -> Outcome {
-    let Ok(entry) = HttpEntryWire::decode(raw) else {
-        return Outcome::Rejected(Rejection::Malformed);
-    };
-    let empty = CommonWire::default();
-    let common = entry.common_properties.as_ref().unwrap_or(&empty);
+/// What an HTTP or a TCP entry adds to the fields they share.
+struct Specific<'a> {
+    protocol: Protocol,
+    /// HTTP `:authority`, or the TLS SNI for TCP.
+    authority: &'a [u8],
+    code: u32,
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+/// Decides a record from the shared fields and what the entry kind adds.
+fn record(common: &CommonWire, specific: Specific<'_>, node: &NodeContext, resolver: &mut Resolver<'_, '_>) -> Outcome {
     if !is_final(common) {
         return Outcome::Intermediate;
     }
@@ -147,28 +152,41 @@ pub fn http_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_
         Ok(f) => f,
         Err(r) => return Outcome::Rejected(r),
     };
-    let request = entry.request.as_ref();
-    let response = entry.response.as_ref();
-    let authority = request.map_or(&[][..], |r| &r.authority[..]);
-    let ev = evidence(common, authority);
+    let ev = evidence(common, specific.authority);
     let rep = reporter(node, &ev);
     let source = resolver.source(rep, node, &ev);
     let destination = resolver.destination(rep, node, &ev);
-    let code = response.and_then(|r| r.response_code).map_or(0, |c| c.value);
     Outcome::Record(FlowRecord {
         end_ms: fields.end_ms,
         reporter: rep,
         direction: Direction::from_sides(source.inside, destination.inside),
         source: source.identity,
         destination: destination.identity,
-        protocol: Protocol::Http,
-        response_code: u16::try_from(code).unwrap_or(0),
+        protocol: specific.protocol,
+        response_code: u16::try_from(specific.code).unwrap_or(0),
         response_flags: fields.flags,
         duration_us: fields.duration_us,
-        bytes_sent: request.map_or(0, |r| r.request_headers_bytes.saturating_add(r.request_body_bytes)),
-        bytes_received: response.map_or(0, |r| r.response_headers_bytes.saturating_add(r.response_body_bytes)),
+        bytes_sent: specific.bytes_sent,
+        bytes_received: specific.bytes_received,
         mtls: is_mtls(common),
     })
+}
+
+/// One encoded `HTTPAccessLogEntry`.
+pub fn http_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_>) -> Outcome {
+    let Ok(entry) = HttpEntryWire::decode(raw) else {
+        return Outcome::Rejected(Rejection::Malformed);
+    };
+    let request = entry.request.as_ref();
+    let response = entry.response.as_ref();
+    let specific = Specific {
+        protocol: Protocol::Http,
+        authority: request.map_or(&[][..], |r| &r.authority[..]),
+        code: response.and_then(|r| r.response_code).map_or(0, |c| c.value),
+        bytes_sent: request.map_or(0, |r| r.request_headers_bytes.saturating_add(r.request_body_bytes)),
+        bytes_received: response.map_or(0, |r| r.response_headers_bytes.saturating_add(r.response_body_bytes)),
+    };
+    record(entry.common_properties.as_ref().unwrap_or(&CommonWire::default()), specific, node, resolver)
 }
 
 /// One encoded `TCPAccessLogEntry`.
@@ -176,35 +194,16 @@ pub fn tcp_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_>
     let Ok(entry) = TcpEntryWire::decode(raw) else {
         return Outcome::Rejected(Rejection::Malformed);
     };
-    let empty = CommonWire::default();
-    let common = entry.common_properties.as_ref().unwrap_or(&empty);
-    if !is_final(common) {
-        return Outcome::Intermediate;
-    }
-    let fields = match common_fields(common) {
-        Ok(f) => f,
-        Err(r) => return Outcome::Rejected(r),
-    };
-    let sni = common.tls_properties.as_ref().map_or(&[][..], |t| &t.tls_sni_hostname[..]);
-    let ev = evidence(common, sni);
-    let rep = reporter(node, &ev);
-    let source = resolver.source(rep, node, &ev);
-    let destination = resolver.destination(rep, node, &ev);
+    let common = entry.common_properties.unwrap_or_default();
     let conn = entry.connection_properties.unwrap_or_default();
-    Outcome::Record(FlowRecord {
-        end_ms: fields.end_ms,
-        reporter: rep,
-        direction: Direction::from_sides(source.inside, destination.inside),
-        source: source.identity,
-        destination: destination.identity,
+    let specific = Specific {
         protocol: Protocol::Tcp,
-        response_code: 0,
-        response_flags: fields.flags,
-        duration_us: fields.duration_us,
+        authority: common.tls_properties.as_ref().map_or(&[][..], |t| &t.tls_sni_hostname[..]),
+        code: 0,
         bytes_sent: conn.received_bytes,
         bytes_received: conn.sent_bytes,
-        mtls: is_mtls(common),
-    })
+    };
+    record(&common, specific, node, resolver)
 }
 
 /// What decoding one message counted. Index 0 is HTTP, 1 is TCP; `unresolved` is
