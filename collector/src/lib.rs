@@ -4,7 +4,8 @@
 //! mirrors of Envoy's protobufs by `decode` into a `flow::FlowRecord`, whose sides are named
 //! and placed inside or outside the trust boundary by `identity`. Records queue (bounded) to
 //! the `pipeline` task, which aggregates them per pair in event-time `window`s and hands each
-//! closed window to the detector. `metrics` are the collector's own.
+//! closed window to the detector, with request durations in a `sketch`. `metrics` are the
+//! collector's own.
 
 pub mod als;
 pub mod decode;
@@ -12,5 +13,6 @@ pub mod flow;
 pub mod identity;
 pub mod metrics;
 pub mod pipeline;
+pub mod sketch;
 pub mod window;
 pub mod wire;

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::decode::Rejection;
-use crate::flow::{Direction, FlowRecord, Identity, Protocol, Reporter, StatusClass};
+use crate::flow::{Direction, FlowRecord, Identity, Protocol, Reporter, ResponseFlags, StatusClass};
+use crate::sketch::LatencySketch;
 
 /// The identity both sides of the overflow pair carry.
 pub const OVERFLOW: &str = "__overflow__";
@@ -58,6 +59,14 @@ pub struct PairStats {
     pub tcp_received_bytes: u64,
     /// Requests and connections whose downstream presented a client certificate.
     pub mtls: u64,
+    /// HTTP requests that failed: 5xx, or an upstream failure flag (`ResponseFlags::ERRORS`).
+    pub errors: u64,
+    /// HTTP requests denied: 401, 403, or the unauthorized flag.
+    pub denied: u64,
+    /// HTTP requests rate-limited: 429, or the rate-limited flag.
+    pub rate_limited: u64,
+    /// HTTP request durations, for quantiles with bounded relative error.
+    pub latency: LatencySketch,
 }
 
 impl PairStats {
@@ -67,7 +76,12 @@ impl PairStats {
                 self.requests[r.status_class() as usize] += 1;
                 self.request_bytes = self.request_bytes.saturating_add(r.bytes_sent);
                 self.response_bytes = self.response_bytes.saturating_add(r.bytes_received);
+                let flags = r.response_flags;
+                self.errors += u64::from(r.response_code >= 500 || flags.0 & ResponseFlags::ERRORS != 0);
+                self.denied += u64::from(matches!(r.response_code, 401 | 403) || flags.contains(ResponseFlags::UNAUTHORIZED));
+                self.rate_limited += u64::from(r.response_code == 429 || flags.contains(ResponseFlags::RATE_LIMITED));
                 if let Some(us) = r.duration_us {
+                    self.latency.add(us);
                     let seconds = us as f64 / 1e6;
                     let bucket =
                         DURATION_BUCKETS_S.iter().position(|&le| seconds <= le).unwrap_or(DURATION_BUCKETS_S.len());
@@ -106,6 +120,10 @@ impl PairStats {
         self.tcp_sent_bytes = self.tcp_sent_bytes.saturating_add(o.tcp_sent_bytes);
         self.tcp_received_bytes = self.tcp_received_bytes.saturating_add(o.tcp_received_bytes);
         self.mtls = self.mtls.saturating_add(o.mtls);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.denied = self.denied.saturating_add(o.denied);
+        self.rate_limited = self.rate_limited.saturating_add(o.rate_limited);
+        self.latency.merge(&o.latency);
     }
 
     pub fn total_requests(&self) -> u64 {
@@ -244,7 +262,6 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::ResponseFlags;
 
     fn rec(src: &str, dst: &str, end_ms: i64, code: u16) -> FlowRecord {
         FlowRecord {

@@ -5,8 +5,11 @@
 //! lost on restart. `http` serves `/metrics` (the pair table is exposed through
 //! `pairs::PairCollector`), health endpoints and the JSON API.
 
+pub mod baseline;
 pub mod http;
+pub mod model;
 pub mod pairs;
+pub mod stats;
 pub mod store;
 
 use std::sync::Arc;

@@ -1,0 +1,517 @@
+//! Everything the detector keeps for one pair as one reporter sees it: a baseline per
+//! signal, the last windows (to score over 1, 6 and 30 windows, so that quiet pairs are judged
+//! on enough traffic), and which kinds of anomaly are hot or active (k of the last n windows).
+//!
+//! Pure: `observe` takes one window's numbers and its event time and returns verdicts.
+
+use std::collections::VecDeque;
+
+use meshwatch_collector::window::PairStats;
+
+use crate::baseline::{Assessment, BytesBaseline, CountBaseline, LatencyBaseline, RatioBaseline};
+
+/// Scales (in windows) at which every signal is scored; the ring keeps the largest.
+pub const SCALES: [usize; 3] = [1, 6, 30];
+const RING: usize = 30;
+
+/// Detection settings, validated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DetectorConfig {
+    /// Windows a pair is `learning` before it can raise anomalies.
+    pub warmup_windows: u64,
+    /// One-sided p-value under which a window is hot.
+    pub threshold_p: f64,
+    /// A detection needs `k` hot windows among the last `n`.
+    pub k: u32,
+    pub n: u32,
+    /// Anomalous windows in a row after which a baseline adopts the new level.
+    pub adapt_after: u32,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        DetectorConfig { warmup_windows: 360, threshold_p: 1e-6, k: 2, n: 3, adapt_after: 360 }
+    }
+}
+
+/// The signals of a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Signal {
+    RequestRate,
+    ConnectionRate,
+    ErrorRatio,
+    DenialRatio,
+    RateLimitRatio,
+    LatencyP50,
+    LatencyP90,
+    LatencyP99,
+    BytesOut,
+    BytesIn,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 10] = [
+        Signal::RequestRate,
+        Signal::ConnectionRate,
+        Signal::ErrorRatio,
+        Signal::DenialRatio,
+        Signal::RateLimitRatio,
+        Signal::LatencyP50,
+        Signal::LatencyP90,
+        Signal::LatencyP99,
+        Signal::BytesOut,
+        Signal::BytesIn,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::RequestRate => "request_rate",
+            Signal::ConnectionRate => "connection_rate",
+            Signal::ErrorRatio => "error_ratio",
+            Signal::DenialRatio => "denial_ratio",
+            Signal::RateLimitRatio => "rate_limit_ratio",
+            Signal::LatencyP50 => "latency_p50",
+            Signal::LatencyP90 => "latency_p90",
+            Signal::LatencyP99 => "latency_p99",
+            Signal::BytesOut => "bytes_out",
+            Signal::BytesIn => "bytes_in",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Signal> {
+        Signal::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn quantile(self) -> Option<(usize, f64, f64)> {
+        // (slot, quantile, least requests for the quantile to mean anything)
+        match self {
+            Signal::LatencyP50 => Some((0, 0.5, 10.0)),
+            Signal::LatencyP90 => Some((1, 0.9, 20.0)),
+            Signal::LatencyP99 => Some((2, 0.99, 100.0)),
+            _ => None,
+        }
+    }
+}
+
+/// One window's numbers for one pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Obs {
+    pub requests: f64,
+    pub connections: f64,
+    pub errors: f64,
+    pub denied: f64,
+    pub rate_limited: f64,
+    /// ln(µs) of p50, p90, p99; NaN without requests.
+    pub latency: [f64; 3],
+    pub bytes_out: f64,
+    pub bytes_in: f64,
+}
+
+impl Obs {
+    /// A window with no traffic (a known pair that was silent).
+    pub fn zero() -> Obs {
+        Obs { latency: [f64::NAN; 3], ..Obs::default() }
+    }
+
+    pub fn from_stats(s: &PairStats) -> Obs {
+        let q = |p: f64| s.latency.quantile(p).map_or(f64::NAN, |v| v.max(1.0).ln());
+        Obs {
+            requests: s.total_requests() as f64,
+            connections: s.tcp_connections as f64,
+            errors: s.errors as f64,
+            denied: s.denied as f64,
+            rate_limited: s.rate_limited as f64,
+            latency: [q(0.5), q(0.9), q(0.99)],
+            bytes_out: (s.request_bytes + s.tcp_sent_bytes) as f64,
+            bytes_in: (s.response_bytes + s.tcp_received_bytes) as f64,
+        }
+    }
+
+    fn flows(&self) -> f64 {
+        self.requests + self.connections
+    }
+}
+
+/// One window in the ring: what was observed and what the count baselines expected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Slot {
+    obs: Obs,
+    requests_expected: f64,
+    connections_expected: f64,
+}
+
+/// How a signal stands in the current window, at the scale where it deviates most.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Verdict {
+    pub signal: Signal,
+    pub assessment: Assessment,
+    /// Windows the assessment covers.
+    pub scale: usize,
+    /// The deviation is significant and large enough to count toward a detection.
+    pub hot: bool,
+    /// What a detection of it is called (`request_rate_high`, `vanished`, `error_ratio`, …).
+    pub kind: &'static str,
+}
+
+impl Verdict {
+    /// Anomaly score in [0, 1]: one minus the tail probability.
+    pub fn score(&self) -> f64 {
+        (1.0 - self.assessment.p_value).clamp(0.0, 1.0)
+    }
+}
+
+/// What one window did to a pair's detections.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Step {
+    pub verdicts: Vec<Verdict>,
+    /// Signals whose detection started in this window.
+    pub fired: Vec<Verdict>,
+    /// Signals whose detection ended in this window.
+    pub cleared: Vec<Signal>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PairModel {
+    requests: CountBaseline,
+    connections: CountBaseline,
+    errors: RatioBaseline,
+    denials: RatioBaseline,
+    rate_limits: RatioBaseline,
+    latency: [LatencyBaseline; 3],
+    bytes_out: BytesBaseline,
+    bytes_in: BytesBaseline,
+    ring: VecDeque<Slot>,
+    pub windows: u64,
+    /// Per signal: hot flags of the last windows (bit 0 is the latest) and whether a
+    /// detection is active.
+    history: [u32; 10],
+    active: [bool; 10],
+    last: [Option<Verdict>; 10],
+}
+
+impl Default for PairModel {
+    fn default() -> Self {
+        PairModel {
+            requests: CountBaseline::default(),
+            connections: CountBaseline::default(),
+            errors: RatioBaseline::default(),
+            denials: RatioBaseline::default(),
+            rate_limits: RatioBaseline::default(),
+            latency: Default::default(),
+            bytes_out: BytesBaseline::default(),
+            bytes_in: BytesBaseline::default(),
+            ring: VecDeque::with_capacity(RING),
+            windows: 0,
+            history: [0; 10],
+            active: [false; 10],
+            last: [None; 10],
+        }
+    }
+}
+
+/// Sums over the last `scale` slots.
+fn window_sum(ring: &VecDeque<Slot>, scale: usize, f: impl Fn(&Slot) -> f64) -> f64 {
+    ring.iter().rev().take(scale).map(f).sum()
+}
+
+impl PairModel {
+    pub fn learning(&self, cfg: &DetectorConfig) -> bool {
+        self.windows < cfg.warmup_windows
+    }
+
+    /// The last verdict of every signal that had one.
+    pub fn last_verdicts(&self) -> impl Iterator<Item = &Verdict> {
+        self.last.iter().flatten()
+    }
+
+    pub fn is_active(&self, s: Signal) -> bool {
+        self.active[s.index()]
+    }
+
+    /// Expected requests (or connections) in a window at `t_ms`.
+    pub fn expected_flows(&self, t_ms: i64) -> f64 {
+        self.requests.expected(t_ms) + self.connections.expected(t_ms)
+    }
+
+    /// Scores one window (`t_ms`: its start), learns from it, and returns what changed.
+    pub fn observe(&mut self, obs: &Obs, t_ms: i64, cfg: &DetectorConfig) -> Step {
+        let slot = Slot {
+            obs: *obs,
+            requests_expected: self.requests.expected(t_ms),
+            connections_expected: self.connections.expected(t_ms),
+        };
+        if self.ring.len() == RING {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(slot);
+        let ready = !self.learning(cfg);
+        let mut step = Step::default();
+        for signal in Signal::ALL {
+            let verdict = self.assess(signal, cfg);
+            let i = signal.index();
+            let hot = ready && verdict.is_some_and(|v| v.hot);
+            self.history[i] = (self.history[i] << 1) | u32::from(hot);
+            let mask = (1u32 << cfg.n.min(31)) - 1;
+            let recent = (self.history[i] & mask).count_ones();
+            if let Some(v) = verdict {
+                if !self.active[i] && recent >= cfg.k {
+                    self.active[i] = true;
+                    step.fired.push(v);
+                }
+                step.verdicts.push(v);
+            }
+            if self.active[i] && recent == 0 {
+                self.active[i] = false;
+                step.cleared.push(signal);
+            }
+            self.last[i] = verdict;
+        }
+        self.learn(obs, t_ms, cfg);
+        self.windows += 1;
+        step
+    }
+
+    /// Whether the latest window of `signal` counted as anomalous (it must not teach).
+    fn hot_now(&self, s: Signal) -> bool {
+        self.history[s.index()] & 1 == 1 || self.last[s.index()].is_some_and(|v| v.hot)
+    }
+
+    fn learn(&mut self, obs: &Obs, t_ms: i64, cfg: &DetectorConfig) {
+        let hot = |s: Signal| self.hot_now(s);
+        let (h_req, h_conn, h_err, h_den, h_rl) =
+            (hot(Signal::RequestRate), hot(Signal::ConnectionRate), hot(Signal::ErrorRatio), hot(Signal::DenialRatio), hot(Signal::RateLimitRatio));
+        let h_lat = [hot(Signal::LatencyP50), hot(Signal::LatencyP90), hot(Signal::LatencyP99)];
+        let (h_out, h_in) = (hot(Signal::BytesOut), hot(Signal::BytesIn));
+        self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after);
+        self.connections.update(obs.connections, t_ms, h_conn, cfg.adapt_after);
+        self.errors.update(obs.errors, obs.requests, h_err);
+        self.denials.update(obs.denied, obs.requests, h_den);
+        self.rate_limits.update(obs.rate_limited, obs.requests, h_rl);
+        let spread = (obs.requests >= 10.0 && obs.latency[0].is_finite() && obs.latency[1].is_finite())
+            .then(|| (obs.latency[1] - obs.latency[0]) / 1.2816);
+        for (k, q) in [0.5, 0.9, 0.99].into_iter().enumerate() {
+            let min_n = [5.0, 10.0, 50.0][k];
+            if obs.latency[k].is_finite() && obs.requests >= min_n {
+                self.latency[k].update(q, obs.latency[k], obs.requests, spread, h_lat[k] || h_lat.iter().any(|h| *h), cfg.adapt_after);
+            }
+        }
+        self.bytes_out.update(obs.bytes_out, obs.flows(), h_out);
+        self.bytes_in.update(obs.bytes_in, obs.flows(), h_in);
+    }
+
+    /// The verdict of `signal` at the scale where it is most significant.
+    fn assess(&self, signal: Signal, cfg: &DetectorConfig) -> Option<Verdict> {
+        let mut best: Option<Verdict> = None;
+        for scale in SCALES {
+            if scale > self.ring.len() {
+                break;
+            }
+            let Some(v) = self.assess_at(signal, scale, cfg) else { continue };
+            let better = match &best {
+                None => true,
+                Some(b) => (v.hot && !b.hot) || (v.hot == b.hot && v.assessment.p_value < b.assessment.p_value),
+            };
+            if better {
+                best = Some(v);
+            }
+        }
+        best
+    }
+
+    fn assess_at(&self, signal: Signal, scale: usize, cfg: &DetectorConfig) -> Option<Verdict> {
+        let p = cfg.threshold_p;
+        let sum = |f: fn(&Slot) -> f64| window_sum(&self.ring, scale, f);
+        let verdict = |assessment: Assessment, hot: bool, kind: &'static str| Verdict { signal, assessment, scale, hot, kind };
+        match signal {
+            Signal::RequestRate | Signal::ConnectionRate => {
+                let (baseline, x, expected) = if signal == Signal::RequestRate {
+                    (&self.requests, sum(|s| s.obs.requests), sum(|s| s.requests_expected))
+                } else {
+                    (&self.connections, sum(|s| s.obs.connections), sum(|s| s.connections_expected))
+                };
+                if baseline.windows < 30 || (x == 0.0 && expected < 0.5) {
+                    return None;
+                }
+                let a = baseline.assess(x, expected, p);
+                let significant = a.p_value < p;
+                let high = significant && a.high && x >= 2.0 * expected && x - expected >= 5.0;
+                let low = significant && !a.high && x <= 0.5 * expected && expected - x >= 5.0;
+                let rate = if signal == Signal::RequestRate { "request_rate" } else { "connection_rate" };
+                let kind = match (a.high, x == 0.0) {
+                    (true, _) => if rate == "request_rate" { "request_rate_high" } else { "connection_rate_high" },
+                    (false, true) => "vanished",
+                    (false, false) => if rate == "request_rate" { "request_rate_low" } else { "connection_rate_low" },
+                };
+                Some(verdict(a, high || low, kind))
+            }
+            Signal::ErrorRatio | Signal::DenialRatio | Signal::RateLimitRatio => {
+                let (baseline, events) = match signal {
+                    Signal::ErrorRatio => (&self.errors, sum(|s| s.obs.errors)),
+                    Signal::DenialRatio => (&self.denials, sum(|s| s.obs.denied)),
+                    _ => (&self.rate_limits, sum(|s| s.obs.rate_limited)),
+                };
+                let total = sum(|s| s.obs.requests);
+                let a = baseline.assess(events as u64, total as u64, p)?;
+                let p0 = a.expected;
+                let hot = a.p_value < p && a.high && events >= 3.0 && a.observed >= (2.0 * p0).max(p0 + 0.01);
+                Some(verdict(a, hot, signal.as_str()))
+            }
+            Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
+                let (slot, q, min_n) = signal.quantile()?;
+                let baseline = &self.latency[slot];
+                if baseline.windows < 30 {
+                    return None;
+                }
+                let (mut n, mut weighted, mut windows) = (0.0, 0.0, 0.0);
+                for s in self.ring.iter().rev().take(scale) {
+                    let v = s.obs.latency[slot];
+                    if v.is_finite() && s.obs.requests > 0.0 {
+                        n += s.obs.requests;
+                        weighted += v * s.obs.requests;
+                        windows += 1.0;
+                    }
+                }
+                if n < min_n {
+                    return None;
+                }
+                let a = baseline.assess(q, weighted / n, n, windows, p);
+                let hot = a.p_value < p && a.high && a.observed >= 1.4 * a.expected;
+                Some(verdict(a, hot, signal.as_str()))
+            }
+            Signal::BytesOut | Signal::BytesIn => {
+                let baseline = if signal == Signal::BytesOut { &self.bytes_out } else { &self.bytes_in };
+                if baseline.windows < 30 {
+                    return None;
+                }
+                let bytes = sum(if signal == Signal::BytesOut { |s: &Slot| s.obs.bytes_out } else { |s: &Slot| s.obs.bytes_in });
+                let flows = sum(|s| s.obs.flows());
+                let a = baseline.assess(bytes, flows, p)?;
+                let hot = a.p_value < p && a.high && bytes >= 3.0 * a.expected && bytes - a.expected >= 10_000.0;
+                let kind = if signal == Signal::BytesOut { "bytes_out_high" } else { "bytes_in_high" };
+                Some(verdict(a, hot, kind))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: i64 = 10_000;
+
+    fn obs(requests: f64, latency_ms: f64, errors: f64) -> Obs {
+        let l = (latency_ms * 1000.0).ln();
+        Obs {
+            requests,
+            errors,
+            latency: [l, l + 0.6, l + 1.2],
+            bytes_out: requests * 300.0,
+            bytes_in: requests * 2000.0,
+            ..Obs::zero()
+        }
+    }
+
+    /// A pair at 50 requests a window with mild, deterministic wobble.
+    fn steady(i: i64) -> Obs {
+        let wobble = ((i * 7919) % 11) as f64 - 5.0;
+        obs(50.0 + wobble, 20.0 * (1.0 + wobble / 200.0), 0.0)
+    }
+
+    fn warm(cfg: &DetectorConfig) -> PairModel {
+        let mut m = PairModel::default();
+        for i in 0..2_000 {
+            let step = m.observe(&steady(i), i * W, cfg);
+            assert!(step.fired.is_empty(), "window {i}: {:?}", step.fired);
+        }
+        m
+    }
+
+    #[test]
+    fn a_steady_pair_never_fires() {
+        let cfg = DetectorConfig::default();
+        let m = warm(&cfg);
+        assert!(!m.learning(&cfg));
+    }
+
+    #[test]
+    fn latency_doubling_fires_within_three_windows_with_a_reason() {
+        let cfg = DetectorConfig::default();
+        let mut m = warm(&cfg);
+        let mut fired_at = None;
+        for i in 2_000..2_010 {
+            let mut o = steady(i);
+            for l in &mut o.latency {
+                *l += 2f64.ln();
+            }
+            let step = m.observe(&o, i * W, &cfg);
+            if let Some(v) = step.fired.iter().find(|v| v.signal == Signal::LatencyP50) {
+                fired_at = Some(i - 2_000);
+                assert!(v.assessment.observed > 1.8 * v.assessment.expected, "{v:?}");
+                break;
+            }
+        }
+        assert!(fired_at.is_some_and(|w| w <= 2), "{fired_at:?}");
+    }
+
+    #[test]
+    fn silence_fires_vanished_and_recovery_clears_it() {
+        let cfg = DetectorConfig::default();
+        let mut m = warm(&cfg);
+        let mut fired = Vec::new();
+        for i in 2_000..2_006 {
+            fired.extend(m.observe(&Obs::zero(), i * W, &cfg).fired);
+        }
+        assert!(fired.iter().any(|v| v.kind == "vanished"), "{fired:?}");
+        assert!(m.is_active(Signal::RequestRate));
+        let mut cleared = Vec::new();
+        for i in 2_006..2_060 {
+            cleared.extend(m.observe(&steady(i), i * W, &cfg).cleared);
+        }
+        assert!(cleared.contains(&Signal::RequestRate), "{cleared:?}");
+    }
+
+    #[test]
+    fn an_error_burst_fires_error_ratio() {
+        let cfg = DetectorConfig::default();
+        let mut m = warm(&cfg);
+        let mut fired = Vec::new();
+        for i in 2_000..2_004 {
+            let mut o = steady(i);
+            o.errors = (o.requests * 0.05).round();
+            fired.extend(m.observe(&o, i * W, &cfg).fired);
+        }
+        assert!(fired.iter().any(|v| v.signal == Signal::ErrorRatio), "{fired:?}");
+    }
+
+    #[test]
+    fn one_odd_window_does_not_fire() {
+        let cfg = DetectorConfig::default();
+        let mut m = warm(&cfg);
+        let mut odd = steady(2_000);
+        for l in &mut odd.latency {
+            *l += 3f64.ln();
+        }
+        assert!(m.observe(&odd, 2_000 * W, &cfg).fired.is_empty());
+        for i in 2_001..2_010 {
+            assert!(m.observe(&steady(i), i * W, &cfg).fired.is_empty());
+        }
+    }
+
+    #[test]
+    fn nothing_fires_while_learning() {
+        let cfg = DetectorConfig::default();
+        let mut m = PairModel::default();
+        for i in 0..100 {
+            m.observe(&steady(i), i * W, &cfg);
+        }
+        for i in 100..110 {
+            assert!(m.observe(&Obs::zero(), i * W, &cfg).fired.is_empty());
+        }
+        assert!(m.learning(&cfg));
+    }
+}
