@@ -11,6 +11,7 @@ use meshwatch_collector::als::AlsConfig;
 use meshwatch_collector::identity::{MeshConfig, Pattern, ServiceMapping};
 use meshwatch_collector::pipeline::Clock;
 use meshwatch_collector::window::WindowConfig;
+use meshwatch_detector::model::DetectorConfig;
 use serde::Deserialize;
 
 /// Environment variables with this prefix override the file: `MESHWATCH_DATA_DIR` sets
@@ -31,6 +32,17 @@ pub struct RawConfig {
     pub window: RawWindow,
     pub limits: RawLimits,
     pub mesh: RawMesh,
+    pub detector: RawDetector,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDetector {
+    pub warmup: Option<String>,
+    pub threshold: Option<f64>,
+    pub k: Option<i64>,
+    pub n: Option<i64>,
+    pub adapt_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +112,7 @@ pub struct Config {
     pub window: WindowConfig,
     pub clock: Clock,
     pub mesh: MeshConfig,
+    pub detector: DetectorConfig,
 }
 
 /// Every problem found, one per line.
@@ -300,6 +313,28 @@ impl RawConfig {
         let shutdown_grace =
             c.duration("shutdown_grace", self.shutdown_grace.as_deref(), Duration::from_secs(10), Duration::ZERO);
 
+        let det_defaults = DetectorConfig::default();
+        let windows_of = |d: Duration| (d.as_millis() / length.as_millis().max(1)) as u64;
+        let warmup =
+            c.duration("detector.warmup", self.detector.warmup.as_deref(), Duration::from_secs(86_400), Duration::ZERO);
+        let adapt_after =
+            c.duration("detector.adapt_after", self.detector.adapt_after.as_deref(), Duration::from_secs(3600), length);
+        let threshold = self.detector.threshold.unwrap_or(det_defaults.threshold_p);
+        if !(threshold > 0.0 && threshold < 0.01) {
+            c.0.push(format!("detector.threshold: {threshold} is not a p-value in (0, 0.01)"));
+        }
+        let n = c.count("detector.n", self.detector.n, det_defaults.n as usize, 1, 31);
+        let k = c.count("detector.k", self.detector.k, det_defaults.k as usize, 1, 31);
+        if k > n {
+            c.0.push(format!("detector.k: {k} hot windows cannot fit in the last {n}"));
+        }
+        let detector = DetectorConfig {
+            warmup_windows: windows_of(warmup),
+            threshold_p: threshold,
+            k: k as u32,
+            n: n as u32,
+            adapt_after: u32::try_from(windows_of(adapt_after)).unwrap_or(u32::MAX),
+        };
         let m = self.mesh;
         let trust_domains = m.trust_domains.unwrap_or(defaults.trust_domains.clone());
         for td in &trust_domains {
@@ -360,6 +395,7 @@ impl RawConfig {
                 max_pairs,
             },
             clock,
+            detector,
             mesh: MeshConfig {
                 trust_domains,
                 internal_cidrs,

@@ -75,6 +75,8 @@ pub struct Quality {
     pub false_detections: usize,
     pub pair_days: f64,
     pub false_per_1000_pair_days: f64,
+    /// The first false detections, to look at.
+    pub false_examples: Vec<Detection>,
 }
 
 fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
@@ -90,9 +92,11 @@ fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
 pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms: i64) -> Quality {
     let matches = |t: &Truth, d: &Detection| -> bool {
         let Some(kind) = IncidentKind::parse(&t.kind) else { return false };
+        let same_pair = (d.source == t.source && d.direction == t.direction)
+            || t.via.as_ref().is_some_and(|via| &d.source == via && d.direction == "east_west");
         compatible(kind).contains(&d.kind.as_str())
-            && d.source == t.source
-            && (t.destination == "*" || (d.destination == t.destination && d.direction == t.direction))
+            && (same_pair || (t.destination == "*" && d.source == t.source))
+            && (t.destination == "*" || d.destination == t.destination)
             && d.start_ms >= t.start_ms
             && d.start_ms <= t.end_ms + slack_ms
     };
@@ -124,10 +128,13 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
         });
     }
     let false_detections = true_detection.iter().filter(|t| !**t).count();
+    let false_examples =
+        detections.iter().zip(&true_detection).filter(|(_, t)| !**t).take(20).map(|(d, _)| d.clone()).collect();
     Quality {
         per_kind,
         detections: detections.len(),
         false_detections,
+        false_examples,
         pair_days,
         false_per_1000_pair_days: if pair_days > 0.0 { false_detections as f64 * 1000.0 / pair_days } else { 0.0 },
     }
@@ -143,8 +150,8 @@ pub struct EvalReport {
     pub entries_sent: u64,
     pub entries_counted: u64,
     pub wall_seconds: f64,
-    /// What produced the detections; none yet: the detector has no baselines.
-    pub detector: &'static str,
+    /// How the detections were made.
+    pub detector: String,
     pub quality: Quality,
 }
 
@@ -244,7 +251,8 @@ pub async fn run(
     duration_ms: Option<i64>,
     data_dir: PathBuf,
 ) -> Result<EvalReport, EvalError> {
-    let config = eval_config(&scenario, data_dir)?;
+    let config = eval_config(&scenario, data_dir.clone())?;
+    let detector_cfg = config.detector;
     let shutdown = CancellationToken::new();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let server = tokio::spawn(serve::run(config, shutdown.clone(), move |b| {
@@ -259,25 +267,37 @@ pub async fn run(
     let opts = PlayOptions { target: bound.grpc, pace: Pace::Max, stamp: Stamp::Simulated, connections: 4 };
     let (generator, played) = play(generator, &opts, shutdown.clone()).await?;
     // Wait until meshwatch has taken every entry in (decoded or rejected).
-    let mut counted = 0;
+    // Wait until meshwatch has taken every entry in: decoded (then counted in a window, or
+    // rejected as late) or rejected while decoding.
+    let (mut decoded, mut late) = (0, 0);
     for _ in 0..600 {
         let text = scrape(bound.http).await?;
-        counted = metric_sum(&text, "meshwatch_als_entries_decoded_total");
+        decoded = metric_sum(&text, "meshwatch_als_entries_decoded_total");
         let rejected = metric_sum(&text, "meshwatch_als_entries_rejected_total");
-        if counted + rejected >= played.entries {
+        late = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("meshwatch_als_entries_rejected_total{reason=\"late\"}")
+                    || l.starts_with("meshwatch_als_entries_rejected_total{reason=\"future\"}")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+        if decoded + rejected - late >= played.entries {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let counted = decoded.saturating_sub(late);
+    // Shutting down closes every window and checkpoints the detector: its anomalies are
+    // then all in the store.
     shutdown.cancel();
     server.await.map_err(|e| EvalError::Serve(ServeError::Task(e)))??;
+    let detections = stored_detections(data_dir).await?;
 
     let truth = generator.truth();
     let pairs: BTreeSet<_> = generator.counts().keys().map(|(s, d, dir, _)| (s.clone(), d.clone(), *dir)).collect();
     let simulated_days = played.simulated_ms as f64 / 86_400_000.0;
     let pair_days = pairs.len() as f64 * simulated_days;
-    // The detector emits no detections yet (baselines and findings come next).
-    let detections: Vec<Detection> = Vec::new();
     Ok(EvalReport {
         scenario: name,
         seed,
@@ -286,9 +306,35 @@ pub async fn run(
         entries_sent: played.entries,
         entries_counted: counted,
         wall_seconds: played.wall.as_secs_f64(),
-        detector: "none: no baselines yet, so no detections",
+        detector: format!(
+            "baselines per pair and signal; p < {:e}, {} of the last {} windows; {} windows of warm-up",
+            detector_cfg.threshold_p, detector_cfg.k, detector_cfg.n, detector_cfg.warmup_windows
+        ),
         quality: score(&truth, &detections, pair_days, 60_000),
     })
+}
+
+/// Every anomaly the detector kept, from its store, as detections.
+async fn stored_detections(data_dir: PathBuf) -> Result<Vec<Detection>, EvalError> {
+    let loaded = tokio::task::spawn_blocking(move || {
+        let store = meshwatch_detector::store::Store::open(&data_dir)?;
+        store.load_checkpoint()
+    })
+    .await
+    .map_err(|e| EvalError::Serve(ServeError::Task(e)))?
+    .map_err(|e| EvalError::Serve(ServeError::Store(e)))?;
+    let anomalies =
+        loaded.anomalies.and_then(|b| meshwatch_detector::anomaly::Anomalies::from_bytes(&b)).unwrap_or_default();
+    Ok(anomalies
+        .iter()
+        .map(|a| Detection {
+            kind: a.kind.clone(),
+            source: a.source.clone(),
+            destination: a.destination.clone(),
+            direction: a.direction.clone(),
+            start_ms: a.started_ms,
+        })
+        .collect())
 }
 
 /// Ground truth as JSON lines.
@@ -317,6 +363,7 @@ mod tests {
             direction: "east_west".into(),
             start_ms: start,
             end_ms: end,
+            via: None,
         }
     }
 

@@ -5,15 +5,19 @@
 //! windows, the detector folds them in and flushes the store, and `run` returns.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use meshwatch_collector::als::AlsService;
 use meshwatch_collector::metrics::CollectorMetrics;
 use meshwatch_collector::pipeline;
 use meshwatch_collector::window::Aggregator;
+use meshwatch_detector::anomaly::Anomalies;
 use meshwatch_detector::http::{AppState, router};
-use meshwatch_detector::pairs::{PairCollector, PairTable, from_record};
+use meshwatch_detector::metrics::DetectorCollector;
+use meshwatch_detector::model::PairModel;
+use meshwatch_detector::pairs::{PairCollector, PairTable, from_record, key_from_proto};
+use meshwatch_detector::score::Detector;
 use meshwatch_detector::store::{Store, StoreError};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -60,7 +64,23 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     let loader = store.clone();
     let records = tokio::task::spawn_blocking(move || loader.load_pairs()).await??;
     let restored: Vec<_> = records.iter().filter_map(from_record).collect();
-    info!(pairs = restored.len(), data_dir = %config.data_dir.display(), "store opened");
+    let loader = store.clone();
+    let checkpoint = tokio::task::spawn_blocking(move || loader.load_checkpoint()).await??;
+    let last_start = checkpoint.last_start_ms;
+    let models: Vec<_> = checkpoint
+        .models
+        .iter()
+        .filter_map(|(k, bytes)| Some((key_from_proto(k)?, PairModel::from_bytes(bytes)?)))
+        .collect();
+    let anomalies = checkpoint.anomalies.and_then(|b| Anomalies::from_bytes(&b)).unwrap_or_default();
+    info!(pairs = restored.len(), models = models.len(), anomalies_active = anomalies.active_count(), data_dir = %config.data_dir.display(), "store opened");
+    let detector = Arc::new(Mutex::new(Detector::restore(
+        config.detector,
+        config.window.length_ms,
+        models,
+        anomalies,
+        last_start,
+    )));
 
     let registry = Registry::new();
     let collector_metrics = CollectorMetrics::new(&registry)?;
@@ -68,6 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     collector_metrics.pairs_tracked.set(i64::try_from(aggregator.pair_count()).unwrap_or(i64::MAX));
     let table = Arc::new(PairTable::restore(restored));
     registry.register(Box::new(PairCollector::new(table.clone())?))?;
+    registry.register(Box::new(DetectorCollector::new(detector.clone())?))?;
 
     let (grpc_listener, grpc_addr) = bind("grpc", config.grpc_listen).await?;
     let (http_listener, http_addr) = bind("http", config.http_listen).await?;
@@ -82,7 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         collector_metrics.clone(),
         shutdown.clone(),
     ));
-    let detector_task = tokio::spawn(meshwatch_detector::run(windows_rx, table.clone(), store));
+    let detector_task = tokio::spawn(meshwatch_detector::run(windows_rx, table.clone(), detector.clone(), store));
 
     let als = AlsService::new(
         Arc::new(config.mesh.clone()),
@@ -102,7 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
             shutdown.clone().cancelled_owned(),
         );
     let ready = Arc::new(AtomicBool::new(false));
-    let app = router(AppState { registry, pairs: table, ready: ready.clone() });
+    let app = router(AppState { registry, pairs: table, detector, ready: ready.clone() });
     let http = axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(async move { http.await.map_err(ServeError::Http) });

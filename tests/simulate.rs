@@ -148,7 +148,7 @@ async fn a_fast_forward_run_is_counted_exactly_and_matches_its_ground_truth() {
 }
 
 #[tokio::test]
-async fn eval_runs_end_to_end_and_reports_no_detections_honestly() {
+async fn eval_runs_end_to_end_and_nothing_is_detected_while_pairs_learn() {
     let dir = TempDir::new("eval");
     let scenario_path = dir.path().join("scenario.toml");
     std::fs::write(&scenario_path, SCENARIO).unwrap();
@@ -166,7 +166,7 @@ async fn eval_runs_end_to_end_and_reports_no_detections_honestly() {
     assert_eq!(kinds, ["error_burst", "new_edge"]);
     for k in per_kind {
         assert_eq!(k["incidents"], 1);
-        assert_eq!(k["recall"], 0.0, "no detector yet: nothing is detected");
+        assert_eq!(k["recall"], 0.0, "two hours are all warm-up (a day): nothing can be detected");
     }
     assert_eq!(report["quality"]["detections"], 0);
 }

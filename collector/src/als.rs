@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,9 +22,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::decode::{Rejection, StreamDecoder, Tally};
-use crate::flow::FlowRecord;
 use crate::identity::MeshConfig;
 use crate::metrics::CollectorMetrics;
+use crate::pipeline::Batch;
 
 /// The full path of the one method.
 pub const STREAM_ACCESS_LOGS_PATH: &str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
@@ -114,9 +115,10 @@ impl Handles {
 struct Shared {
     mesh: Arc<MeshConfig>,
     cfg: AlsConfig,
-    tx: mpsc::Sender<Vec<FlowRecord>>,
+    tx: mpsc::Sender<Batch>,
     metrics: Handles,
     shutdown: CancellationToken,
+    next_stream: AtomicU64,
 }
 
 /// The tonic service. Cloning is cheap (one `Arc`).
@@ -130,11 +132,12 @@ impl AlsService {
     pub fn new(
         mesh: Arc<MeshConfig>,
         cfg: AlsConfig,
-        tx: mpsc::Sender<Vec<FlowRecord>>,
+        tx: mpsc::Sender<Batch>,
         metrics: CollectorMetrics,
         shutdown: CancellationToken,
     ) -> AlsService {
-        AlsService { shared: Arc::new(Shared { mesh, cfg, tx, metrics: Handles::new(metrics), shutdown }) }
+        let shared = Shared { mesh, cfg, tx, metrics: Handles::new(metrics), shutdown, next_stream: AtomicU64::new(0) };
+        AlsService { shared: Arc::new(shared) }
     }
 }
 
@@ -177,7 +180,12 @@ impl ClientStreamingService<Bytes> for StreamHandler {
     fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
         let shared = self.0.clone();
         Box::pin(async move {
-            run_stream(&shared, request.into_inner()).await?;
+            let stream = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+            let result = run_stream(&shared, stream, request.into_inner()).await;
+            // Tell the aggregator this stream's event time no longer holds anything back.
+            let end = Batch { stream, records: Vec::new(), end_of_stream: true };
+            let _ = tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(end)).await;
+            result?;
             // StreamAccessLogsResponse is empty; Envoy never reads it.
             Ok(Response::new(Bytes::new()))
         })
@@ -195,7 +203,7 @@ impl Drop for OpenStream<'_> {
 
 /// Reads a stream to its end (or shutdown). A transport or framing error (a message over the
 /// size limit, for one) ends the stream and is returned to the client.
-async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) -> Result<(), Status> {
+async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> Result<(), Status> {
     let m = &shared.metrics;
     m.all.streams_opened.inc();
     m.all.streams_open.inc();
@@ -212,7 +220,7 @@ async fn run_stream(shared: &Shared, mut stream: Streaming<Bytes>) -> Result<(),
                 let (records, tally) = decoder.message(&shared.mesh, bytes);
                 publish(m, &tally);
                 if !records.is_empty() {
-                    enqueue(shared, records).await;
+                    enqueue(shared, Batch { stream: id, records, end_of_stream: false }).await;
                 }
             }
             Ok(None) => return Ok(()),
@@ -250,17 +258,17 @@ fn publish(m: &Handles, t: &Tally) {
 /// Hands records to the aggregator. The access-log protocol is lossy by design: when the
 /// queue stays full past the timeout, the batch is dropped and counted rather than letting
 /// one slow consumer stall every Envoy.
-async fn enqueue(shared: &Shared, records: Vec<FlowRecord>) {
-    let n = records.len() as u64;
-    let records = match shared.tx.try_send(records) {
+async fn enqueue(shared: &Shared, batch: Batch) {
+    let n = batch.records.len() as u64;
+    let batch = match shared.tx.try_send(batch) {
         Ok(()) => return,
-        Err(mpsc::error::TrySendError::Full(records)) => records,
+        Err(mpsc::error::TrySendError::Full(batch)) => batch,
         Err(mpsc::error::TrySendError::Closed(_)) => {
             shared.metrics.all.reject(Rejection::QueueFull, n);
             return;
         }
     };
-    match tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(records)).await {
+    match tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(batch)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) | Err(_) => {
             shared.metrics.all.reject(Rejection::QueueFull, n);

@@ -149,7 +149,8 @@ impl ResponseFlags {
     pub const RATE_LIMITED: u32 = 1 << 11;
     pub const UNAUTHORIZED: u32 = 1 << 12;
     /// Flags that mean the upstream failed the request: UH, UT, LR, UR, UF, UC, UO, URX, UPE.
-    pub const ERRORS: u32 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 15) | (1 << 23);
+    pub const ERRORS: u32 =
+        (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 15) | (1 << 23);
 
     pub fn contains(self, bit: u32) -> bool {
         self.0 & bit != 0

@@ -1,7 +1,10 @@
 //! The window aggregator task: drains the queue of flow records, closes windows on time and
 //! hands them to the detector.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +24,53 @@ pub enum Clock {
     Watermark,
 }
 
+/// Flow records of one access-log stream, in the order they arrived.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Which stream (numbered by the service, unique in the process).
+    pub stream: u64,
+    pub records: Vec<FlowRecord>,
+    /// The stream has ended; nothing more will come from it.
+    pub end_of_stream: bool,
+}
+
+/// A stream that sent nothing for this long no longer holds the watermark back.
+pub const WATERMARK_IDLE_STREAM: Duration = Duration::from_secs(2);
+
+/// Event-time progress per stream. The watermark is the newest event time of the slowest
+/// stream still sending, so one stream running ahead of the others (their messages wait in
+/// buffers or queues) makes no one's entries late.
+#[derive(Debug, Default)]
+struct Watermarks {
+    streams: HashMap<u64, (i64, Instant)>,
+    /// The newest event time any stream reached.
+    max_ms: Option<i64>,
+}
+
+impl Watermarks {
+    fn observe(&mut self, b: &Batch, now: Instant) {
+        if b.end_of_stream {
+            self.streams.remove(&b.stream);
+            return;
+        }
+        let Some(newest) = b.records.iter().map(|r| r.end_ms).max() else { return };
+        let slot = self.streams.entry(b.stream).or_insert((newest, now));
+        *slot = (slot.0.max(newest), now);
+        self.max_ms = Some(self.max_ms.map_or(newest, |m| m.max(newest)));
+    }
+
+    /// The watermark: the slowest stream still sending, else the newest time seen.
+    fn current(&self, now: Instant) -> i64 {
+        self.streams
+            .values()
+            .filter(|(_, seen)| now.duration_since(*seen) < WATERMARK_IDLE_STREAM)
+            .map(|(t, _)| *t)
+            .min()
+            .or(self.max_ms)
+            .unwrap_or(i64::MIN)
+    }
+}
+
 /// In watermark mode, how long without input, once every stream has ended, before the
 /// open windows are closed; and how long with streams still open.
 pub const WATERMARK_IDLE_FLUSH: Duration = Duration::from_secs(1);
@@ -38,7 +88,7 @@ pub fn wall_clock_ms() -> i64 {
 /// queued, closes every open window and returns. Windows go to `out` in order; the detector's
 /// pace is the limit.
 pub async fn run_aggregator(
-    mut rx: mpsc::Receiver<Vec<FlowRecord>>,
+    mut rx: mpsc::Receiver<Batch>,
     out: mpsc::Sender<ClosedWindow>,
     mut agg: Aggregator,
     clock: Clock,
@@ -47,16 +97,18 @@ pub async fn run_aggregator(
 ) {
     metrics.queue_capacity.set(i64::try_from(rx.max_capacity()).unwrap_or(i64::MAX));
     metrics.pairs_max.set(i64::try_from(agg.config().max_pairs).unwrap_or(i64::MAX));
-    let mut watermark_ms = i64::MIN;
-    let now = |watermark_ms: i64| match clock {
+    let mut marks = Watermarks::default();
+    // The clock records are judged against (too far ahead is `future`): in watermark mode the
+    // newest time any stream reached.
+    let now = |marks: &Watermarks| match clock {
         Clock::Live => wall_clock_ms(),
-        Clock::Watermark => watermark_ms,
+        Clock::Watermark => marks.max_ms.unwrap_or(i64::MIN),
     };
     if clock == Clock::Live {
         // Anything that ended before the grace period is late from the start.
         agg.close_due(wall_clock_ms());
     }
-    let mut last_batch = tokio::time::Instant::now();
+    let mut last_batch = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -65,19 +117,18 @@ pub async fn run_aggregator(
                 // No new batches; the ones already queued are still counted.
                 rx.close();
                 while let Some(batch) = rx.recv().await {
-                    add_batch(&mut agg, &batch, now(watermark_ms), &metrics);
+                    marks.observe(&batch, Instant::now());
+                    add_batch(&mut agg, &batch.records, now(&marks), &metrics);
                 }
                 break;
             }
             batch = rx.recv() => {
                 let Some(batch) = batch else { break };
-                last_batch = tokio::time::Instant::now();
-                if clock == Clock::Watermark {
-                    watermark_ms = batch.iter().map(|r| r.end_ms).fold(watermark_ms, i64::max);
-                }
-                add_batch(&mut agg, &batch, now(watermark_ms), &metrics);
+                last_batch = Instant::now();
+                marks.observe(&batch, last_batch);
+                add_batch(&mut agg, &batch.records, now(&marks), &metrics);
                 metrics.queue_depth.set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
-                if clock == Clock::Watermark && !emit(agg.close_due(watermark_ms), &out, &metrics, None).await {
+                if clock == Clock::Watermark && !emit(agg.close_due(marks.current(last_batch)), &out, &metrics, None).await {
                     return;
                 }
             }
@@ -93,7 +144,7 @@ pub async fn run_aggregator(
                     // close every window up to the one holding it. Later entries of those
                     // windows will be late; entries after the watermark are still taken.
                     let cfg = agg.config();
-                    let horizon = watermark_ms.saturating_add(cfg.grace_ms + cfg.length_ms);
+                    let horizon = marks.max_ms.unwrap_or(i64::MIN).saturating_add(cfg.grace_ms + cfg.length_ms);
                     if !emit(agg.close_due(horizon), &out, &metrics, None).await {
                         return;
                     }

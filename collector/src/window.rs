@@ -78,7 +78,8 @@ impl PairStats {
                 self.response_bytes = self.response_bytes.saturating_add(r.bytes_received);
                 let flags = r.response_flags;
                 self.errors += u64::from(r.response_code >= 500 || flags.0 & ResponseFlags::ERRORS != 0);
-                self.denied += u64::from(matches!(r.response_code, 401 | 403) || flags.contains(ResponseFlags::UNAUTHORIZED));
+                self.denied +=
+                    u64::from(matches!(r.response_code, 401 | 403) || flags.contains(ResponseFlags::UNAUTHORIZED));
                 self.rate_limited += u64::from(r.response_code == 429 || flags.contains(ResponseFlags::RATE_LIMITED));
                 if let Some(us) = r.duration_us {
                     self.latency.add(us);

@@ -43,15 +43,24 @@ fn rate(n: u64, windows: f64) -> f64 {
 pub fn z_for_p(p: f64) -> f64 {
     let p = p.clamp(1e-300, 0.5);
     let q = (-2.0 * p.ln()).sqrt();
-    const C: [f64; 6] = [-7.784_894_002_430_293e-3, -3.223_964_580_411_365e-1, -2.400_758_277_161_838, -2.549_732_539_343_734, 4.374_664_141_464_968, 2.938_163_982_698_783];
-    const D: [f64; 4] = [7.784_695_709_041_462e-3, 3.224_671_290_700_398e-1, 2.445_134_137_142_996, 3.754_408_661_907_416];
-    -(((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5]) / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+    const C: [f64; 6] = [
+        -7.784_894_002_430_293e-3,
+        -3.223_964_580_411_365e-1,
+        -2.400_758_277_161_838,
+        -2.549_732_539_343_734,
+        4.374_664_141_464_968,
+        2.938_163_982_698_783,
+    ];
+    const D: [f64; 4] =
+        [7.784_695_709_041_462e-3, 3.224_671_290_700_398e-1, 2.445_134_137_142_996, 3.754_408_661_907_416];
+    -(((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+        / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
 }
 
 /// Counts per window (requests, connections): a slow level (about a day), a daily shape
 /// (24 hourly factors), a weekly shape (7 daily factors) and a short-term factor (about a
 /// quarter of an hour) that follows what the shapes do not explain.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CountBaseline {
     /// Deseasonalised mean count per window.
     pub level: f64,
@@ -186,7 +195,7 @@ fn normalize<const N: usize>(v: &mut [f64; N]) {
 
 /// A ratio (errors, denials, rate limits over requests), learned as decayed sums with a
 /// weak prior of 0.5 events in 500 requests (0.1 %).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RatioBaseline {
     pub events: f64,
     pub total: f64,
@@ -246,7 +255,7 @@ pub fn quantile_error_factor(q: f64) -> f64 {
 }
 
 /// A latency quantile, in log space (natural log of microseconds).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LatencyBaseline {
     pub mean: f64,
     /// Variance between windows beyond sampling error.
@@ -321,7 +330,7 @@ impl LatencyBaseline {
 }
 
 /// Bytes per window, as a per-flow mean and variance learned from non-anomalous windows.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BytesBaseline {
     pub mean: f64,
     pub var: f64,
@@ -346,23 +355,27 @@ impl BytesBaseline {
         self.windows += 1;
     }
 
-    /// `bytes` over `flows` flows: an increase only.
+    /// `bytes` over `flows` flows: an increase only. A sum of `n` flow sizes is skewed far
+    /// to the right when `n` is small, so the tail is the Gamma distribution's (shape `n`
+    /// times the flows' own m²/σ²), through the Wilson–Hilferty cube-root transform.
     pub fn assess(&self, bytes: f64, flows: f64, threshold_p: f64) -> Option<Assessment> {
-        if flows <= 0.0 {
+        if flows <= 0.0 || self.mean <= 0.0 {
             return None;
         }
         let expected = flows * self.mean;
-        let var = flows * self.var.max((0.5 * self.mean).powi(2)) + (0.1 * expected).powi(2);
-        let sd = var.sqrt().max(1.0);
-        let z = (bytes - expected) / sd;
+        let per_flow_var = self.var.max((0.5 * self.mean).powi(2));
+        let shape = (flows * self.mean * self.mean / per_flow_var).max(0.05);
+        let c = 1.0 / (9.0 * shape);
+        let z = ((bytes / expected).max(0.0).cbrt() - (1.0 - c)) / c.sqrt();
         let zt = z_for_p(threshold_p);
+        let edge = |z: f64| expected * (1.0 - c + z * c.sqrt()).max(0.0).powi(3);
         Some(Assessment {
             p_value: normal_sf(z.abs()),
             high: z > 0.0,
             observed: bytes,
             expected,
-            lower: (expected - zt * sd).max(0.0),
-            upper: expected + zt * sd,
+            lower: edge(-zt),
+            upper: edge(zt),
         })
     }
 }
@@ -453,6 +466,23 @@ mod tests {
         let doubled = l.assess(0.5, base + 2f64.ln(), 100.0, 1.0, 1e-6);
         assert!(doubled.high && doubled.p_value < 1e-6, "{doubled:?}");
         assert!((doubled.expected - 20_000.0).abs() < 1_000.0);
+    }
+
+    #[test]
+    fn one_large_response_among_few_is_not_a_surge() {
+        let mut b = BytesBaseline::default();
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..5_000 {
+            // Exponential sizes with mean 2,000 bytes, one to four flows a window.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+            b.update(-2_000.0 * (1.0 - u).ln(), 1.0, false);
+        }
+        // A 25 kB response in a window of two (a 1-in-100,000 draw) is not past 1e-6.
+        let a = b.assess(25_000.0, 2.0, 1e-6).expect("flows");
+        assert!(a.p_value > 1e-6, "{a:?}");
     }
 
     #[test]

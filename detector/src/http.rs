@@ -1,10 +1,11 @@
 //! The HTTP side: `/metrics`, health, and the JSON API.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -12,13 +13,18 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
 use tracing::warn;
 
+use crate::anomaly::{Anomaly, in_units};
+use crate::model::PairModel;
 use crate::pairs::PairTable;
+use crate::score::Detector;
+use meshwatch_collector::window::PairKey;
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub registry: Registry,
     pub pairs: Arc<PairTable>,
+    pub detector: Arc<Mutex<Detector>>,
     /// True from when every listener is up until shutdown starts.
     pub ready: Arc<AtomicBool>,
 }
@@ -29,6 +35,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/pairs", get(pairs))
+        .route("/api/v1/pairs/{id}", get(pair))
+        .route("/api/v1/anomalies", get(anomalies))
         .with_state(state)
 }
 
@@ -52,17 +60,90 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// A pair's id in the API: FNV-1a (64 bit) of its key, in hex.
+pub fn pair_id(k: &PairKey) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325_u64;
+    for part in [&*k.source, &*k.destination, k.direction.as_str(), k.reporter.as_str()] {
+        for b in part.bytes().chain(std::iter::once(0)) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// The latest verdict of one signal, in the signal's unit.
+#[derive(Debug, Serialize)]
+struct SignalView {
+    score: f64,
+    observed: f64,
+    expected: f64,
+    lower: f64,
+    upper: f64,
+    /// Windows the verdict covers (1, 6 or 30).
+    scale_windows: usize,
+    anomalous: bool,
+}
+
 /// One pair in `GET /api/v1/pairs`.
 #[derive(Debug, Serialize)]
 struct PairView {
+    id: String,
     source: String,
     destination: String,
     direction: &'static str,
     reporter: &'static str,
+    /// `learning` until the pair has enough history to raise anomalies, then `ready`.
+    state: &'static str,
     first_seen_ms: i64,
     last_seen_ms: i64,
     /// Requests plus connections, across restarts.
     total_flows: u64,
+    signals: BTreeMap<&'static str, SignalView>,
+}
+
+fn signals(model: Option<&PairModel>, window_ms: i64) -> BTreeMap<&'static str, SignalView> {
+    model
+        .map(|m| {
+            m.last_verdicts()
+                .map(|v| {
+                    let (observed, expected, lower, upper) = in_units(v, window_ms);
+                    let view = SignalView {
+                        score: v.score(),
+                        observed,
+                        expected,
+                        lower,
+                        upper,
+                        scale_windows: v.scale,
+                        anomalous: m.is_active(v.signal),
+                    };
+                    (v.signal.as_str(), view)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pair_views(state: &AppState) -> Vec<PairView> {
+    let table = state.pairs.snapshot();
+    let d = crate::lock(&state.detector);
+    table
+        .into_iter()
+        .map(|(k, e)| {
+            let model = d.model(&k);
+            PairView {
+                id: pair_id(&k),
+                source: k.source.to_string(),
+                destination: k.destination.to_string(),
+                direction: k.direction.as_str(),
+                reporter: k.reporter.as_str(),
+                state: if model.is_none_or(|m| m.learning(&d.cfg)) { "learning" } else { "ready" },
+                first_seen_ms: e.first_seen_ms,
+                last_seen_ms: e.last_seen_ms,
+                total_flows: e.total_flows,
+                signals: signals(model, d.window_ms),
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -71,21 +152,49 @@ struct PairsResponse {
 }
 
 async fn pairs(State(state): State<AppState>) -> axum::Json<PairsResponse> {
-    let pairs = state
-        .pairs
-        .snapshot()
-        .into_iter()
-        .map(|(k, e)| PairView {
-            source: k.source.to_string(),
-            destination: k.destination.to_string(),
-            direction: k.direction.as_str(),
-            reporter: k.reporter.as_str(),
-            first_seen_ms: e.first_seen_ms,
-            last_seen_ms: e.last_seen_ms,
-            total_flows: e.total_flows,
-        })
+    axum::Json(PairsResponse { pairs: pair_views(&state) })
+}
+
+async fn pair(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match pair_views(&state).into_iter().find(|p| p.id == id) {
+        Some(view) => axum::Json(view).into_response(),
+        None => (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"error": format!("no pair with id {id}")})))
+            .into_response(),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct AnomalyQuery {
+    /// Only anomalies that started at or after this time (Unix milliseconds), or are active.
+    since: Option<i64>,
+    /// `critical` or `warning`.
+    severity: Option<String>,
+    /// Only active (`true`) or only ended (`false`) anomalies.
+    active: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct AnomaliesResponse {
+    anomalies: Vec<Anomaly>,
+}
+
+async fn anomalies(State(state): State<AppState>, Query(q): Query<AnomalyQuery>) -> Response {
+    if let Some(s) = q.severity.as_deref()
+        && !matches!(s, "critical" | "warning")
+    {
+        return (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"error": "severity is critical or warning"})))
+            .into_response();
+    }
+    let d = crate::lock(&state.detector);
+    let list = d
+        .anomalies
+        .iter()
+        .filter(|a| q.since.is_none_or(|t| a.started_ms >= t || a.ended_ms.is_none()))
+        .filter(|a| q.severity.as_deref().is_none_or(|s| a.severity == s))
+        .filter(|a| q.active.is_none_or(|act| act == a.ended_ms.is_none()))
+        .cloned()
         .collect();
-    axum::Json(PairsResponse { pairs })
+    axum::Json(AnomaliesResponse { anomalies: list }).into_response()
 }
 
 #[cfg(test)]
@@ -104,7 +213,8 @@ mod tests {
         registry
             .register(Box::new(crate::pairs::PairCollector::new(pairs.clone()).expect("collector")))
             .expect("register");
-        AppState { registry, pairs, ready: Arc::new(AtomicBool::new(false)) }
+        let detector = Arc::new(Mutex::new(Detector::new(crate::model::DetectorConfig::default(), 10_000)));
+        AppState { registry, pairs, detector, ready: Arc::new(AtomicBool::new(false)) }
     }
 
     async fn get(app: Router, uri: &str) -> (StatusCode, String) {
@@ -153,9 +263,17 @@ mod tests {
         ] {
             assert!(text.contains(&line), "missing {line} in\n{text}");
         }
-        let (_, json) = get(router(s), "/api/v1/pairs").await;
+        let (_, json) = get(router(s.clone()), "/api/v1/pairs").await;
         let v: serde_json::Value = serde_json::from_str(&json).expect("json");
         assert_eq!(v["pairs"][0]["destination"], "api.example.com");
         assert_eq!(v["pairs"][0]["total_flows"], 5);
+        assert_eq!(v["pairs"][0]["state"], "learning");
+        let id = v["pairs"][0]["id"].as_str().expect("id").to_string();
+        let (status, one) = get(router(s.clone()), &format!("/api/v1/pairs/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{one}");
+        assert_eq!(get(router(s.clone()), "/api/v1/pairs/nope").await.0, StatusCode::NOT_FOUND);
+        let (status, body) = get(router(s.clone()), "/api/v1/anomalies?since=0&severity=critical").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"anomalies":[]}"#));
+        assert_eq!(get(router(s), "/api/v1/anomalies?severity=bad").await.0, StatusCode::BAD_REQUEST);
     }
 }

@@ -1,40 +1,78 @@
-//! The detector: per-pair state, persistence, and everything meshwatch shows the world.
+//! The detector: per-pair baselines and anomalies, persistence, and everything meshwatch
+//! shows the world.
 //!
-//! `run` consumes the closed windows the collector produces and folds them into the
-//! `pairs` table, persisting each touched pair in the sled `store` so that nothing learnt is
-//! lost on restart. `http` serves `/metrics` (the pair table is exposed through
-//! `pairs::PairCollector`), health endpoints and the JSON API.
+//! `run` consumes the closed windows the collector produces: it folds them into the `pairs`
+//! table (traffic totals) and hands them to `score`, which scores every known pair with its
+//! `model` (one `baseline` per signal, tails from `stats`) and keeps the `anomaly` records.
+//! The sled `store` keeps pairs, models and anomalies across restarts. `http` serves
+//! `/metrics`, health endpoints and the JSON API.
 
+pub mod anomaly;
 pub mod baseline;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod pairs;
+pub mod score;
 pub mod stats;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use meshwatch_collector::window::ClosedWindow;
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
 use crate::pairs::PairTable;
+use crate::score::{Checkpoint, Detector};
 use crate::store::Store;
 
-/// Runs until the collector closes `windows`, then flushes the store.
-pub async fn run(mut windows: mpsc::Receiver<ClosedWindow>, table: Arc<PairTable>, store: Store) {
+/// Locks the detector; a panic while it was held leaves state that is still the best we
+/// have, so a poisoned lock is taken as it is.
+pub fn lock(detector: &Mutex<Detector>) -> std::sync::MutexGuard<'_, Detector> {
+    detector.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn persist(store: &Store, records: Vec<meshwatch_proto::v1::PairRecord>, checkpoint: Option<Checkpoint>) {
+    let s = store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        s.save_pairs(&records)?;
+        if let Some(c) = checkpoint {
+            s.save_checkpoint(&c)?;
+        }
+        Ok::<(), store::StoreError>(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "cannot persist detector state"),
+        Err(e) => error!(error = %e, "persistence task failed"),
+    }
+}
+
+/// Runs until the collector closes `windows`: folds each closed window into the pair table,
+/// scores it, and persists what changed (pairs every window, a full checkpoint of the models
+/// every `score::CHECKPOINT_WINDOWS` windows and when anomalies start or end). At the end,
+/// writes a last checkpoint and flushes the store.
+pub async fn run(
+    mut windows: mpsc::Receiver<ClosedWindow>,
+    table: Arc<PairTable>,
+    detector: Arc<Mutex<Detector>>,
+    store: Store,
+) {
     while let Some(window) = windows.recv().await {
         let changed = table.apply(&window);
-        if changed.is_empty() {
-            continue;
-        }
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.save_pairs(&changed)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(error = %e, "cannot persist pairs"),
-            Err(e) => error!(error = %e, "pair persistence task failed"),
+        let checkpoint = {
+            let mut d = lock(&detector);
+            let done = d.process(&window);
+            (done.checkpoint_due || done.anomalies_started > 0 || done.anomalies_ended > 0).then(|| d.checkpoint())
+        };
+        if !changed.is_empty() || checkpoint.is_some() {
+            persist(&store, changed, checkpoint).await;
         }
     }
+    let last = lock(&detector).checkpoint();
+    persist(&store, Vec::new(), Some(last)).await;
     match tokio::task::spawn_blocking(move || store.flush()).await {
         Ok(Ok(())) => debug!("store flushed"),
         Ok(Err(e)) => error!(error = %e, "cannot flush the store"),

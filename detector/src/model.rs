@@ -17,7 +17,8 @@ const RING: usize = 30;
 /// Detection settings, validated.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DetectorConfig {
-    /// Windows a pair is `learning` before it can raise anomalies.
+    /// Windows a pair is `learning` before it can raise anomalies (a day of 10 s windows: the
+    /// daily shape must be seen once).
     pub warmup_windows: u64,
     /// One-sided p-value under which a window is hot.
     pub threshold_p: f64,
@@ -30,7 +31,7 @@ pub struct DetectorConfig {
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        DetectorConfig { warmup_windows: 360, threshold_p: 1e-6, k: 2, n: 3, adapt_after: 360 }
+        DetectorConfig { warmup_windows: 8_640, threshold_p: 1e-6, k: 2, n: 3, adapt_after: 360 }
     }
 }
 
@@ -98,7 +99,7 @@ impl Signal {
 }
 
 /// One window's numbers for one pair.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Obs {
     pub requests: f64,
     pub connections: f64,
@@ -137,7 +138,7 @@ impl Obs {
 }
 
 /// One window in the ring: what was observed and what the count baselines expected.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Slot {
     obs: Obs,
     requests_expected: f64,
@@ -174,7 +175,7 @@ pub struct Step {
     pub cleared: Vec<Signal>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PairModel {
     requests: CountBaseline,
     connections: CountBaseline,
@@ -190,6 +191,8 @@ pub struct PairModel {
     /// detection is active.
     history: [u32; 10],
     active: [bool; 10],
+    /// For the API and metrics only: not persisted, and not read by scoring or learning.
+    #[serde(skip)]
     last: [Option<Verdict>; 10],
 }
 
@@ -219,6 +222,16 @@ fn window_sum(ring: &VecDeque<Slot>, scale: usize, f: impl Fn(&Slot) -> f64) -> 
 }
 
 impl PairModel {
+    /// The model as bytes, for the store; `from_bytes` gives back a model that scores and
+    /// learns exactly as this one.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<PairModel> {
+        postcard::from_bytes(bytes).ok()
+    }
+
     pub fn learning(&self, cfg: &DetectorConfig) -> bool {
         self.windows < cfg.warmup_windows
     }
@@ -249,16 +262,20 @@ impl PairModel {
         }
         self.ring.push_back(slot);
         let ready = !self.learning(cfg);
+        if self.windows == cfg.warmup_windows {
+            // What was hot while learning does not count toward the first detections.
+            self.history = [0; 10];
+        }
         let mut step = Step::default();
         for signal in Signal::ALL {
             let verdict = self.assess(signal, cfg);
             let i = signal.index();
-            let hot = ready && verdict.is_some_and(|v| v.hot);
+            let hot = verdict.is_some_and(|v| v.hot);
             self.history[i] = (self.history[i] << 1) | u32::from(hot);
             let mask = (1u32 << cfg.n.min(31)) - 1;
             let recent = (self.history[i] & mask).count_ones();
             if let Some(v) = verdict {
-                if !self.active[i] && recent >= cfg.k {
+                if ready && !self.active[i] && recent >= cfg.k {
                     self.active[i] = true;
                     step.fired.push(v);
                 }
@@ -277,13 +294,18 @@ impl PairModel {
 
     /// Whether the latest window of `signal` counted as anomalous (it must not teach).
     fn hot_now(&self, s: Signal) -> bool {
-        self.history[s.index()] & 1 == 1 || self.last[s.index()].is_some_and(|v| v.hot)
+        self.history[s.index()] & 1 == 1
     }
 
     fn learn(&mut self, obs: &Obs, t_ms: i64, cfg: &DetectorConfig) {
         let hot = |s: Signal| self.hot_now(s);
-        let (h_req, h_conn, h_err, h_den, h_rl) =
-            (hot(Signal::RequestRate), hot(Signal::ConnectionRate), hot(Signal::ErrorRatio), hot(Signal::DenialRatio), hot(Signal::RateLimitRatio));
+        let (h_req, h_conn, h_err, h_den, h_rl) = (
+            hot(Signal::RequestRate),
+            hot(Signal::ConnectionRate),
+            hot(Signal::ErrorRatio),
+            hot(Signal::DenialRatio),
+            hot(Signal::RateLimitRatio),
+        );
         let h_lat = [hot(Signal::LatencyP50), hot(Signal::LatencyP90), hot(Signal::LatencyP99)];
         let (h_out, h_in) = (hot(Signal::BytesOut), hot(Signal::BytesIn));
         self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after);
@@ -296,7 +318,14 @@ impl PairModel {
         for (k, q) in [0.5, 0.9, 0.99].into_iter().enumerate() {
             let min_n = [5.0, 10.0, 50.0][k];
             if obs.latency[k].is_finite() && obs.requests >= min_n {
-                self.latency[k].update(q, obs.latency[k], obs.requests, spread, h_lat[k] || h_lat.iter().any(|h| *h), cfg.adapt_after);
+                self.latency[k].update(
+                    q,
+                    obs.latency[k],
+                    obs.requests,
+                    spread,
+                    h_lat[k] || h_lat.iter().any(|h| *h),
+                    cfg.adapt_after,
+                );
             }
         }
         self.bytes_out.update(obs.bytes_out, obs.flows(), h_out);
@@ -325,7 +354,8 @@ impl PairModel {
     fn assess_at(&self, signal: Signal, scale: usize, cfg: &DetectorConfig) -> Option<Verdict> {
         let p = cfg.threshold_p;
         let sum = |f: fn(&Slot) -> f64| window_sum(&self.ring, scale, f);
-        let verdict = |assessment: Assessment, hot: bool, kind: &'static str| Verdict { signal, assessment, scale, hot, kind };
+        let verdict =
+            |assessment: Assessment, hot: bool, kind: &'static str| Verdict { signal, assessment, scale, hot, kind };
         match signal {
             Signal::RequestRate | Signal::ConnectionRate => {
                 let (baseline, x, expected) = if signal == Signal::RequestRate {
@@ -342,9 +372,21 @@ impl PairModel {
                 let low = significant && !a.high && x <= 0.5 * expected && expected - x >= 5.0;
                 let rate = if signal == Signal::RequestRate { "request_rate" } else { "connection_rate" };
                 let kind = match (a.high, x == 0.0) {
-                    (true, _) => if rate == "request_rate" { "request_rate_high" } else { "connection_rate_high" },
+                    (true, _) => {
+                        if rate == "request_rate" {
+                            "request_rate_high"
+                        } else {
+                            "connection_rate_high"
+                        }
+                    }
                     (false, true) => "vanished",
-                    (false, false) => if rate == "request_rate" { "request_rate_low" } else { "connection_rate_low" },
+                    (false, false) => {
+                        if rate == "request_rate" {
+                            "request_rate_low"
+                        } else {
+                            "connection_rate_low"
+                        }
+                    }
                 };
                 Some(verdict(a, high || low, kind))
             }
@@ -387,7 +429,11 @@ impl PairModel {
                 if baseline.windows < 30 {
                     return None;
                 }
-                let bytes = sum(if signal == Signal::BytesOut { |s: &Slot| s.obs.bytes_out } else { |s: &Slot| s.obs.bytes_in });
+                let bytes = sum(if signal == Signal::BytesOut {
+                    |s: &Slot| s.obs.bytes_out
+                } else {
+                    |s: &Slot| s.obs.bytes_in
+                });
                 let flows = sum(|s| s.obs.flows());
                 let a = baseline.assess(bytes, flows, p)?;
                 let hot = a.p_value < p && a.high && bytes >= 3.0 * a.expected && bytes - a.expected >= 10_000.0;
@@ -401,6 +447,11 @@ impl PairModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An hour of warm-up instead of a day, so that tests stay short.
+    fn test_config() -> DetectorConfig {
+        DetectorConfig { warmup_windows: 360, ..DetectorConfig::default() }
+    }
 
     const W: i64 = 10_000;
 
@@ -433,14 +484,14 @@ mod tests {
 
     #[test]
     fn a_steady_pair_never_fires() {
-        let cfg = DetectorConfig::default();
+        let cfg = test_config();
         let m = warm(&cfg);
         assert!(!m.learning(&cfg));
     }
 
     #[test]
     fn latency_doubling_fires_within_three_windows_with_a_reason() {
-        let cfg = DetectorConfig::default();
+        let cfg = test_config();
         let mut m = warm(&cfg);
         let mut fired_at = None;
         for i in 2_000..2_010 {
@@ -460,7 +511,7 @@ mod tests {
 
     #[test]
     fn silence_fires_vanished_and_recovery_clears_it() {
-        let cfg = DetectorConfig::default();
+        let cfg = test_config();
         let mut m = warm(&cfg);
         let mut fired = Vec::new();
         for i in 2_000..2_006 {
@@ -477,7 +528,7 @@ mod tests {
 
     #[test]
     fn an_error_burst_fires_error_ratio() {
-        let cfg = DetectorConfig::default();
+        let cfg = test_config();
         let mut m = warm(&cfg);
         let mut fired = Vec::new();
         for i in 2_000..2_004 {
@@ -490,7 +541,7 @@ mod tests {
 
     #[test]
     fn one_odd_window_does_not_fire() {
-        let cfg = DetectorConfig::default();
+        let cfg = test_config();
         let mut m = warm(&cfg);
         let mut odd = steady(2_000);
         for l in &mut odd.latency {
@@ -504,7 +555,7 @@ mod tests {
 
     #[test]
     fn nothing_fires_while_learning() {
-        let cfg = DetectorConfig::default();
+        let cfg = test_config();
         let mut m = PairModel::default();
         for i in 0..100 {
             m.observe(&steady(i), i * W, &cfg);

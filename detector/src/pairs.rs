@@ -120,7 +120,18 @@ pub fn to_record(key: &PairKey, e: &PairEntry) -> v1::PairRecord {
 
 /// A stored record back into a key and entry; `None` for a record no version wrote.
 pub fn from_record(r: &v1::PairRecord) -> Option<(PairKey, PairEntry)> {
-    let k = r.key.as_ref()?;
+    let key = key_from_proto(r.key.as_ref()?)?;
+    let entry = PairEntry {
+        totals: PairStats::default(),
+        first_seen_ms: r.first_seen_ms,
+        last_seen_ms: r.last_seen_ms,
+        total_flows: r.total_flows,
+    };
+    Some((key, entry))
+}
+
+/// A stored pair key back; `None` for values no version wrote.
+pub fn key_from_proto(k: &v1::PairKey) -> Option<PairKey> {
     let direction = match v1::Direction::try_from(k.direction).ok()? {
         v1::Direction::Ingress => Direction::Ingress,
         v1::Direction::EastWest => Direction::EastWest,
@@ -133,19 +144,12 @@ pub fn from_record(r: &v1::PairRecord) -> Option<(PairKey, PairEntry)> {
         v1::Reporter::Gateway => Reporter::Gateway,
         v1::Reporter::Unspecified => return None,
     };
-    let key = PairKey {
+    Some(PairKey {
         source: Arc::from(k.source.as_str()),
         destination: Arc::from(k.destination.as_str()),
         direction,
         reporter,
-    };
-    let entry = PairEntry {
-        totals: PairStats::default(),
-        first_seen_ms: r.first_seen_ms,
-        last_seen_ms: r.last_seen_ms,
-        total_flows: r.total_flows,
-    };
-    Some((key, entry))
+    })
 }
 
 /// Exposes the pair table as `meshwatch_pair_*` families.

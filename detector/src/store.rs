@@ -21,14 +21,29 @@ pub enum StoreError {
 pub struct Store {
     db: sled::Db,
     pairs: sled::Tree,
+    models: sled::Tree,
+    meta: sled::Tree,
 }
+
+const ANOMALIES_KEY: &[u8] = b"anomalies";
+
+/// A detector checkpoint as read back: models by pair key, the anomalies, the last window.
+#[derive(Debug, Default)]
+pub struct StoredCheckpoint {
+    pub models: Vec<(v1::PairKey, Vec<u8>)>,
+    pub anomalies: Option<Vec<u8>>,
+    pub last_start_ms: Option<i64>,
+}
+const LAST_WINDOW_KEY: &[u8] = b"last_window_start_ms";
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let open_err = |source| StoreError::Open { path: dir.display().to_string(), source };
         let db = sled::Config::new().path(dir).flush_every_ms(Some(1000)).open().map_err(open_err)?;
         let pairs = db.open_tree("pairs").map_err(open_err)?;
-        Ok(Store { db, pairs })
+        let models = db.open_tree("models").map_err(open_err)?;
+        let meta = db.open_tree("meta").map_err(open_err)?;
+        Ok(Store { db, pairs, models, meta })
     }
 
     /// Every stored pair record. A record that does not decode is skipped with a warning
@@ -54,6 +69,36 @@ impl Store {
         }
         self.pairs.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Writes a detector checkpoint: every model, the anomalies, the last window scored.
+    pub fn save_checkpoint(&self, c: &crate::score::Checkpoint) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, model) in &c.models {
+            batch.insert(crate::pairs::key_to_proto(key).encode_to_vec(), model.as_slice());
+        }
+        self.models.apply_batch(batch)?;
+        self.meta.insert(ANOMALIES_KEY, c.anomalies.as_slice())?;
+        if let Some(t) = c.last_start_ms {
+            self.meta.insert(LAST_WINDOW_KEY, &t.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The last checkpoint.
+    pub fn load_checkpoint(&self) -> Result<StoredCheckpoint, StoreError> {
+        let mut models = Vec::new();
+        for item in self.models.iter() {
+            let (key, value) = item?;
+            match v1::PairKey::decode(key.as_ref()) {
+                Ok(k) => models.push((k, value.to_vec())),
+                Err(error) => warn!(%error, "skipping a model with an undecodable key"),
+            }
+        }
+        let anomalies = self.meta.get(ANOMALIES_KEY)?.map(|v| v.to_vec());
+        let last_start_ms =
+            self.meta.get(LAST_WINDOW_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(i64::from_be_bytes);
+        Ok(StoredCheckpoint { models, anomalies, last_start_ms })
     }
 
     /// Makes everything written so far durable.

@@ -37,6 +37,11 @@ pub struct Truth {
     pub direction: String,
     pub start_ms: i64,
     pub end_ms: i64,
+    /// For ingress incidents: the gateway's identity. The callee's sidecar sees the same
+    /// traffic arrive from the gateway (an east/west hop), and a detection there is of the
+    /// same incident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// What the generator produced for one pair as one reporter logs it: HTTP requests by
@@ -326,6 +331,7 @@ impl Generator {
                     direction: direction.into(),
                     start_ms: i.start_ms,
                     end_ms: i.end_ms.min(self.end_ms),
+                    via: (i.from == 0).then(|| spiffe(s, GATEWAY)),
                 }
             })
             .collect()

@@ -1,0 +1,245 @@
+//! Anomaly records: one per pair (source, destination, direction) and kind while it lasts,
+//! shared by the reporters that see it, with a reason a human can read.
+
+use std::collections::{HashMap, VecDeque};
+
+use meshwatch_collector::window::PairKey;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Signal, Verdict};
+
+/// Anomalies kept (active ones and the most recent ended ones).
+pub const MAX_KEPT: usize = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Anomaly {
+    pub id: u64,
+    /// `request_rate_high`, `vanished`, `error_ratio`, `latency_p99`, …
+    pub kind: String,
+    pub signal: String,
+    pub source: String,
+    pub destination: String,
+    pub direction: String,
+    /// Which proxies' views show it (`source`, `destination`, `gateway`).
+    pub reporters: Vec<String>,
+    /// `critical` or `warning`.
+    pub severity: String,
+    /// When the detection was made: the end of the window that completed k of n.
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    /// At detection: observed and expected values and the band, in the signal's unit (per
+    /// second for rates and bytes, a ratio, seconds for latency).
+    pub observed: f64,
+    pub expected: f64,
+    pub lower: f64,
+    pub upper: f64,
+    pub score: f64,
+    pub reason: String,
+}
+
+/// The unit-converted values of a verdict: (observed, expected, lower, upper).
+pub fn in_units(v: &Verdict, window_ms: i64) -> (f64, f64, f64, f64) {
+    let a = &v.assessment;
+    let seconds = v.scale as f64 * window_ms as f64 / 1000.0;
+    let f = match v.signal {
+        Signal::RequestRate | Signal::ConnectionRate | Signal::BytesOut | Signal::BytesIn => 1.0 / seconds,
+        Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => 1e-6,
+        Signal::ErrorRatio | Signal::DenialRatio | Signal::RateLimitRatio => 1.0,
+    };
+    (a.observed * f, a.expected * f, a.lower * f, a.upper * f)
+}
+
+fn duration_text(seconds: f64) -> String {
+    if seconds >= 60.0 { format!("{:.0} min", seconds / 60.0) } else { format!("{seconds:.0} s") }
+}
+
+fn latency_text(seconds: f64) -> String {
+    if seconds >= 1.0 { format!("{seconds:.2} s") } else { format!("{:.0} ms", seconds * 1000.0) }
+}
+
+fn bytes_text(b: f64) -> String {
+    match b {
+        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b:.0} B"),
+    }
+}
+
+/// One line that says what is wrong, against what was expected.
+pub fn reason(v: &Verdict, window_ms: i64) -> String {
+    let a = &v.assessment;
+    let span = duration_text(v.scale as f64 * window_ms as f64 / 1000.0);
+    let times = |o: f64, e: f64| if e > 0.0 { format!("{:.1}×", o / e) } else { "far above".into() };
+    match v.signal {
+        Signal::RequestRate | Signal::ConnectionRate => {
+            let what = if v.signal == Signal::RequestRate { "requests" } else { "connections" };
+            if v.kind == "vanished" {
+                format!("no {what} in {span}; {:.0} expected", a.expected)
+            } else {
+                format!(
+                    "{:.0} {what} in {span}, {} the {:.0} expected (normal {:.0} to {:.0})",
+                    a.observed,
+                    times(a.observed, a.expected),
+                    a.expected,
+                    a.lower,
+                    a.upper
+                )
+            }
+        }
+        Signal::ErrorRatio | Signal::DenialRatio | Signal::RateLimitRatio => {
+            let what = match v.signal {
+                Signal::ErrorRatio => "error ratio",
+                Signal::DenialRatio => "denial ratio",
+                _ => "rate-limited ratio",
+            };
+            format!(
+                "{what} {:.2} % over {span}, {:.2} % expected (normal up to {:.2} %)",
+                a.observed * 100.0,
+                a.expected * 100.0,
+                a.upper * 100.0
+            )
+        }
+        Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
+            let q = &v.signal.as_str()["latency_".len()..];
+            format!(
+                "latency {q} {} over {span}, {} the {} expected (normal up to {})",
+                latency_text(a.observed / 1e6),
+                times(a.observed, a.expected),
+                latency_text(a.expected / 1e6),
+                latency_text(a.upper / 1e6)
+            )
+        }
+        Signal::BytesOut | Signal::BytesIn => {
+            let what = if v.signal == Signal::BytesOut { "sent" } else { "received" };
+            format!(
+                "{} {what} in {span}, {} the {} expected",
+                bytes_text(a.observed),
+                times(a.observed, a.expected),
+                bytes_text(a.expected)
+            )
+        }
+    }
+}
+
+fn severity(kind: &str) -> &'static str {
+    match kind {
+        "error_ratio" | "vanished" | "request_rate_low" | "connection_rate_low" | "denial_ratio" | "bytes_out_high" => {
+            "critical"
+        }
+        _ => "warning",
+    }
+}
+
+/// Active and recent anomalies.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Anomalies {
+    next_id: u64,
+    list: VecDeque<Anomaly>,
+    /// (source, destination, direction, signal) → id, while active.
+    #[serde(skip)]
+    active: HashMap<(String, String, String, Signal), u64>,
+}
+
+impl Anomalies {
+    /// Rebuilds the index of active anomalies after loading.
+    pub fn reindex(&mut self) {
+        self.active = self
+            .list
+            .iter()
+            .filter(|a| a.ended_ms.is_none())
+            .filter_map(|a| {
+                Some(((a.source.clone(), a.destination.clone(), a.direction.clone(), Signal::parse(&a.signal)?), a.id))
+            })
+            .collect();
+    }
+
+    fn find(&mut self, id: u64) -> Option<&mut Anomaly> {
+        self.list.iter_mut().rev().find(|a| a.id == id)
+    }
+
+    fn index_key(key: &PairKey, signal: Signal) -> (String, String, String, Signal) {
+        (key.source.to_string(), key.destination.to_string(), key.direction.as_str().to_string(), signal)
+    }
+
+    /// A detection fired for `key`; joins the pair's active anomaly of that signal if another
+    /// reporter raised it first. Returns whether a new anomaly started.
+    pub fn fire(&mut self, key: &PairKey, v: &Verdict, at_ms: i64, window_ms: i64) -> bool {
+        let index = Self::index_key(key, v.signal);
+        let reporter = key.reporter.as_str().to_string();
+        if let Some(&id) = self.active.get(&index) {
+            if let Some(a) = self.find(id)
+                && !a.reporters.contains(&reporter)
+            {
+                a.reporters.push(reporter);
+            }
+            return false;
+        }
+        let (observed, expected, lower, upper) = in_units(v, window_ms);
+        self.next_id += 1;
+        let anomaly = Anomaly {
+            id: self.next_id,
+            kind: v.kind.to_string(),
+            signal: v.signal.as_str().to_string(),
+            source: index.0.clone(),
+            destination: index.1.clone(),
+            direction: index.2.clone(),
+            reporters: vec![reporter],
+            severity: severity(v.kind).to_string(),
+            started_ms: at_ms,
+            ended_ms: None,
+            observed,
+            expected,
+            lower,
+            upper,
+            score: v.score(),
+            reason: reason(v, window_ms),
+        };
+        self.active.insert(index, anomaly.id);
+        self.list.push_back(anomaly);
+        while self.list.len() > MAX_KEPT {
+            // Drop the oldest ended anomaly; active ones are kept.
+            match self.list.iter().position(|a| a.ended_ms.is_some()) {
+                Some(pos) => {
+                    self.list.remove(pos);
+                }
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// `key`'s view of `signal` is back to normal; the anomaly ends when no reporter still
+    /// sees it. Returns whether one ended.
+    pub fn clear(&mut self, key: &PairKey, signal: Signal, at_ms: i64) -> bool {
+        let index = Self::index_key(key, signal);
+        let Some(&id) = self.active.get(&index) else { return false };
+        let reporter = key.reporter.as_str();
+        let Some(a) = self.find(id) else { return false };
+        a.reporters.retain(|r| r != reporter);
+        if a.reporters.is_empty() {
+            a.ended_ms = Some(at_ms);
+            self.active.remove(&index);
+            return true;
+        }
+        false
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Anomaly> {
+        self.list.iter()
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<Anomalies> {
+        let mut a: Anomalies = postcard::from_bytes(bytes).ok()?;
+        a.reindex();
+        Some(a)
+    }
+}

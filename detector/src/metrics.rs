@@ -1,0 +1,128 @@
+//! The detector's exposition: per pair and signal, the anomaly score and the observed value
+//! beside the expected value and band (so dashboards can draw them), and anomalies by signal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{self, MetricFamily, MetricType};
+
+use crate::anomaly::in_units;
+use crate::score::Detector;
+
+const PAIR_SIGNAL: [&str; 5] = ["source", "destination", "direction", "reporter", "signal"];
+
+/// (name, help, labels) of every family.
+const FAMILIES: [(&str, &str, &[&str]); 7] = [
+    (
+        "meshwatch_pair_anomaly_score",
+        "Anomaly score of a pair's signal in the last window: one minus the tail probability, in [0, 1].",
+        &PAIR_SIGNAL,
+    ),
+    (
+        "meshwatch_pair_signal_observed",
+        "Observed value of a pair's signal (rates and bytes per second, ratios, latency in seconds), at the scale scored.",
+        &PAIR_SIGNAL,
+    ),
+    (
+        "meshwatch_pair_signal_expected",
+        "Expected value of a pair's signal, in the unit of meshwatch_pair_signal_observed.",
+        &PAIR_SIGNAL,
+    ),
+    ("meshwatch_pair_signal_lower", "Lower edge of the normal band of a pair's signal.", &PAIR_SIGNAL),
+    ("meshwatch_pair_signal_upper", "Upper edge of the normal band of a pair's signal.", &PAIR_SIGNAL),
+    ("meshwatch_pairs_learning", "Pairs still learning their baselines (no anomalies raised yet).", &[]),
+    ("meshwatch_anomalies_active", "Active anomalies, by signal and direction.", &["signal", "direction"]),
+];
+
+#[derive(Debug)]
+pub struct DetectorCollector {
+    detector: Arc<Mutex<Detector>>,
+    descs: Vec<Desc>,
+}
+
+impl DetectorCollector {
+    pub fn new(detector: Arc<Mutex<Detector>>) -> prometheus::Result<DetectorCollector> {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, labels)| {
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    labels.iter().map(|l| l.to_string()).collect(),
+                    HashMap::new(),
+                )
+            })
+            .collect::<prometheus::Result<_>>()?;
+        Ok(DetectorCollector { detector, descs })
+    }
+}
+
+fn gauge(labels: &[(&str, &str)], value: f64) -> proto::Metric {
+    let pairs = labels
+        .iter()
+        .map(|(n, v)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name(n.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect();
+    let mut g = proto::Gauge::default();
+    g.set_value(value);
+    let mut m = proto::Metric::from_label(pairs);
+    m.set_gauge(g);
+    m
+}
+
+impl Collector for DetectorCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut metrics: [Vec<proto::Metric>; FAMILIES.len()] = Default::default();
+        let d = crate::lock(&self.detector);
+        let mut learning = 0;
+        for (k, model) in d.models() {
+            if model.learning(&d.cfg) {
+                learning += 1;
+                continue;
+            }
+            for v in model.last_verdicts() {
+                let labels = [
+                    ("source", &*k.source),
+                    ("destination", &*k.destination),
+                    ("direction", k.direction.as_str()),
+                    ("reporter", k.reporter.as_str()),
+                    ("signal", v.signal.as_str()),
+                ];
+                let (observed, expected, lower, upper) = in_units(v, d.window_ms);
+                for (i, value) in [v.score(), observed, expected, lower, upper].into_iter().enumerate() {
+                    metrics[i].push(gauge(&labels, value));
+                }
+            }
+        }
+        metrics[5].push(gauge(&[], f64::from(learning)));
+        let mut active: BTreeMap<(String, String), u32> = BTreeMap::new();
+        for a in d.anomalies.iter().filter(|a| a.ended_ms.is_none()) {
+            *active.entry((a.signal.clone(), a.direction.clone())).or_default() += 1;
+        }
+        for ((signal, direction), n) in active {
+            metrics[6].push(gauge(&[("signal", &signal), ("direction", &direction)], f64::from(n)));
+        }
+        FAMILIES
+            .iter()
+            .zip(metrics)
+            .filter(|(_, m)| !m.is_empty())
+            .map(|((name, help, _), m)| {
+                let mut f = MetricFamily::default();
+                f.set_name(name.to_string());
+                f.set_help(help.to_string());
+                f.set_field_type(MetricType::GAUGE);
+                f.set_metric(m);
+                f
+            })
+            .collect()
+    }
+}

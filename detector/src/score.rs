@@ -1,0 +1,207 @@
+//! Scoring every pair in every closed window: a known pair with no traffic is scored as a
+//! zero, not skipped (vanished traffic is an anomaly); windows the mesh left empty are filled
+//! with zeros; detections become anomalies.
+
+use std::collections::HashMap;
+
+use meshwatch_collector::window::{ClosedWindow, PairKey, PairStats};
+
+use crate::anomaly::Anomalies;
+use crate::model::{DetectorConfig, Obs, PairModel};
+
+/// A gap longer than this (a restart, a stalled collector) is not filled with zeros: the
+/// pairs were not observed, which is not the same as silent.
+pub const MAX_GAP_WINDOWS: i64 = 360;
+
+/// Windows between checkpoints of the models to the store.
+pub const CHECKPOINT_WINDOWS: u32 = 60;
+
+#[derive(Debug)]
+pub struct Detector {
+    pub cfg: DetectorConfig,
+    pub window_ms: i64,
+    models: HashMap<PairKey, PairModel>,
+    pub anomalies: Anomalies,
+    /// Start of the last window scored.
+    pub last_start_ms: Option<i64>,
+    since_checkpoint: u32,
+}
+
+/// What processing one closed window did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Processed {
+    pub windows_scored: u32,
+    pub anomalies_started: u32,
+    pub anomalies_ended: u32,
+    pub checkpoint_due: bool,
+}
+
+impl Detector {
+    pub fn new(cfg: DetectorConfig, window_ms: i64) -> Detector {
+        Detector {
+            cfg,
+            window_ms,
+            models: HashMap::new(),
+            anomalies: Anomalies::default(),
+            last_start_ms: None,
+            since_checkpoint: 0,
+        }
+    }
+
+    /// A detector holding what a checkpoint saved.
+    pub fn restore(
+        cfg: DetectorConfig,
+        window_ms: i64,
+        models: impl IntoIterator<Item = (PairKey, PairModel)>,
+        anomalies: Anomalies,
+        last_start_ms: Option<i64>,
+    ) -> Detector {
+        Detector { models: models.into_iter().collect(), anomalies, last_start_ms, ..Detector::new(cfg, window_ms) }
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = (&PairKey, &PairModel)> {
+        self.models.iter()
+    }
+
+    pub fn model(&self, key: &PairKey) -> Option<&PairModel> {
+        self.models.get(key)
+    }
+
+    /// Scores a closed window (and the empty windows before it).
+    pub fn process(&mut self, w: &ClosedWindow) -> Processed {
+        let mut done = Processed::default();
+        if self.last_start_ms.is_some_and(|last| w.start_ms <= last) {
+            return done;
+        }
+        if let Some(last) = self.last_start_ms {
+            let missing = (w.start_ms - last) / self.window_ms - 1;
+            if (1..=MAX_GAP_WINDOWS).contains(&missing) {
+                for k in 1..=missing {
+                    self.score_window(last + k * self.window_ms, &HashMap::new(), &mut done);
+                }
+            }
+        }
+        let stats: HashMap<&PairKey, &PairStats> =
+            w.pairs.iter().filter(|(k, _)| !k.is_overflow()).map(|(k, s)| (k, s)).collect();
+        for key in stats.keys() {
+            if !self.models.contains_key(*key) {
+                self.models.insert((*key).clone(), PairModel::default());
+            }
+        }
+        self.score_window(w.start_ms, &stats, &mut done);
+        self.since_checkpoint += done.windows_scored;
+        if self.since_checkpoint >= CHECKPOINT_WINDOWS {
+            done.checkpoint_due = true;
+        }
+        done
+    }
+
+    fn score_window(&mut self, start_ms: i64, stats: &HashMap<&PairKey, &PairStats>, done: &mut Processed) {
+        let end_ms = start_ms + self.window_ms;
+        for (key, model) in &mut self.models {
+            let obs = stats.get(key).map_or_else(Obs::zero, |s| Obs::from_stats(s));
+            let step = model.observe(&obs, start_ms, &self.cfg);
+            for v in &step.fired {
+                done.anomalies_started += u32::from(self.anomalies.fire(key, v, end_ms, self.window_ms));
+            }
+            for s in &step.cleared {
+                done.anomalies_ended += u32::from(self.anomalies.clear(key, *s, end_ms));
+            }
+        }
+        self.last_start_ms = Some(start_ms);
+        done.windows_scored += 1;
+    }
+
+    /// Everything a restart needs, encoded; resets the checkpoint clock.
+    pub fn checkpoint(&mut self) -> Checkpoint {
+        self.since_checkpoint = 0;
+        Checkpoint {
+            models: self.models.iter().map(|(k, m)| (k.clone(), m.to_bytes())).collect(),
+            anomalies: self.anomalies.to_bytes(),
+            last_start_ms: self.last_start_ms,
+        }
+    }
+}
+
+/// The detector's state as it goes to the store.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub models: Vec<(PairKey, Vec<u8>)>,
+    pub anomalies: Vec<u8>,
+    pub last_start_ms: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An hour of warm-up instead of a day, so that tests stay short.
+    fn test_config() -> DetectorConfig {
+        DetectorConfig { warmup_windows: 360, ..DetectorConfig::default() }
+    }
+    use meshwatch_collector::flow::{Direction, Reporter};
+    use std::sync::Arc;
+
+    fn key() -> PairKey {
+        PairKey {
+            source: Arc::from("a"),
+            destination: Arc::from("b"),
+            direction: Direction::EastWest,
+            reporter: Reporter::Source,
+        }
+    }
+
+    fn window(start_ms: i64, requests: u64) -> ClosedWindow {
+        let mut s = PairStats::default();
+        s.requests[2] = requests;
+        for _ in 0..requests {
+            s.latency.add(20_000);
+        }
+        ClosedWindow { start_ms, end_ms: start_ms + 10_000, pairs: vec![(key(), s)] }
+    }
+
+    #[test]
+    fn a_pair_that_goes_silent_is_scored_as_zeros_and_flagged() {
+        let mut d = Detector::new(test_config(), 10_000);
+        for i in 0..1_000 {
+            d.process(&window(i * 10_000, 40));
+        }
+        assert_eq!(d.anomalies.active_count(), 0);
+        // No window at all for a minute (the whole mesh silent), then traffic elsewhere.
+        let mut other = window(1_006 * 10_000, 0);
+        other.pairs.clear();
+        let done = d.process(&other);
+        assert_eq!(done.windows_scored, 7);
+        assert_eq!(d.anomalies.active_count(), 1);
+        let a = d.anomalies.iter().next().expect("an anomaly");
+        assert_eq!((a.kind.as_str(), a.source.as_str(), a.reporters.len()), ("vanished", "a", 1));
+        assert!(a.reason.starts_with("no requests in"), "{}", a.reason);
+    }
+
+    #[test]
+    fn a_checkpoint_restores_a_detector_that_scores_the_same() {
+        let mut d = Detector::new(test_config(), 10_000);
+        for i in 0..500 {
+            d.process(&window(i * 10_000, 30 + (i % 5) as u64));
+        }
+        let c = d.checkpoint();
+        let models = c.models.iter().map(|(k, b)| (k.clone(), PairModel::from_bytes(b).expect("decodes")));
+        let mut restored = Detector::restore(
+            d.cfg,
+            10_000,
+            models,
+            Anomalies::from_bytes(&c.anomalies).expect("decodes"),
+            c.last_start_ms,
+        );
+        for i in 500..600 {
+            let w = window(i * 10_000, if i > 550 { 0 } else { 33 });
+            d.process(&w);
+            restored.process(&w);
+        }
+        assert_eq!(d.model(&key()).map(PairModel::to_bytes), restored.model(&key()).map(PairModel::to_bytes));
+        let a: Vec<_> = d.anomalies.iter().cloned().collect();
+        let b: Vec<_> = restored.anomalies.iter().cloned().collect();
+        assert_eq!(a, b);
+        assert!(!a.is_empty());
+    }
+}
