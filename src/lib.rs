@@ -3,10 +3,12 @@
 //!
 //! This crate is the wiring behind the `meshwatch` binary: `config` reads and validates the
 //! configuration, `serve` runs the collector and the detector in one process, `sim` plays
-//! simulated meshes into it and `eval` measures what it detects. The work itself lives in the
+//! simulated meshes into it, `eval` measures what it detects, and `univariate` runs the
+//! detector's models over one series (`meshwatch score`). The work itself lives in the
 //! `meshwatch-collector` and `meshwatch-detector` crates.
 
 pub mod config;
 pub mod eval;
 pub mod serve;
 pub mod sim;
+pub mod univariate;

@@ -85,6 +85,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Score a univariate series (`timestamp,value` rows) causally with the detector's rate
+    /// or latency model; writes `timestamp,value,anomaly_score` to standard output.
+    Score {
+        /// The CSV file.
+        #[arg(long)]
+        input: PathBuf,
+        /// `rate` (counts per interval) or `latency` (durations).
+        #[arg(long, default_value = "rate")]
+        model: String,
+    },
     /// Serve and play a small mesh in real time, with an incident every few minutes.
     Demo {
         /// Another scenario to play (default: scenarios/demo.toml, built in).
@@ -111,6 +121,15 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Score { input, model } = &cli.command {
+        return match score_file(input, model) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshwatch score: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Command::CheckConfig { file } = &cli.command {
         return match config::load(Some(file), std::env::vars()) {
             Ok(_) => {
@@ -145,7 +164,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     match command {
-        Command::CheckConfig { .. } => Ok(()),
+        Command::CheckConfig { .. } | Command::Score { .. } => Ok(()),
         Command::Serve { config } => {
             let config = config::load(config.as_deref(), std::env::vars()).context("invalid configuration")?;
             meshwatch::serve::run(config, shutdown, |_| {}).await.context("meshwatch serve failed")
@@ -207,6 +226,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo { scenario, http, grpc } => demo(scenario, http, grpc, shutdown).await,
     }
+}
+
+fn score_file(input: &std::path::Path, model: &str) -> anyhow::Result<()> {
+    let model = match model {
+        "rate" => meshwatch::univariate::Model::Rate,
+        "latency" => meshwatch::univariate::Model::Latency,
+        other => bail!("--model {other}: rate or latency"),
+    };
+    let file = std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+    let stdout = std::io::stdout();
+    let out = std::io::BufWriter::new(stdout.lock());
+    meshwatch::univariate::score(std::io::BufReader::new(file), out, model)?;
+    Ok(())
 }
 
 fn parse_rate(rate: &str) -> anyhow::Result<Pace> {

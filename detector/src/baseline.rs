@@ -76,6 +76,9 @@ pub struct CountBaseline {
     /// Anomalous windows in a row, and their sum of ratios to the expectation (for adaptation).
     pub shifted: u32,
     pub shift_sum: f64,
+    /// Counts per hour of the first day: at its end, they set the daily shape and the level
+    /// at once (the online estimates of the first day lag behind both).
+    pub first_day: [(f64, u32); 24],
 }
 
 impl Default for CountBaseline {
@@ -91,6 +94,7 @@ impl Default for CountBaseline {
             windows: 0,
             shifted: 0,
             shift_sum: 0.0,
+            first_day: [(0.0, 0); 24],
         }
     }
 }
@@ -168,7 +172,35 @@ impl CountBaseline {
                 self.dispersion = (self.dispersion + (r - self.dispersion) / DISPERSION_WINDOWS).max(1.0);
             }
         }
+        if self.windows < DAY_WINDOWS {
+            let h = calendar(t_ms).0.floor() as usize % 24;
+            self.first_day[h].0 += x;
+            self.first_day[h].1 += 1;
+        }
         self.windows += 1;
+        if self.windows == DAY_WINDOWS {
+            self.calibrate_from_first_day();
+        }
+    }
+
+    /// Sets the level and the daily shape from the first day's hourly means.
+    fn calibrate_from_first_day(&mut self) {
+        let means: Vec<Option<f64>> =
+            self.first_day.iter().map(|&(sum, n)| (n > 0).then(|| sum / f64::from(n))).collect();
+        let seen: Vec<f64> = means.iter().flatten().copied().collect();
+        if seen.is_empty() {
+            return;
+        }
+        let overall = seen.iter().sum::<f64>() / seen.len() as f64;
+        if overall <= 0.0 {
+            return;
+        }
+        for (slot, mean) in self.daily.iter_mut().zip(&means) {
+            *slot = mean.map_or(1.0, |m| (m / overall).clamp(0.02, 10.0));
+        }
+        normalize(&mut self.daily);
+        self.level = overall;
+        self.short = 1.0;
     }
 
     /// How surprising `x` observed against `expected` (summed over the same windows) is.
@@ -199,6 +231,8 @@ fn normalize<const N: usize>(v: &mut [f64; N]) {
 pub struct RatioBaseline {
     pub events: f64,
     pub total: f64,
+    /// Anomalous windows in a row: past `adapt_after` they teach again (a lasting shift).
+    pub shifted: u32,
 }
 
 const PRIOR_EVENTS: f64 = 0.5;
@@ -209,11 +243,12 @@ impl RatioBaseline {
         (self.events + PRIOR_EVENTS) / (self.total + PRIOR_TOTAL)
     }
 
-    pub fn update(&mut self, events: f64, total: f64, anomalous: bool) {
+    pub fn update(&mut self, events: f64, total: f64, anomalous: bool, adapt_after: u32) {
         let keep = 1.0 - 1.0 / RATIO_WINDOWS;
         self.events *= keep;
         self.total *= keep;
-        if !anomalous {
+        self.shifted = if anomalous { self.shifted.saturating_add(1) } else { 0 };
+        if self.shifted == 0 || self.shifted >= adapt_after {
             self.events += events;
             self.total += total;
         }
@@ -442,7 +477,7 @@ mod tests {
     fn three_errors_in_four_requests_at_night_are_not_an_error_burst() {
         let mut r = RatioBaseline::default();
         for _ in 0..10_000 {
-            r.update(1.0, 1_000.0, false);
+            r.update(1.0, 1_000.0, false, 360);
         }
         // Large samples: 5 % of 1,000 against 0.1 % is overwhelming.
         assert!(r.assess(50, 1_000, 1e-6).expect("requests").p_value < 1e-20);

@@ -298,7 +298,10 @@ impl PairModel {
     }
 
     fn learn(&mut self, obs: &Obs, t_ms: i64, cfg: &DetectorConfig) {
-        let hot = |s: Signal| self.hot_now(s);
+        // While learning, every window teaches (robust clipping still applies): what the
+        // first day looks like is the normal to learn, however far from the priors.
+        let ready = !self.learning(cfg);
+        let hot = |s: Signal| ready && self.hot_now(s);
         let (h_req, h_conn, h_err, h_den, h_rl) = (
             hot(Signal::RequestRate),
             hot(Signal::ConnectionRate),
@@ -310,9 +313,9 @@ impl PairModel {
         let (h_out, h_in) = (hot(Signal::BytesOut), hot(Signal::BytesIn));
         self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after);
         self.connections.update(obs.connections, t_ms, h_conn, cfg.adapt_after);
-        self.errors.update(obs.errors, obs.requests, h_err);
-        self.denials.update(obs.denied, obs.requests, h_den);
-        self.rate_limits.update(obs.rate_limited, obs.requests, h_rl);
+        self.errors.update(obs.errors, obs.requests, h_err, cfg.adapt_after);
+        self.denials.update(obs.denied, obs.requests, h_den, cfg.adapt_after);
+        self.rate_limits.update(obs.rate_limited, obs.requests, h_rl, cfg.adapt_after);
         let spread = (obs.requests >= 10.0 && obs.latency[0].is_finite() && obs.latency[1].is_finite())
             .then(|| (obs.latency[1] - obs.latency[0]) / 1.2816);
         for (k, q) in [0.5, 0.9, 0.99].into_iter().enumerate() {
@@ -564,5 +567,99 @@ mod tests {
             assert!(m.observe(&Obs::zero(), i * W, &cfg).fired.is_empty());
         }
         assert!(m.learning(&cfg));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg() -> DetectorConfig {
+        DetectorConfig { warmup_windows: 60, ..DetectorConfig::default() }
+    }
+
+    fn window(requests: f64, latency_ms: f64, errors: f64) -> Obs {
+        let l = (latency_ms.max(0.001) * 1000.0).ln();
+        Obs {
+            requests,
+            errors: errors.min(requests),
+            latency: if requests > 0.0 { [l, l + 0.5, l + 1.0] } else { [f64::NAN; 3] },
+            bytes_out: requests * 400.0,
+            bytes_in: requests * 1500.0,
+            ..Obs::zero()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// Whatever comes in, scores are finite and in [0, 1], and bands are ordered.
+        #[test]
+        fn scores_are_finite_and_in_range(
+            series in prop::collection::vec((0.0f64..5_000.0, 0.01f64..60_000.0, 0.0f64..1.0), 1..300)
+        ) {
+            let mut m = PairModel::default();
+            for (i, (requests, latency, error_share)) in series.into_iter().enumerate() {
+                let step = m.observe(&window(requests.floor(), latency, (requests * error_share).floor()), i as i64 * 10_000, &cfg());
+                for v in &step.verdicts {
+                    prop_assert!(v.score().is_finite() && (0.0..=1.0).contains(&v.score()), "{v:?}");
+                    let a = v.assessment;
+                    prop_assert!(a.expected.is_finite() && a.lower.is_finite() && a.upper.is_finite(), "{v:?}");
+                    prop_assert!(a.lower <= a.upper, "{v:?}");
+                }
+            }
+        }
+
+        /// A constant series never raises an anomaly, at any level (with the default day of
+        /// warm-up, over which even a ratio far from the prior is learnt).
+        #[test]
+        fn a_constant_series_never_alarms(requests in 0u32..2_000, latency in 0.1f64..10_000.0, errors in 0u32..20) {
+            let cfg = DetectorConfig::default();
+            let mut m = PairModel::default();
+            let o = window(f64::from(requests), latency, f64::from(errors.min(requests)));
+            for i in 0..(cfg.warmup_windows as i64 + 500) {
+                let fired = m.observe(&o, i * 10_000, &cfg).fired;
+                prop_assert!(fired.is_empty(), "window {i}: {fired:?}");
+            }
+        }
+
+        /// The bigger the latency shift, the smaller the tail probability.
+        #[test]
+        fn latency_scores_grow_with_the_shift(base in 1.0f64..500.0, small in 1.05f64..2.0, extra in 1.05f64..4.0) {
+            let mut m = PairModel::default();
+            for i in 0..300 {
+                m.observe(&window(100.0, base, 0.0), i * 10_000, &cfg());
+            }
+            let p = |factor: f64| {
+                let mut probe = m.clone();
+                let step = probe.observe(&window(100.0, base * factor, 0.0), 300 * 10_000, &cfg());
+                step.verdicts.iter().find(|v| v.signal == Signal::LatencyP50).map(|v| v.assessment.p_value)
+            };
+            let (a, b) = (p(small), p(small * extra));
+            prop_assert!(a.is_some() && b.is_some());
+            prop_assert!(b <= a, "shift {small}: {a:?}, shift {}: {b:?}", small * extra);
+        }
+
+        /// A model restored from its bytes scores the next windows exactly as the original.
+        #[test]
+        fn a_restored_model_scores_identically(
+            history in prop::collection::vec((0.0f64..300.0, 1.0f64..200.0), 1..200),
+            next in prop::collection::vec((0.0f64..600.0, 1.0f64..400.0), 1..50),
+        ) {
+            let mut m = PairModel::default();
+            for (i, (r, l)) in history.iter().enumerate() {
+                m.observe(&window(r.floor(), *l, 0.0), i as i64 * 10_000, &cfg());
+            }
+            let mut restored = PairModel::from_bytes(&m.to_bytes()).expect("decodes");
+            let offset = history.len() as i64;
+            for (j, (r, l)) in next.iter().enumerate() {
+                let t = (offset + j as i64) * 10_000;
+                let o = window(r.floor(), *l, 0.0);
+                let (a, b) = (m.observe(&o, t, &cfg()), restored.observe(&o, t, &cfg()));
+                prop_assert_eq!(format!("{:?}", a), format!("{:?}", b));
+            }
+            prop_assert_eq!(m.to_bytes(), restored.to_bytes());
+        }
     }
 }
