@@ -135,15 +135,16 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     shutdown.cancelled().await;
     ready.store(false, Ordering::Relaxed);
     info!(grace = ?config.shutdown_grace, "shutting down");
-    // Windows and the store first: they must not wait for clients to hang up.
-    let drain = async {
-        aggregator_task.await?;
-        detector_task.await?;
+    // Windows and the store first, and in full: what was learnt must not be cut short by a
+    // client that does not hang up. The grace period is for the servers.
+    aggregator_task.await?;
+    detector_task.await?;
+    let servers = async {
         grpc_task.await??;
         http_task.await??;
         Ok::<(), ServeError>(())
     };
-    match tokio::time::timeout(config.shutdown_grace, drain).await {
+    match tokio::time::timeout(config.shutdown_grace, servers).await {
         Ok(result) => result?,
         Err(_) => warn!("shutdown grace period over with connections still open"),
     }

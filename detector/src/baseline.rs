@@ -10,7 +10,7 @@
 //! in log space against their learned level, with the sampling error of a quantile of `n`
 //! values added to the learned variation between windows.
 
-use crate::stats::{binomial_upper_tail, normal_sf};
+use crate::stats::{binomial_upper_tail, normal_sf, poisson_lower_tail, poisson_upper_tail};
 
 /// Learning rates, as windows (the reciprocal is the weight of one new window).
 pub const LEVEL_WINDOWS: f64 = 180.0;
@@ -183,7 +183,9 @@ impl CountBaseline {
         }
     }
 
-    /// Sets the level and the daily shape from the first day's hourly means.
+    /// Sets the level and the daily shape from the first day's hourly means. A pair busy in
+    /// only a few hours of its first day (a burst, a batch job seen once) gets a flat shape:
+    /// one day is no evidence that the burst recurs at that hour.
     fn calibrate_from_first_day(&mut self) {
         let means: Vec<Option<f64>> =
             self.first_day.iter().map(|&(sum, n)| (n > 0).then(|| sum / f64::from(n))).collect();
@@ -195,24 +197,43 @@ impl CountBaseline {
         if overall <= 0.0 {
             return;
         }
-        for (slot, mean) in self.daily.iter_mut().zip(&means) {
-            *slot = mean.map_or(1.0, |m| (m / overall).clamp(0.02, 10.0));
+        let busy_hours = self.first_day.iter().filter(|&&(sum, _)| sum > 0.0).count();
+        let events: f64 = self.first_day.iter().map(|&(sum, _)| sum).sum();
+        if busy_hours >= 12 && events >= 100.0 {
+            for (slot, mean) in self.daily.iter_mut().zip(&means) {
+                *slot = mean.map_or(1.0, |m| (m / overall).clamp(0.02, 10.0));
+            }
+        } else {
+            self.daily = [1.0; 24];
         }
         normalize(&mut self.daily);
         self.level = overall;
         self.short = 1.0;
     }
 
-    /// How surprising `x` observed against `expected` (summed over the same windows) is.
+    /// How surprising `x` observed against `expected` (summed over the same windows) is: the
+    /// larger (more cautious) of the exact Poisson tail of the counts scaled by the
+    /// overdispersion (quasi-Poisson) and the Anscombe normal approximation. The exact tail
+    /// alone is too sure of itself above small means (the rate itself is uncertain), the
+    /// approximation alone far too sure below them.
     pub fn assess(&self, x: f64, expected: f64, threshold_p: f64) -> Assessment {
         let phi = self.dispersion.max(1.0);
         let anscombe = |v: f64| (v.max(0.0) + 0.375).sqrt();
-        let z = 2.0 * (anscombe(x) - anscombe(expected)) / phi.sqrt();
         let zt = z_for_p(threshold_p);
         let half = zt * phi.sqrt() / 2.0;
         let lower = ((anscombe(expected) - half).max(0.0).powi(2) - 0.375).max(0.0);
         let upper = (anscombe(expected) + half).powi(2) - 0.375;
-        Assessment { p_value: normal_sf(z.abs()), high: z > 0.0, observed: x, expected, lower, upper }
+        let high = x > expected;
+        let (xs, ls) = (x.max(0.0) / phi, expected.max(0.0) / phi);
+        let approx = normal_sf((2.0 * (anscombe(x) - anscombe(expected)) / phi.sqrt()).abs());
+        let p_value = if ls < 1_000.0 {
+            let exact =
+                if high { poisson_upper_tail(xs.ceil() as u64, ls) } else { poisson_lower_tail(xs.floor() as u64, ls) };
+            exact.max(approx)
+        } else {
+            approx
+        };
+        Assessment { p_value: p_value.clamp(0.0, 1.0), high, observed: x, expected, lower, upper }
     }
 }
 

@@ -59,7 +59,16 @@ pub fn poisson_upper_tail(k: u64, lambda: f64) -> f64 {
         return 0.0;
     }
     if (k as f64) <= lambda {
-        return 1.0 - poisson_lower_tail(k - 1, lambda);
+        // Sum the lower part directly, from 0 (k is at most λ here, so few terms matter).
+        let mut log_term = -lambda;
+        let mut lower = 0.0;
+        for i in 0..k {
+            if i > 0 {
+                log_term += lambda.ln() - (i as f64).ln();
+            }
+            lower += log_term.exp();
+        }
+        return (1.0 - lower).clamp(0.0, 1.0);
     }
     let mut log_term = k as f64 * lambda.ln() - lambda - ln_gamma(k as f64 + 1.0);
     let mut sum = 0.0;
@@ -76,16 +85,26 @@ pub fn poisson_upper_tail(k: u64, lambda: f64) -> f64 {
     sum.min(1.0)
 }
 
-/// P(X ≤ k) for X ~ Poisson(λ).
+/// P(X ≤ k) for X ~ Poisson(λ), summed in log space from k downward (terms shrink fast
+/// below the mean).
 pub fn poisson_lower_tail(k: u64, lambda: f64) -> f64 {
     if lambda <= 0.0 {
         return 1.0;
     }
-    let mut log_term = -lambda;
-    let mut sum = log_term.exp();
-    for i in 1..=k {
-        log_term += lambda.ln() - (i as f64).ln();
-        sum += log_term.exp();
+    if k as f64 >= lambda {
+        return 1.0 - poisson_upper_tail(k + 1, lambda);
+    }
+    let mut log_term = k as f64 * lambda.ln() - lambda - ln_gamma(k as f64 + 1.0);
+    let mut sum = 0.0;
+    let mut i = k;
+    loop {
+        let term = log_term.exp();
+        sum += term;
+        if i == 0 || term < sum * 1e-12 {
+            break;
+        }
+        log_term += (i as f64).ln() - lambda.ln();
+        i -= 1;
     }
     sum.min(1.0)
 }
@@ -137,6 +156,9 @@ mod tests {
         // P(X ≥ 10 | λ = 3) = 0.001102488
         assert!(close(poisson_upper_tail(10, 3.0), 0.001_102_488, 1e-5));
         assert!(close(poisson_lower_tail(0, 3.0), (-3.0f64).exp(), 1e-12));
+        // P(X ≤ 15 | λ = 50) = 6.358e-9 (the normal approximation is off by orders here).
+        assert!(close(poisson_lower_tail(15, 50.0), 6.358e-9, 1e-3));
+        assert!(close(poisson_lower_tail(60, 50.0), 0.927_84, 1e-4));
         assert!(close(poisson_upper_tail(2, 3.0), 1.0 - 4.0 * (-3.0f64).exp(), 1e-9));
         // P(X ≥ 3 | n = 4, p = 0.001) ≈ 4e-9: three errors in four requests at a 0.1 % base.
         assert!(close(binomial_upper_tail(3, 4, 0.001), 3.996e-9, 1e-3));
