@@ -120,7 +120,13 @@ impl CountBaseline {
         let x = hour - 0.5;
         let h0 = x.floor().rem_euclid(24.0) as usize;
         let f = x - x.floor();
-        (self.daily[h0] * (1.0 - f) + self.daily[(h0 + 1) % 24] * f) * self.weekly[weekday]
+        (self.daily[h0] * (1.0 - f) + self.daily[(h0 + 1) % 24] * f) * self.weekly_factor(weekday)
+    }
+
+    /// The weekly shape applies once every weekday has taught it for half a day: before, the
+    /// factor of a day not yet seen would be a guess against days that were.
+    fn weekly_factor(&self, weekday: usize) -> f64 {
+        if self.weekly_n.iter().all(|&n| u64::from(n) >= DAY_WINDOWS / 2) { self.weekly[weekday] } else { 1.0 }
     }
 
     /// Expected count in the window at `t_ms`.
@@ -154,12 +160,13 @@ impl CountBaseline {
         if self.windows >= 30 && self.level > 0.0 {
             let (hour, weekday) = calendar(t_ms);
             let h = hour.floor() as usize % 24;
-            let daily_ratio = (clipped / (self.level * self.weekly[weekday])).min(10.0);
+            let weekly_now = self.weekly_factor(weekday);
+            let daily_ratio = (clipped / (self.level * weekly_now)).min(10.0);
             self.daily[h] += rate(u64::from(self.daily_n[h]), DAILY_SLOT_MEMORY) * (daily_ratio - self.daily[h]);
             self.daily_n[h] = self.daily_n[h].saturating_add(1);
             // The weekly shape only once a day has taught the level and the daily shape.
             if self.windows >= DAY_WINDOWS {
-                let weekly_ratio = (clipped / (self.level * season / self.weekly[weekday])).min(10.0);
+                let weekly_ratio = (clipped / (self.level * season / weekly_now)).min(10.0);
                 self.weekly[weekday] += (weekly_ratio - self.weekly[weekday]) / WEEKLY_SLOT_MEMORY;
                 self.weekly_n[weekday] = self.weekly_n[weekday].saturating_add(1);
             }
