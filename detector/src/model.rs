@@ -372,7 +372,7 @@ impl PairModel {
                 let a = baseline.assess(x, expected, p);
                 let significant = a.p_value < p;
                 let high = significant && a.high && x >= 2.0 * expected && x - expected >= 5.0;
-                let low = significant && !a.high && x <= 0.5 * expected && expected - x >= 5.0;
+                let low = significant && !a.high && x <= 0.3 * expected && expected - x >= 5.0;
                 let rate = if signal == Signal::RequestRate { "request_rate" } else { "connection_rate" };
                 let kind = match (a.high, x == 0.0) {
                     (true, _) => {
