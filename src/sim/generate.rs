@@ -589,13 +589,10 @@ struct Outcome {
 
 /// The daily and weekly multiplier at `t_ms`, hours interpolated linearly.
 fn shape(e: &Edge, t_ms: i64) -> f64 {
-    let day = t_ms.div_euclid(86_400_000);
-    let hour = (t_ms.rem_euclid(86_400_000)) as f64 / 3_600_000.0;
+    let (hour, weekday) = meshwatch_detector::baseline::calendar(t_ms);
     let h = hour.floor() as usize % 24;
     let frac = hour - hour.floor();
     let daily = e.daily[h] * (1.0 - frac) + e.daily[(h + 1) % 24] * frac;
-    // 1970-01-01 was a Thursday; index 0 is Monday.
-    let weekday = (day + 3).rem_euclid(7) as usize;
     daily * e.weekly[weekday]
 }
 
