@@ -277,8 +277,10 @@ pub async fn run(
         late = text
             .lines()
             .filter(|l| {
-                l.starts_with("meshwatch_als_entries_rejected_total{reason=\"late\"}")
-                    || l.starts_with("meshwatch_als_entries_rejected_total{reason=\"future\"}")
+                // Rejected after decoding: counted in `decoded` too.
+                ["late", "future", "queue_full"]
+                    .iter()
+                    .any(|r| l.starts_with(&format!("meshwatch_als_entries_rejected_total{{reason=\"{r}\"}}")))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64;

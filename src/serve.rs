@@ -105,13 +105,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     ));
     let detector_task = tokio::spawn(meshwatch_detector::run(windows_rx, table.clone(), detector.clone(), store));
 
-    let als = AlsService::new(
-        Arc::new(config.mesh.clone()),
-        config.als.clone(),
-        records_tx,
-        collector_metrics,
-        shutdown.clone(),
-    );
+    let mut als_config = config.als.clone();
+    if config.clock == meshwatch_collector::pipeline::Clock::Watermark {
+        // A replay has no Envoy to protect from a slow consumer: it waits instead of dropping.
+        als_config.enqueue_timeout = std::time::Duration::from_secs(3600);
+    }
+    let als =
+        AlsService::new(Arc::new(config.mesh.clone()), als_config, records_tx, collector_metrics, shutdown.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AlsService>().await;
     let grpc = tonic::transport::Server::builder()

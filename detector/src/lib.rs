@@ -27,6 +27,9 @@ use crate::pairs::PairTable;
 use crate::score::{Checkpoint, Detector};
 use crate::store::Store;
 
+/// Least wall time between two checkpoints (the last one, at shutdown, is always written).
+pub const MIN_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Locks the detector; a panic while it was held leaves state that is still the best we
 /// have, so a poisoned lock is taken as it is.
 pub fn lock(detector: &Mutex<Detector>) -> std::sync::MutexGuard<'_, Detector> {
@@ -60,12 +63,20 @@ pub async fn run(
     detector: Arc<Mutex<Detector>>,
     store: Store,
 ) {
+    let mut last_checkpoint: Option<std::time::Instant> = None;
     while let Some(window) = windows.recv().await {
         let changed = table.apply(&window);
         let checkpoint = {
             let mut d = lock(&detector);
             let done = d.process(&window);
-            (done.checkpoint_due || done.anomalies_started > 0 || done.anomalies_ended > 0).then(|| d.checkpoint())
+            // Due by windows or by a change of anomalies, but not more often than every few
+            // seconds: a replay closes windows thousands of times faster than real time.
+            let wanted = done.checkpoint_due || done.anomalies_started > 0 || done.anomalies_ended > 0;
+            let spaced = last_checkpoint.is_none_or(|t| t.elapsed() >= MIN_CHECKPOINT_INTERVAL);
+            (wanted && spaced).then(|| {
+                last_checkpoint = Some(std::time::Instant::now());
+                d.checkpoint()
+            })
         };
         if !changed.is_empty() || checkpoint.is_some() {
             persist(&store, changed, checkpoint).await;
