@@ -102,6 +102,22 @@ const DECODED: &str = "meshwatch_als_entries_decoded_total";
 const REJECTED: &str = "meshwatch_als_entries_rejected_total";
 
 #[tokio::test]
+async fn the_grpc_health_service_reports_the_access_log_service_serving() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let (mw, _data) = start(&[]);
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", mw.grpc)).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let service = "envoy.service.accesslog.v3.AccessLogService".to_string();
+    let status = health.check(HealthCheckRequest { service }).await.unwrap().into_inner().status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    let unknown = health.check(HealthCheckRequest { service: "nope".into() }).await.expect_err("unknown service");
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    drop(health);
+    assert!(mw.stop().success());
+}
+
+#[tokio::test]
 async fn malformed_messages_are_counted_and_the_stream_goes_on() {
     let (mw, _data) = start(&[]);
     let good = message(identifier("outbound"), vec![entry(Some(now_s()), "backend", Some(200))]);
