@@ -5,6 +5,8 @@
 //!     cargo bench --bench detector
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,20 +20,6 @@ use meshwatch_detector::store::Store;
 
 const PAIRS: usize = 100_000;
 const WINDOW_MS: i64 = 10_000;
-
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib / 1024.0
-}
 
 fn window(keys: &[PairKey], start_ms: i64, round: u64) -> ClosedWindow {
     let pairs = keys
@@ -67,7 +55,7 @@ fn main() {
         })
         .collect();
     let cfg = DetectorConfig { warmup_windows: 30, ..DetectorConfig::default() };
-    let before = rss_mib();
+    let before = common::rss_mib("self");
     let mut detector = Detector::new(cfg, WINDOW_MS);
     // 35 windows: every ring full, every baseline past its first 30 windows.
     let mut scoring = Vec::new();
@@ -77,13 +65,13 @@ fn main() {
         detector.process(&win);
         scoring.push(t.elapsed().as_secs_f64());
     }
-    let held = rss_mib() - before;
+    let held = common::rss_mib("self") - before;
     let encoded: usize = detector.models().map(|(_, m)| m.to_bytes().len()).sum();
     scoring.sort_by(f64::total_cmp);
     println!(
         "{PAIRS} pairs held: {held:.0} MiB resident ({:.0} bytes per pair, process total {:.0} MiB)",
         held * 1024.0 * 1024.0 / PAIRS as f64,
-        rss_mib()
+        common::rss_mib("self")
     );
     println!("models encoded: {:.0} bytes per pair", encoded as f64 / PAIRS as f64);
     println!(

@@ -12,6 +12,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -111,20 +113,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     // utime and stime are fields 14 and 15 of stat(5); here, after pid and comm, 11 and 12.
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib / 1024.0
 }
 
 struct Server {
@@ -237,7 +225,7 @@ async fn memory_per_pair(data: &std::path::Path) -> (f64, f64) {
     let server = Server::start(data, &[("MESHWATCH_LIMITS__MAX_PAIRS", "200000"), ("MESHWATCH_WINDOW__GRACE", "120s")]);
     let pid = server.child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_mib(pid);
+    let before = common::rss_mib(&pid.to_string());
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     let messages: Vec<Bytes> = (0..PAIRS / 1000)
         .map(|b| {
@@ -277,7 +265,7 @@ async fn memory_per_pair(data: &std::path::Path) -> (f64, f64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_mib(pid);
+    let after = common::rss_mib(&pid.to_string());
     server.stop();
     (after - before, (after - before) * 1024.0 * 1024.0 / PAIRS as f64)
 }
@@ -368,7 +356,7 @@ fn main() {
         let cpu = cpu_seconds(pid) - cpu_before;
         let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
         let rejected = scrape(&server.http, "meshwatch_als_entries_rejected_total").await;
-        let rss = rss_mib(pid);
+        let rss = common::rss_mib(&pid.to_string());
         let sent = sent.load(Ordering::Relaxed) as f64;
         server.stop();
         // Everything decoded went through windows into the store: count it there.

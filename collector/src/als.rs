@@ -281,9 +281,7 @@ async fn enqueue(shared: &Shared, batch: Batch) {
 fn warn_rate_limited(dropped: u64) {
     use std::sync::atomic::{AtomicI64, Ordering};
     static LAST_WARN_S: AtomicI64 = AtomicI64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = crate::pipeline::wall_clock_ms() / 1000;
     let last = LAST_WARN_S.load(Ordering::Relaxed);
     if now - last >= 60 && LAST_WARN_S.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
         warn!(

@@ -8,6 +8,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 
 use crate::anomaly::in_units;
+use crate::pairs::{family, label};
 use crate::score::Detector;
 
 const PAIR_SIGNAL: [&str; 5] = ["source", "destination", "direction", "reporter", "signal"];
@@ -59,15 +60,7 @@ impl DetectorCollector {
 }
 
 fn gauge(labels: &[(&str, &str)], value: f64) -> proto::Metric {
-    let pairs = labels
-        .iter()
-        .map(|(n, v)| {
-            let mut l = proto::LabelPair::default();
-            l.set_name(n.to_string());
-            l.set_value(v.to_string());
-            l
-        })
-        .collect();
+    let pairs = labels.iter().map(|(n, v)| label(n, v)).collect();
     let mut g = proto::Gauge::default();
     g.set_value(value);
     let mut m = proto::Metric::from_label(pairs);
@@ -115,14 +108,7 @@ impl Collector for DetectorCollector {
             .iter()
             .zip(metrics)
             .filter(|(_, m)| !m.is_empty())
-            .map(|((name, help, _), m)| {
-                let mut f = MetricFamily::default();
-                f.set_name(name.to_string());
-                f.set_help(help.to_string());
-                f.set_field_type(MetricType::GAUGE);
-                f.set_metric(m);
-                f
-            })
+            .map(|((name, help, _), m)| family(name, help, MetricType::GAUGE, m))
             .collect()
     }
 }

@@ -213,7 +213,8 @@ impl PairCollector {
     }
 }
 
-fn label(name: &str, value: &str) -> proto::LabelPair {
+/// One label of an exposed series.
+pub(crate) fn label(name: &str, value: &str) -> proto::LabelPair {
     let mut l = proto::LabelPair::default();
     l.set_name(name.to_string());
     l.set_value(value.to_string());
@@ -308,16 +309,19 @@ impl Collector for PairCollector {
             .iter()
             .zip(metrics)
             .filter(|(_, m)| !m.is_empty())
-            .map(|((name, help, kind), m)| {
-                let mut f = MetricFamily::default();
-                f.set_name(name.to_string());
-                f.set_help(help.to_string());
-                f.set_field_type(*kind);
-                f.set_metric(m);
-                f
-            })
+            .map(|((name, help, kind), m)| family(name, help, *kind, m))
             .collect()
     }
+}
+
+/// A metric family of the given series.
+pub(crate) fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
 }
 
 #[cfg(test)]

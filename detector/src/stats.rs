@@ -49,6 +49,11 @@ pub fn ln_gamma(x: f64) -> f64 {
     0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
 }
 
+/// ln P(X = k) for X ~ Poisson(λ).
+fn ln_poisson_pmf(k: u64, lambda: f64) -> f64 {
+    k as f64 * lambda.ln() - lambda - ln_gamma(k as f64 + 1.0)
+}
+
 /// P(X ≥ k) for X ~ Poisson(λ), summed in log space from k upward (terms shrink fast once
 /// past the mean). Used for upper tails where k > λ.
 pub fn poisson_upper_tail(k: u64, lambda: f64) -> f64 {
@@ -70,7 +75,7 @@ pub fn poisson_upper_tail(k: u64, lambda: f64) -> f64 {
         }
         return (1.0 - lower).clamp(0.0, 1.0);
     }
-    let mut log_term = k as f64 * lambda.ln() - lambda - ln_gamma(k as f64 + 1.0);
+    let mut log_term = ln_poisson_pmf(k, lambda);
     let mut sum = 0.0;
     let mut i = k;
     loop {
@@ -94,7 +99,7 @@ pub fn poisson_lower_tail(k: u64, lambda: f64) -> f64 {
     if k as f64 >= lambda {
         return 1.0 - poisson_upper_tail(k + 1, lambda);
     }
-    let mut log_term = k as f64 * lambda.ln() - lambda - ln_gamma(k as f64 + 1.0);
+    let mut log_term = ln_poisson_pmf(k, lambda);
     let mut sum = 0.0;
     let mut i = k;
     loop {
