@@ -17,6 +17,7 @@ use meshwatch_detector::model::{DetectorConfig, PairModel};
 use meshwatch_detector::pairs::key_from_proto;
 use meshwatch_detector::score::Detector;
 use meshwatch_detector::store::Store;
+use meshwatch_detector::trust::{Trust, TrustConfig};
 
 const PAIRS: usize = 100_000;
 const WINDOW_MS: i64 = 10_000;
@@ -96,8 +97,9 @@ fn main() {
     let models: Vec<_> =
         loaded.models.iter().filter_map(|(k, b)| Some((key_from_proto(k)?, PairModel::from_bytes(b)?))).collect();
     let anomalies = loaded.anomalies.and_then(|b| Anomalies::from_bytes(&b)).unwrap_or_default();
+    let trust = loaded.trust.and_then(|b| Trust::from_bytes(TrustConfig::default(), &b)).unwrap_or_default();
     let n = models.len();
-    let restored = Detector::restore(cfg, WINDOW_MS, models, anomalies, loaded.last_start_ms);
+    let restored = Detector::restore(cfg, WINDOW_MS, models, anomalies, trust, loaded.last_start_ms);
     println!("restart: open, load and decode {n} models: {:.2} s", t.elapsed().as_secs_f64());
     assert_eq!(restored.models().count(), PAIRS);
     drop(store);

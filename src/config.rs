@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use meshwatch_collector::als::AlsConfig;
+use meshwatch_collector::flow::Direction;
 use meshwatch_collector::identity::{MeshConfig, Pattern, ServiceMapping};
 use meshwatch_collector::pipeline::Clock;
 use meshwatch_collector::window::WindowConfig;
 use meshwatch_detector::model::DetectorConfig;
+use meshwatch_detector::trust::{Policy, Rule, TrustConfig};
 use serde::Deserialize;
 
 /// Environment variables with this prefix override the file: `MESHWATCH_DATA_DIR` sets
@@ -33,6 +35,70 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub mesh: RawMesh,
     pub detector: RawDetector,
+    pub zero_trust: RawZeroTrust,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawZeroTrust {
+    pub learning: Option<String>,
+    pub forget_after: Option<String>,
+    pub hold: Option<String>,
+    pub require_mtls: Option<bool>,
+    pub fan_out_span: Option<String>,
+    pub fan_out_min_new: Option<i64>,
+    pub new_egress_volume_bytes: Option<i64>,
+    pub max_edges: Option<i64>,
+    /// A policy file (relative paths are relative to the configuration file).
+    pub policy: Option<String>,
+}
+
+/// A policy file: `[[allow]]` tables.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    #[serde(default)]
+    pub allow: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub from: String,
+    pub to: String,
+    pub direction: Option<String>,
+}
+
+/// Reads and validates a policy file.
+pub fn load_policy(path: &Path) -> Result<Policy, ConfigError> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::one(format!("{name}: cannot read: {e}")))?;
+    let raw: RawPolicy =
+        toml::from_str(&text).map_err(|e| ConfigError::one(format!("{name}: not a valid policy: {}", e.message())))?;
+    let mut problems = Vec::new();
+    let mut allow = Vec::new();
+    for (i, r) in raw.allow.iter().enumerate() {
+        let direction = match r.direction.as_deref() {
+            None => None,
+            Some(d) => match Direction::parse(d) {
+                Some(d) => Some(d),
+                None => {
+                    problems.push(format!("{name}: allow[{i}].direction: `{d}` (ingress, east_west or egress)"));
+                    None
+                }
+            },
+        };
+        for (what, v) in [("from", &r.from), ("to", &r.to)] {
+            if v.is_empty() {
+                problems.push(format!("{name}: allow[{i}].{what}: empty pattern"));
+            }
+        }
+        allow.push(Rule { from: Pattern::new(r.from.clone()), to: Pattern::new(r.to.clone()), direction });
+    }
+    if allow.is_empty() {
+        problems.push(format!("{name}: no [[allow]] rule, so every edge would be a violation"));
+    }
+    if problems.is_empty() { Ok(Policy { allow }) } else { Err(ConfigError { problems }) }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +179,7 @@ pub struct Config {
     pub clock: Clock,
     pub mesh: MeshConfig,
     pub detector: DetectorConfig,
+    pub trust: TrustConfig,
 }
 
 /// Every problem found, one per line.
@@ -157,9 +224,12 @@ pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
         None => toml::Table::new(),
     };
     apply_env(&mut table, env)?;
-    let raw: RawConfig = table.try_into().map_err(|e: toml::de::Error| {
+    let mut raw: RawConfig = table.try_into().map_err(|e: toml::de::Error| {
         ConfigError::one(format!("{}: {}", path.map_or("environment".into(), |p| p.display().to_string()), e.message()))
     })?;
+    if let (Some(policy), Some(dir)) = (raw.zero_trust.policy.as_mut(), path.and_then(Path::parent)) {
+        *policy = dir.join(&*policy).display().to_string();
+    }
     raw.validate()
 }
 
@@ -335,6 +405,31 @@ impl RawConfig {
             n: n as u32,
             adapt_after: u32::try_from(windows_of(adapt_after)).unwrap_or(u32::MAX),
         };
+        let z = &self.zero_trust;
+        let zt = TrustConfig::default();
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let hour = Duration::from_secs(3600);
+        let learning = c.duration("zero_trust.learning", z.learning.as_deref(), hour * 24, Duration::ZERO);
+        let forget_after = c.duration("zero_trust.forget_after", z.forget_after.as_deref(), hour * 24 * 30, hour);
+        let hold = c.duration("zero_trust.hold", z.hold.as_deref(), Duration::from_secs(900), length);
+        let fan_out_span = c.duration("zero_trust.fan_out_span", z.fan_out_span.as_deref(), length * 60, length);
+        let fan_out_min_new =
+            c.count("zero_trust.fan_out_min_new", z.fan_out_min_new, zt.fan_out_min_new as usize, 1, 100_000);
+        let new_egress_volume_bytes = c.count(
+            "zero_trust.new_egress_volume_bytes",
+            z.new_egress_volume_bytes,
+            zt.new_egress_volume_bytes as usize,
+            1,
+            usize::MAX,
+        );
+        let max_edges = c.count("zero_trust.max_edges", z.max_edges, zt.max_edges, 1, 100_000_000);
+        let policy = z.policy.as_deref().and_then(|p| match load_policy(Path::new(p)) {
+            Ok(policy) => Some(policy),
+            Err(e) => {
+                c.0.extend(e.problems.into_iter().map(|p| format!("zero_trust.policy: {p}")));
+                None
+            }
+        });
         let m = self.mesh;
         let trust_domains = m.trust_domains.unwrap_or(defaults.trust_domains.clone());
         for td in &trust_domains {
@@ -396,6 +491,18 @@ impl RawConfig {
             },
             clock,
             detector,
+            trust: TrustConfig {
+                learning_ms: ms(learning),
+                forget_after_ms: ms(forget_after),
+                hold_ms: ms(hold),
+                require_mtls: z.require_mtls.unwrap_or(false),
+                trust_domains: trust_domains.clone(),
+                fan_out_windows: ms(fan_out_span) / ms(length).max(1),
+                fan_out_min_new: u32::try_from(fan_out_min_new).unwrap_or(u32::MAX),
+                new_egress_volume_bytes: new_egress_volume_bytes as u64,
+                max_edges,
+                policy,
+            },
             mesh: MeshConfig {
                 trust_domains,
                 internal_cidrs,
@@ -481,6 +588,31 @@ mod tests {
             assert!(all.contains(key), "no problem about {key} in:\n{all}");
         }
         assert_eq!(err.problems.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn zero_trust_settings_and_the_policy_file() {
+        let dir = std::env::temp_dir().join(format!("meshwatch-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = dir.join("c.toml");
+        std::fs::write(&config, "[zero_trust]\nlearning = \"2h\"\nrequire_mtls = true\npolicy = \"p.toml\"\n")
+            .expect("write");
+        std::fs::write(dir.join("p.toml"), "[[allow]]\nfrom = \"a*\"\nto = \"b\"\ndirection = \"egress\"\n")
+            .expect("write");
+        let c = load(Some(&config), env(&[])).expect("valid");
+        assert_eq!((c.trust.learning_ms, c.trust.require_mtls), (7_200_000, true));
+        let policy = c.trust.policy.expect("policy loaded relative to the config file");
+        assert!(policy.allows("ab", "b", Direction::Egress));
+        assert!(!policy.allows("ab", "b", Direction::EastWest));
+        std::fs::write(dir.join("p.toml"), "[[allow]]\nfrom = \"\"\nto = \"b\"\ndirection = \"sideways\"\n")
+            .expect("write");
+        let err = load(Some(&config), env(&[])).expect_err("invalid policy");
+        let all = err.problems.join("\n");
+        assert!(all.contains("allow[0].direction") && all.contains("allow[0].from"), "{all}");
+        let _ = std::fs::remove_dir_all(&dir);
+        // The policy shipped with the small-mesh scenario is valid.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        load_policy(&root.join("scenarios/small-mesh-policy.toml")).expect("valid policy");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -37,13 +37,18 @@ pub fn compatible(kind: IncidentKind) -> &'static [&'static str] {
         IncidentKind::ErrorBurst => &["error_ratio"],
         IncidentKind::TrafficDrop => &["request_rate_low", "vanished"],
         IncidentKind::TrafficSurge => &["request_rate_high"],
-        IncidentKind::NewEdge => &["new_edge"],
-        IncidentKind::NewEgress => &["new_egress_destination", "new_edge"],
+        IncidentKind::NewEdge => &["new_edge", "new_principal", "policy_violation"],
+        IncidentKind::NewEgress => &["new_egress_destination", "new_egress_volume", "new_edge", "policy_violation"],
         IncidentKind::MtlsDowngrade => &["mtls_downgrade", "plaintext"],
-        IncidentKind::DenialSurge => &["denial_ratio", "denial_surge"],
-        IncidentKind::RateLimitSurge => &["rate_limit_ratio", "rate_limit_surge"],
-        IncidentKind::FanOutScan => &["fan_out", "new_edge"],
-        IncidentKind::EgressBytesSurge => &["bytes_out_high", "egress_bytes"],
+        IncidentKind::DenialSurge => &["denial_ratio"],
+        IncidentKind::RateLimitSurge => &["rate_limit_ratio"],
+        IncidentKind::FanOutScan => &["fan_out", "new_edge", "new_principal", "policy_violation"],
+        IncidentKind::EgressBytesSurge => &["bytes_out_high", "new_egress_volume"],
+        IncidentKind::NewPrincipal => &["new_principal", "new_edge", "policy_violation"],
+        IncidentKind::ForeignPrincipal => &["foreign_principal", "new_principal", "new_edge", "policy_violation"],
+        IncidentKind::PolicyViolation => {
+            &["policy_violation", "new_edge", "new_principal", "new_egress_destination", "new_egress_volume"]
+        }
     }
 }
 
@@ -208,11 +213,14 @@ pub enum EvalError {
     Scrape(String),
 }
 
-/// The configuration eval runs meshwatch with: watermark clock, the scenario's mesh, a
-/// fresh data directory, ports chosen by the system.
-pub fn eval_config(scenario: &Scenario, data_dir: PathBuf) -> Result<Config, ConfigError> {
-    let raw = RawConfig::default();
-    let mut config = raw.validate()?;
+/// The configuration eval runs meshwatch with: the defaults, or the detection settings of
+/// `base`; the watermark clock, the scenario's mesh (and policy, if it has one), a fresh data
+/// directory, ports chosen by the system.
+pub fn eval_config(scenario: &Scenario, base: Option<&Path>, data_dir: PathBuf) -> Result<Config, ConfigError> {
+    let mut config = match base {
+        Some(path) => crate::config::load(Some(path), std::iter::empty())?,
+        None => RawConfig::default().validate()?,
+    };
     config.data_dir = data_dir;
     config.grpc_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -222,6 +230,10 @@ pub fn eval_config(scenario: &Scenario, data_dir: PathBuf) -> Result<Config, Con
     config.window.max_future_ms = i64::MAX / 4;
     config.window.max_pairs = 100_000;
     config.mesh = mesh_config(scenario);
+    config.trust.trust_domains = config.mesh.trust_domains.clone();
+    if let Some(path) = &scenario.policy {
+        config.trust.policy = Some(crate::config::load_policy(path)?);
+    }
     Ok(config)
 }
 
@@ -244,14 +256,15 @@ async fn scrape(addr: SocketAddr) -> Result<String, EvalError> {
     Ok(body)
 }
 
-/// Runs `scenario` (for `duration_ms` of it, if given) through an in-process meshwatch.
+/// Runs `scenario` (for `duration_ms` of it, if given) through an in-process meshwatch
+/// configured by `config` (see `eval_config`).
 pub async fn run(
     scenario: Scenario,
+    config: Config,
     seed: u64,
     duration_ms: Option<i64>,
-    data_dir: PathBuf,
 ) -> Result<EvalReport, EvalError> {
-    let config = eval_config(&scenario, data_dir.clone())?;
+    let data_dir = config.data_dir.clone();
     let detector_cfg = config.detector;
     let shutdown = CancellationToken::new();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();

@@ -84,6 +84,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// A meshwatch configuration whose [detector] and [zero_trust] settings to evaluate
+        /// (clock, listeners, data directory and [mesh] come from the scenario).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Score a univariate series (`timestamp,value` rows) causally with the detector's rate
     /// or latency model; writes `timestamp,value,anomaly_score` to standard output.
@@ -209,12 +213,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Eval { scenario, seed, duration, json } => {
+        Command::Eval { scenario, seed, duration, json, config } => {
             let scenario = Scenario::load(&scenario)?;
             let seed = seed.unwrap_or(scenario.seed);
             let duration_ms = duration.map(|d| parse_offset_ms(&d)).transpose().map_err(anyhow::Error::msg)?;
             let data = std::env::temp_dir().join(format!("meshwatch-eval-{}", std::process::id()));
-            let report = meshwatch::eval::run(scenario, seed, duration_ms, data.clone()).await;
+            let config = meshwatch::eval::eval_config(&scenario, config.as_deref(), data.clone())?;
+            let report = meshwatch::eval::run(scenario, config, seed, duration_ms).await;
             let _ = std::fs::remove_dir_all(&data);
             let report = report?;
             if json {

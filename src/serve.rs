@@ -19,6 +19,7 @@ use meshwatch_detector::model::PairModel;
 use meshwatch_detector::pairs::{PairCollector, PairTable, from_record, key_from_proto};
 use meshwatch_detector::score::Detector;
 use meshwatch_detector::store::{Store, StoreError};
+use meshwatch_detector::trust::Trust;
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -73,12 +74,17 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         .filter_map(|(k, bytes)| Some((key_from_proto(k)?, PairModel::from_bytes(bytes)?)))
         .collect();
     let anomalies = checkpoint.anomalies.and_then(|b| Anomalies::from_bytes(&b)).unwrap_or_default();
+    let trust = checkpoint
+        .trust
+        .and_then(|b| Trust::from_bytes(config.trust.clone(), &b))
+        .unwrap_or_else(|| Trust::new(config.trust.clone()));
     info!(pairs = restored.len(), models = models.len(), anomalies_active = anomalies.active_count(), data_dir = %config.data_dir.display(), "store opened");
     let detector = Arc::new(Mutex::new(Detector::restore(
         config.detector,
         config.window.length_ms,
         models,
         anomalies,
+        trust,
         last_start,
     )));
 

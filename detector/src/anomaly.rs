@@ -1,5 +1,6 @@
-//! Anomaly records: one per pair (source, destination, direction) and kind while it lasts,
-//! shared by the reporters that see it, with a reason a human can read.
+//! Anomaly records: one per pair (source, destination, direction) and signal while it lasts,
+//! shared by the reporters that see it, with a reason a human can read. Zero-trust findings
+//! (`crate::trust`) are records of the same shape whose signal is their kind.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -131,6 +132,22 @@ fn severity(kind: &str) -> &'static str {
     }
 }
 
+type IndexKey = (String, String, String, String);
+
+/// A zero-trust finding as it becomes a record (see `crate::trust`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FindingRecord {
+    pub kind: &'static str,
+    pub source: String,
+    pub destination: String,
+    pub direction: &'static str,
+    pub reporters: Vec<String>,
+    pub severity: &'static str,
+    pub observed: f64,
+    pub expected: f64,
+    pub reason: String,
+}
+
 /// Active and recent anomalies.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Anomalies {
@@ -138,7 +155,7 @@ pub struct Anomalies {
     list: VecDeque<Anomaly>,
     /// (source, destination, direction, signal) → id, while active.
     #[serde(skip)]
-    active: HashMap<(String, String, String, Signal), u64>,
+    active: HashMap<IndexKey, u64>,
 }
 
 impl Anomalies {
@@ -148,9 +165,7 @@ impl Anomalies {
             .list
             .iter()
             .filter(|a| a.ended_ms.is_none())
-            .filter_map(|a| {
-                Some(((a.source.clone(), a.destination.clone(), a.direction.clone(), Signal::parse(&a.signal)?), a.id))
-            })
+            .map(|a| ((a.source.clone(), a.destination.clone(), a.direction.clone(), a.signal.clone()), a.id))
             .collect();
     }
 
@@ -158,8 +173,13 @@ impl Anomalies {
         self.list.iter_mut().rev().find(|a| a.id == id)
     }
 
-    fn index_key(key: &PairKey, signal: Signal) -> (String, String, String, Signal) {
-        (key.source.to_string(), key.destination.to_string(), key.direction.as_str().to_string(), signal)
+    fn index_key(key: &PairKey, signal: Signal) -> IndexKey {
+        (
+            key.source.to_string(),
+            key.destination.to_string(),
+            key.direction.as_str().to_string(),
+            signal.as_str().to_string(),
+        )
     }
 
     /// A detection fired for `key`; joins the pair's active anomaly of that signal if another
@@ -176,25 +196,94 @@ impl Anomalies {
             return false;
         }
         let (observed, expected, lower, upper) = in_units(v, window_ms);
+        self.push(
+            index,
+            Anomaly {
+                id: 0,
+                kind: v.kind.to_string(),
+                signal: v.signal.as_str().to_string(),
+                source: String::new(),
+                destination: String::new(),
+                direction: String::new(),
+                reporters: vec![reporter],
+                severity: severity(v.kind).to_string(),
+                started_ms: at_ms,
+                ended_ms: None,
+                observed,
+                expected,
+                lower,
+                upper,
+                score: v.score(),
+                reason: reason(v, window_ms),
+            },
+        );
+        true
+    }
+
+    /// A zero-trust finding: starts a record, or joins the active one of the same kind on the
+    /// same pair (adding reporters). Returns whether a new record started.
+    pub fn raise(&mut self, f: FindingRecord, at_ms: i64) -> bool {
+        let index = (f.source.clone(), f.destination.clone(), f.direction.to_string(), f.kind.to_string());
+        if let Some(&id) = self.active.get(&index) {
+            if let Some(a) = self.find(id) {
+                for r in f.reporters {
+                    if !a.reporters.contains(&r) {
+                        a.reporters.push(r);
+                    }
+                }
+            }
+            return false;
+        }
+        self.push(
+            index,
+            Anomaly {
+                id: 0,
+                kind: f.kind.to_string(),
+                signal: f.kind.to_string(),
+                source: String::new(),
+                destination: String::new(),
+                direction: String::new(),
+                reporters: f.reporters,
+                severity: f.severity.to_string(),
+                started_ms: at_ms,
+                ended_ms: None,
+                observed: f.observed,
+                expected: f.expected,
+                lower: 0.0,
+                upper: f.expected,
+                score: 1.0,
+                reason: f.reason,
+            },
+        );
+        true
+    }
+
+    /// Ends the active record of `signal` (a finding kind) on a pair, whoever reported it.
+    pub fn end(&mut self, source: &str, destination: &str, direction: &str, signal: &str, at_ms: i64) -> bool {
+        let index = (source.to_string(), destination.to_string(), direction.to_string(), signal.to_string());
+        let Some(id) = self.active.remove(&index) else { return false };
+        if let Some(a) = self.find(id) {
+            a.ended_ms = Some(at_ms);
+        }
+        true
+    }
+
+    /// Whether a record of `signal` is active on a pair.
+    pub fn is_active(&self, source: &str, destination: &str, direction: &str, signal: &str) -> bool {
+        self.active.contains_key(&(
+            source.to_string(),
+            destination.to_string(),
+            direction.to_string(),
+            signal.to_string(),
+        ))
+    }
+
+    /// Adds a new record under `index` (which names its pair and signal), keeping the list
+    /// bounded.
+    fn push(&mut self, index: IndexKey, mut anomaly: Anomaly) {
         self.next_id += 1;
-        let anomaly = Anomaly {
-            id: self.next_id,
-            kind: v.kind.to_string(),
-            signal: v.signal.as_str().to_string(),
-            source: index.0.clone(),
-            destination: index.1.clone(),
-            direction: index.2.clone(),
-            reporters: vec![reporter],
-            severity: severity(v.kind).to_string(),
-            started_ms: at_ms,
-            ended_ms: None,
-            observed,
-            expected,
-            lower,
-            upper,
-            score: v.score(),
-            reason: reason(v, window_ms),
-        };
+        anomaly.id = self.next_id;
+        (anomaly.source, anomaly.destination, anomaly.direction) = (index.0.clone(), index.1.clone(), index.2.clone());
         self.active.insert(index, anomaly.id);
         self.list.push_back(anomaly);
         while self.list.len() > MAX_KEPT {
@@ -206,7 +295,6 @@ impl Anomalies {
                 None => break,
             }
         }
-        true
     }
 
     /// `key`'s view of `signal` is back to normal; the anomaly ends when no reporter still

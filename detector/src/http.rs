@@ -17,6 +17,8 @@ use crate::anomaly::{Anomaly, in_units};
 use crate::model::PairModel;
 use crate::pairs::PairTable;
 use crate::score::Detector;
+use crate::trust;
+use meshwatch_collector::flow::Direction;
 use meshwatch_collector::window::PairKey;
 
 /// What the handlers share.
@@ -37,6 +39,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/pairs", get(pairs))
         .route("/api/v1/pairs/{id}", get(pair))
         .route("/api/v1/anomalies", get(anomalies))
+        .route("/api/v1/findings", get(findings))
+        .route("/api/v1/graph", get(graph))
         .with_state(state)
 }
 
@@ -62,13 +66,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// A pair's id in the API: FNV-1a (64 bit) of its key, in hex.
 pub fn pair_id(k: &PairKey) -> String {
-    let mut h = 0xcbf2_9ce4_8422_2325_u64;
-    for part in [&*k.source, &*k.destination, k.direction.as_str(), k.reporter.as_str()] {
-        for b in part.bytes().chain(std::iter::once(0)) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    format!("{h:016x}")
+    format!("{:016x}", fnv(&[&k.source, &k.destination, k.direction.as_str(), k.reporter.as_str()]))
 }
 
 /// The latest verdict of one signal, in the signal's unit.
@@ -195,6 +193,159 @@ async fn anomalies(State(state): State<AppState>, Query(q): Query<AnomalyQuery>)
         .cloned()
         .collect();
     axum::Json(AnomaliesResponse { anomalies: list }).into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct FindingQuery {
+    /// Only findings that started at or after this time (Unix milliseconds), or are active.
+    since: Option<i64>,
+    /// One finding kind (`new_edge`, `mtls_downgrade`, …).
+    kind: Option<String>,
+    active: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct FindingsResponse {
+    findings: Vec<Anomaly>,
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn findings(State(state): State<AppState>, Query(q): Query<FindingQuery>) -> Response {
+    if let Some(k) = q.kind.as_deref()
+        && !trust::is_finding(k)
+    {
+        return bad_request(format!("kind `{k}` is none of {}", trust::KINDS.join(", ")));
+    }
+    let d = crate::lock(&state.detector);
+    let list = d
+        .anomalies
+        .iter()
+        .filter(|a| trust::is_finding(&a.kind))
+        .filter(|a| q.kind.as_deref().is_none_or(|k| a.kind == k))
+        .filter(|a| q.since.is_none_or(|t| a.started_ms >= t || a.ended_ms.is_none()))
+        .filter(|a| q.active.is_none_or(|act| act == a.ended_ms.is_none()))
+        .cloned()
+        .collect();
+    axum::Json(FindingsResponse { findings: list }).into_response()
+}
+
+/// A node of `GET /api/v1/graph`, in the fields Grafana's Node Graph panel reads.
+#[derive(Debug, Serialize)]
+struct GraphNode {
+    id: String,
+    title: String,
+    /// `mesh`, `outside` (an external destination or the internet) or `foreign` (a SPIFFE
+    /// ID of another trust domain).
+    subtitle: &'static str,
+    /// Requests and connections per second received, in the last window.
+    mainstat: f64,
+    /// Requests and connections per second sent, in the last window.
+    secondarystat: f64,
+}
+
+/// An edge of `GET /api/v1/graph`.
+#[derive(Debug, Serialize)]
+struct GraphEdge {
+    id: String,
+    source: String,
+    target: String,
+    /// Requests and connections per second, in the last window.
+    mainstat: f64,
+    /// Error ratio in the last window (null without requests).
+    secondarystat: Option<f64>,
+    direction: &'static str,
+    /// Share of the requests the destination's sidecar received over mTLS (null when no
+    /// destination sidecar reports).
+    mtls_share: Option<f64>,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    /// `learning`, `known`, or the kind of a finding active on the edge.
+    state: &'static str,
+    highlighted: bool,
+    #[serde(rename = "detail__direction")]
+    detail_direction: &'static str,
+    #[serde(rename = "detail__state")]
+    detail_state: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct GraphResponse {
+    nodes: Vec<GraphNode>,
+    edges: Vec<GraphEdge>,
+}
+
+fn short_name(identity: &str) -> String {
+    match identity.strip_prefix("spiffe://") {
+        Some(rest) => rest.rsplit('/').next().unwrap_or(rest).to_string(),
+        None => identity.to_string(),
+    }
+}
+
+async fn graph(State(state): State<AppState>) -> axum::Json<GraphResponse> {
+    let d = crate::lock(&state.detector);
+    let t = &d.trust;
+    let learning = d.last_start_ms.is_none_or(|at| !t.learned(at));
+    let mut nodes: BTreeMap<String, GraphNode> = BTreeMap::new();
+    let mut edges = Vec::new();
+    let mut book: Vec<_> = t.edges().collect();
+    book.sort_by(|a, b| a.0.cmp(b.0));
+    for (k, e) in book {
+        let (src, dst, dir) = (&*k.source, &*k.destination, k.direction.as_str());
+        let (rate, error_ratio) = t.last_rates(k);
+        let finding = trust::KINDS.into_iter().find(|kind| d.anomalies.is_active(src, dst, dir, kind));
+        let state = match finding {
+            Some(kind) => kind,
+            None if learning => "learning",
+            None => "known",
+        };
+        let seen = e.mtls + e.plaintext;
+        edges.push(GraphEdge {
+            id: format!("{:016x}", fnv(&[src, dst, dir])),
+            source: src.to_string(),
+            target: dst.to_string(),
+            mainstat: rate,
+            secondarystat: error_ratio,
+            direction: dir,
+            mtls_share: (seen > 0).then(|| e.mtls as f64 / seen as f64),
+            first_seen_ms: e.first_ms,
+            last_seen_ms: e.last_ms,
+            state,
+            highlighted: finding.is_some(),
+            detail_direction: dir,
+            detail_state: state,
+        });
+        for (id, inside, received) in [(src, k.direction != Direction::Ingress, false), (dst, dir != "egress", true)] {
+            let node = nodes.entry(id.to_string()).or_insert_with(|| GraphNode {
+                id: id.to_string(),
+                title: short_name(id),
+                subtitle: "mesh",
+                mainstat: 0.0,
+                secondarystat: 0.0,
+            });
+            if !inside {
+                node.subtitle = if id.starts_with("spiffe://") { "foreign" } else { "outside" };
+            }
+            if received {
+                node.mainstat += rate;
+            } else {
+                node.secondarystat += rate;
+            }
+        }
+    }
+    axum::Json(GraphResponse { nodes: nodes.into_values().collect(), edges })
+}
+
+fn fnv(parts: &[&str]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325_u64;
+    for part in parts {
+        for b in part.bytes().chain(std::iter::once(0)) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod pairs;
 pub mod score;
 pub mod stats;
 pub mod store;
+pub mod trust;
 
 use std::sync::{Arc, Mutex};
 

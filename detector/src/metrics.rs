@@ -14,7 +14,7 @@ use crate::score::Detector;
 const PAIR_SIGNAL: [&str; 5] = ["source", "destination", "direction", "reporter", "signal"];
 
 /// (name, help, labels) of every family.
-const FAMILIES: [(&str, &str, &[&str]); 7] = [
+const FAMILIES: [(&str, &str, &[&str]); 10] = [
     (
         "meshwatch_pair_anomaly_score",
         "Anomaly score of a pair's signal in the last window: one minus the tail probability, in [0, 1].",
@@ -33,8 +33,26 @@ const FAMILIES: [(&str, &str, &[&str]); 7] = [
     ("meshwatch_pair_signal_lower", "Lower edge of the normal band of a pair's signal.", &PAIR_SIGNAL),
     ("meshwatch_pair_signal_upper", "Upper edge of the normal band of a pair's signal.", &PAIR_SIGNAL),
     ("meshwatch_pairs_learning", "Pairs still learning their baselines (no anomalies raised yet).", &[]),
-    ("meshwatch_anomalies_active", "Active anomalies, by signal and direction.", &["signal", "direction"]),
+    (
+        "meshwatch_anomalies_active",
+        "Active anomalies and zero-trust findings, by signal (a finding's signal is its kind) and direction.",
+        &["signal", "direction"],
+    ),
+    ("meshwatch_edges_known", "Edges (source, destination, direction) in the first-seen book.", &[]),
+    (
+        "meshwatch_zero_trust_learning",
+        "1 while the zero-trust learning period runs (new edges are learnt, not reported), else 0.",
+        &[],
+    ),
+    (
+        "meshwatch_findings_total",
+        "Zero-trust findings raised since the store was created, by kind and direction.",
+        &["kind", "direction"],
+    ),
 ];
+
+/// Index of the first counter family; the ones before are gauges.
+const FIRST_COUNTER: usize = 9;
 
 #[derive(Debug)]
 pub struct DetectorCollector {
@@ -104,11 +122,27 @@ impl Collector for DetectorCollector {
         for ((signal, direction), n) in active {
             metrics[6].push(gauge(&[("signal", &signal), ("direction", &direction)], f64::from(n)));
         }
+        metrics[7].push(gauge(&[], d.trust.edges().count() as f64));
+        let learning = d.last_start_ms.is_none_or(|t| !d.trust.learned(t));
+        metrics[8].push(gauge(&[], f64::from(u8::from(learning))));
+        let mut raised: Vec<_> = d.trust.raised().collect();
+        raised.sort();
+        for ((kind, direction), n) in raised {
+            let mut c = proto::Counter::default();
+            c.set_value(*n as f64);
+            let mut m = proto::Metric::from_label(vec![label("kind", kind), label("direction", direction)]);
+            m.set_counter(c);
+            metrics[9].push(m);
+        }
         FAMILIES
             .iter()
             .zip(metrics)
-            .filter(|(_, m)| !m.is_empty())
-            .map(|((name, help, _), m)| family(name, help, MetricType::GAUGE, m))
+            .enumerate()
+            .filter(|(_, (_, m))| !m.is_empty())
+            .map(|(i, ((name, help, _), m))| {
+                let kind = if i >= FIRST_COUNTER { MetricType::COUNTER } else { MetricType::GAUGE };
+                family(name, help, kind, m)
+            })
             .collect()
     }
 }

@@ -160,7 +160,7 @@ pub struct PairCollector {
 }
 
 /// (name, help, type) of every family the collector emits.
-const FAMILIES: [(&str, &str, MetricType); 10] = [
+const FAMILIES: [(&str, &str, MetricType); 11] = [
     ("meshwatch_pair_requests_total", "HTTP requests per pair, by response status class.", MetricType::COUNTER),
     ("meshwatch_pair_request_duration_seconds", "Duration of HTTP requests per pair.", MetricType::HISTOGRAM),
     (
@@ -184,6 +184,11 @@ const FAMILIES: [(&str, &str, MetricType); 10] = [
     (
         "meshwatch_pair_mtls_total",
         "Requests and connections per pair whose caller presented a client certificate.",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_plaintext_total",
+        "Requests and connections per pair whose caller presented no client certificate.",
         MetricType::COUNTER,
     ),
     (
@@ -298,12 +303,13 @@ impl Collector for PairCollector {
             }
             if flows(s) > 0 {
                 metrics[8].push(counter(labels.clone(), None, s.mtls));
+                metrics[9].push(counter(labels.clone(), None, flows(s).saturating_sub(s.mtls)));
             }
             let mut g = proto::Gauge::default();
             g.set_value(e.first_seen_ms as f64 / 1000.0);
             let mut m = proto::Metric::from_label(labels);
             m.set_gauge(g);
-            metrics[9].push(m);
+            metrics[10].push(m);
         }
         FAMILIES
             .iter()

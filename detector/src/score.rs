@@ -8,6 +8,7 @@ use meshwatch_collector::window::{ClosedWindow, PairKey, PairStats};
 
 use crate::anomaly::Anomalies;
 use crate::model::{DetectorConfig, Obs, PairModel};
+use crate::trust::{Trust, TrustConfig};
 
 /// A gap longer than this (a restart, a stalled collector) is not filled with zeros: the
 /// pairs were not observed, which is not the same as silent.
@@ -22,6 +23,8 @@ pub struct Detector {
     pub window_ms: i64,
     models: HashMap<PairKey, PairModel>,
     pub anomalies: Anomalies,
+    /// Zero-trust findings (they go to `anomalies` too).
+    pub trust: Trust,
     /// Start of the last window scored.
     pub last_start_ms: Option<i64>,
     since_checkpoint: u32,
@@ -43,6 +46,7 @@ impl Detector {
             window_ms,
             models: HashMap::new(),
             anomalies: Anomalies::default(),
+            trust: Trust::new(TrustConfig::default()),
             last_start_ms: None,
             since_checkpoint: 0,
         }
@@ -54,9 +58,16 @@ impl Detector {
         window_ms: i64,
         models: impl IntoIterator<Item = (PairKey, PairModel)>,
         anomalies: Anomalies,
+        trust: Trust,
         last_start_ms: Option<i64>,
     ) -> Detector {
-        Detector { models: models.into_iter().collect(), anomalies, last_start_ms, ..Detector::new(cfg, window_ms) }
+        Detector {
+            models: models.into_iter().collect(),
+            anomalies,
+            trust,
+            last_start_ms,
+            ..Detector::new(cfg, window_ms)
+        }
     }
 
     pub fn models(&self) -> impl Iterator<Item = (&PairKey, &PairModel)> {
@@ -89,6 +100,9 @@ impl Detector {
             }
         }
         self.score_window(w.start_ms, &stats, &mut done);
+        let found = self.trust.observe(w, &mut self.anomalies);
+        done.anomalies_started += found.started;
+        done.anomalies_ended += found.ended;
         self.since_checkpoint += done.windows_scored;
         if self.since_checkpoint >= CHECKPOINT_WINDOWS {
             done.checkpoint_due = true;
@@ -118,6 +132,7 @@ impl Detector {
         Checkpoint {
             models: self.models.iter().map(|(k, m)| (k.clone(), m.to_bytes())).collect(),
             anomalies: self.anomalies.to_bytes(),
+            trust: self.trust.to_bytes(),
             last_start_ms: self.last_start_ms,
         }
     }
@@ -128,6 +143,7 @@ impl Detector {
 pub struct Checkpoint {
     pub models: Vec<(PairKey, Vec<u8>)>,
     pub anomalies: Vec<u8>,
+    pub trust: Vec<u8>,
     pub last_start_ms: Option<i64>,
 }
 
@@ -191,6 +207,7 @@ mod tests {
             10_000,
             models,
             Anomalies::from_bytes(&c.anomalies).expect("decodes"),
+            Trust::from_bytes(d.trust.cfg.clone(), &c.trust).expect("decodes"),
             c.last_start_ms,
         );
         for i in 500..600 {

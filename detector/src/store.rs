@@ -26,12 +26,15 @@ pub struct Store {
 }
 
 const ANOMALIES_KEY: &[u8] = b"anomalies";
+const TRUST_KEY: &[u8] = b"trust";
 
 /// A detector checkpoint as read back: models by pair key, the anomalies, the last window.
 #[derive(Debug, Default)]
 pub struct StoredCheckpoint {
     pub models: Vec<(v1::PairKey, Vec<u8>)>,
     pub anomalies: Option<Vec<u8>>,
+    /// The zero-trust state (edge book, principals, open findings).
+    pub trust: Option<Vec<u8>>,
     pub last_start_ms: Option<i64>,
 }
 const LAST_WINDOW_KEY: &[u8] = b"last_window_start_ms";
@@ -71,7 +74,8 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a detector checkpoint: every model, the anomalies, the last window scored.
+    /// Writes a detector checkpoint: every model, the anomalies, the zero-trust state, the
+    /// last window scored.
     pub fn save_checkpoint(&self, c: &crate::score::Checkpoint) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (key, model) in &c.models {
@@ -79,6 +83,7 @@ impl Store {
         }
         self.models.apply_batch(batch)?;
         self.meta.insert(ANOMALIES_KEY, c.anomalies.as_slice())?;
+        self.meta.insert(TRUST_KEY, c.trust.as_slice())?;
         if let Some(t) = c.last_start_ms {
             self.meta.insert(LAST_WINDOW_KEY, &t.to_be_bytes())?;
         }
@@ -96,9 +101,10 @@ impl Store {
             }
         }
         let anomalies = self.meta.get(ANOMALIES_KEY)?.map(|v| v.to_vec());
+        let trust = self.meta.get(TRUST_KEY)?.map(|v| v.to_vec());
         let last_start_ms =
             self.meta.get(LAST_WINDOW_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(i64::from_be_bytes);
-        Ok(StoredCheckpoint { models, anomalies, last_start_ms })
+        Ok(StoredCheckpoint { models, anomalies, trust, last_start_ms })
     }
 
     /// Makes everything written so far durable.

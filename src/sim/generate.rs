@@ -104,7 +104,13 @@ pub struct Generator {
 }
 
 fn spiffe(s: &Scenario, name: &str) -> String {
-    format!("spiffe://{}/ns/{}/sa/{}", s.trust_domain, s.namespace, name)
+    let td = s.services.iter().find(|x| x.name == name).and_then(|x| x.trust_domain.as_deref());
+    format!("spiffe://{}/ns/{}/sa/{}", td.unwrap_or(&s.trust_domain), s.namespace, name)
+}
+
+/// A workload of another trust domain: it has no sidecar of ours, and it is outside.
+fn foreign(s: &Scenario, i: usize) -> bool {
+    s.services[i].trust_domain.as_ref().is_some_and(|td| *td != s.trust_domain)
 }
 
 fn fqdn(s: &Scenario, name: &str) -> String {
@@ -251,13 +257,20 @@ impl Generator {
                 })
             };
             match (inc.kind, inc.to) {
-                (IncidentKind::NewEdge | IncidentKind::NewEgress, Some(to)) => {
+                (
+                    IncidentKind::NewEdge
+                    | IncidentKind::NewEgress
+                    | IncidentKind::NewPrincipal
+                    | IncidentKind::ForeignPrincipal
+                    | IncidentKind::PolicyViolation,
+                    Some(to),
+                ) => {
                     add(template(to, inc.magnitude), false, format!("incident {k}"));
                 }
                 (IncidentKind::FanOutScan, _) => {
                     // Every internal service `from` does not call yet, a few requests each.
                     let targets: Vec<usize> = (1..scenario.services.len())
-                        .filter(|&t| t != inc.from && !scenario.services[t].external)
+                        .filter(|&t| t != inc.from && !scenario.services[t].external && !foreign(&scenario, t))
                         .filter(|&t| !scenario.edges.iter().any(|e| e.from == inc.from && e.to == t))
                         .take(inc.magnitude.max(1.0) as usize)
                         .collect();
@@ -424,7 +437,12 @@ impl Generator {
                 IncidentKind::DenialSurge => denial = inc.magnitude,
                 IncidentKind::RateLimitSurge => rate_limit = inc.magnitude,
                 IncidentKind::EgressBytesSurge => request_bytes_factor *= inc.magnitude,
-                IncidentKind::NewEdge | IncidentKind::NewEgress | IncidentKind::FanOutScan => {}
+                IncidentKind::NewEdge
+                | IncidentKind::NewEgress
+                | IncidentKind::FanOutScan
+                | IncidentKind::NewPrincipal
+                | IncidentKind::ForeignPrincipal
+                | IncidentKind::PolicyViolation => {}
             }
         }
         let e = &mut self.edges[k];
@@ -483,7 +501,11 @@ impl Generator {
             (edge.from, edge.to, edge.protocol == Protocol::Tcp)
         };
         let class = (o.code / 100) as usize;
-        // Client side: the caller's sidecar, or the gateway for traffic from the internet.
+        // Client side: the caller's sidecar, or the gateway for traffic from the internet;
+        // none for a workload of another trust domain.
+        if foreign(&self.scenario, from) {
+            return self.server_side(k, o, &v, class);
+        }
         let client_stream = from * 4 + if tcp { Logger::OutboundTcp as usize } else { Logger::OutboundHttp as usize };
         if self.edges[k].templates[0].is_none() {
             self.edges[k].templates[0] = Some(self.template(k, None));
@@ -500,6 +522,15 @@ impl Generator {
         if self.scenario.services[to].external || (o.flags & ResponseFlags::UPSTREAM_CONNECTION_FAILURE) != 0 {
             return 1;
         }
+        1 + self.server_side(k, o, &v, class)
+    }
+
+    /// Writes the server side's entry of one request; returns 1.
+    fn server_side(&mut self, k: usize, o: &Outcome, v: &Varying, class: usize) -> u64 {
+        let (to, tcp) = {
+            let edge = &self.edges[k].edge;
+            (edge.to, edge.protocol == Protocol::Tcp)
+        };
         // Server side: the callee's sidecar, which sees the caller's certificate under mTLS.
         let server_stream = to * 4 + if tcp { Logger::InboundTcp as usize } else { Logger::InboundHttp as usize };
         let slot = if o.mtls { 1 } else { 2 };
@@ -507,7 +538,7 @@ impl Generator {
             self.edges[k].templates[slot] = Some(self.template(k, Some(o.mtls)));
         }
         if let Some(t) = self.edges[k].templates[slot].as_mut() {
-            t.write(&v, &mut self.pending[server_stream]);
+            t.write(v, &mut self.pending[server_stream]);
         }
         let e = &mut self.edges[k];
         if tcp {
@@ -515,7 +546,7 @@ impl Generator {
         } else {
             e.counts[1].requests[class] += 1
         }
-        2
+        1
     }
 
     /// The entry template of edge `k`: the client side (`server: None`) or the server side,
@@ -603,7 +634,7 @@ fn pair_names(s: &Scenario, from: usize, to: usize) -> (String, String, &'static
     let callee = &s.services[to];
     let source = if from == 0 { EXTERNAL.to_string() } else { spiffe(s, &caller.name) };
     let destination = if callee.external { callee.name.clone() } else { spiffe(s, &callee.name) };
-    let direction = if from == 0 || caller.external {
+    let direction = if from == 0 || caller.external || foreign(s, from) {
         "ingress"
     } else if callee.external {
         "egress"
@@ -616,7 +647,8 @@ fn pair_names(s: &Scenario, from: usize, to: usize) -> (String, String, &'static
 /// The callee sidecar's view: traffic from the internet arrives from the gateway.
 fn server_view(s: &Scenario, from: usize, destination: &str) -> PairReporter {
     let source = if from == 0 { spiffe(s, GATEWAY) } else { spiffe(s, &s.services[from].name) };
-    (source, destination.to_string(), "east_west", "destination")
+    let direction = if foreign(s, from) { "ingress" } else { "east_west" };
+    (source, destination.to_string(), direction, "destination")
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! and the incidents to inject into it. The format is documented in `scenarios/README.md`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -29,6 +29,9 @@ struct RawScenario {
     edges: Vec<RawEdge>,
     #[serde(default)]
     incidents: Vec<RawIncident>,
+    /// A meshwatch policy file (allowed edges) for this mesh, relative to the scenario file.
+    #[serde(default)]
+    policy: Option<String>,
 }
 
 fn default_trust_domain() -> String {
@@ -46,6 +49,9 @@ struct RawService {
     /// Outside the mesh: an API reached by egress (`name` is its host name).
     #[serde(default)]
     external: bool,
+    /// A workload of another SPIFFE trust domain (its certificates name that domain).
+    #[serde(default)]
+    trust_domain: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,10 +176,19 @@ pub enum IncidentKind {
     FanOutScan,
     /// Request bytes of an egress edge × magnitude (default 20).
     EgressBytesSurge,
+    /// A service that never called anything calls `to`, at magnitude requests per second
+    /// (default 1).
+    NewPrincipal,
+    /// A workload of another trust domain (a service with `trust_domain`) calls `to` over
+    /// mTLS, at magnitude requests per second (default 0.5).
+    ForeignPrincipal,
+    /// A new edge that the scenario's policy does not allow, at magnitude requests per
+    /// second (default 0.5).
+    PolicyViolation,
 }
 
 impl IncidentKind {
-    pub const ALL: [IncidentKind; 11] = [
+    pub const ALL: [IncidentKind; 14] = [
         IncidentKind::LatencyShift,
         IncidentKind::ErrorBurst,
         IncidentKind::TrafficDrop,
@@ -185,6 +200,9 @@ impl IncidentKind {
         IncidentKind::RateLimitSurge,
         IncidentKind::FanOutScan,
         IncidentKind::EgressBytesSurge,
+        IncidentKind::NewPrincipal,
+        IncidentKind::ForeignPrincipal,
+        IncidentKind::PolicyViolation,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -200,6 +218,9 @@ impl IncidentKind {
             IncidentKind::RateLimitSurge => "rate_limit_surge",
             IncidentKind::FanOutScan => "fan_out_scan",
             IncidentKind::EgressBytesSurge => "egress_bytes_surge",
+            IncidentKind::NewPrincipal => "new_principal",
+            IncidentKind::ForeignPrincipal => "foreign_principal",
+            IncidentKind::PolicyViolation => "policy_violation",
         }
     }
 
@@ -213,8 +234,8 @@ impl IncidentKind {
             IncidentKind::ErrorBurst => 0.05,
             IncidentKind::TrafficDrop | IncidentKind::MtlsDowngrade => 0.0,
             IncidentKind::TrafficSurge => 3.0,
-            IncidentKind::NewEdge => 1.0,
-            IncidentKind::NewEgress => 0.5,
+            IncidentKind::NewEdge | IncidentKind::NewPrincipal => 1.0,
+            IncidentKind::NewEgress | IncidentKind::ForeignPrincipal | IncidentKind::PolicyViolation => 0.5,
             IncidentKind::DenialSurge | IncidentKind::RateLimitSurge => 0.3,
             IncidentKind::FanOutScan => 40.0,
             IncidentKind::EgressBytesSurge => 20.0,
@@ -223,7 +244,20 @@ impl IncidentKind {
 
     /// Kinds that act on an edge the scenario already has.
     fn needs_existing_edge(self) -> bool {
-        !matches!(self, IncidentKind::NewEdge | IncidentKind::NewEgress | IncidentKind::FanOutScan)
+        !self.adds_edge()
+    }
+
+    /// Kinds that add traffic on an edge the scenario does not have.
+    pub fn adds_edge(self) -> bool {
+        matches!(
+            self,
+            IncidentKind::NewEdge
+                | IncidentKind::NewEgress
+                | IncidentKind::FanOutScan
+                | IncidentKind::NewPrincipal
+                | IncidentKind::ForeignPrincipal
+                | IncidentKind::PolicyViolation
+        )
     }
 }
 
@@ -231,6 +265,8 @@ impl IncidentKind {
 pub struct Service {
     pub name: String,
     pub external: bool,
+    /// Another SPIFFE trust domain than the scenario's.
+    pub trust_domain: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -276,6 +312,8 @@ pub struct Scenario {
     pub services: Vec<Service>,
     pub edges: Vec<Edge>,
     pub incidents: Vec<Incident>,
+    /// The mesh's policy file, relative to the scenario file until `load` resolves it.
+    pub policy: Option<PathBuf>,
 }
 
 /// Every problem of a scenario file, one per line.
@@ -399,8 +437,12 @@ impl Scenario {
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ScenarioError(vec![format!("{}: {e}", path.display())]))?;
-        Scenario::parse(&text)
-            .map_err(|e| ScenarioError(e.0.into_iter().map(|p| format!("{}: {p}", path.display())).collect()))
+        let mut scenario = Scenario::parse(&text)
+            .map_err(|e| ScenarioError(e.0.into_iter().map(|p| format!("{}: {p}", path.display())).collect()))?;
+        if let (Some(policy), Some(dir)) = (scenario.policy.as_mut(), path.parent()) {
+            *policy = dir.join(&*policy);
+        }
+        Ok(scenario)
     }
 
     pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
@@ -414,7 +456,7 @@ impl Scenario {
             problems.push(format!("duration: {e}"));
             0
         });
-        let mut services = vec![Service { name: INTERNET.into(), external: true }];
+        let mut services = vec![Service { name: INTERNET.into(), external: true, trust_domain: None }];
         let mut index = BTreeMap::from([(INTERNET.to_string(), 0usize)]);
         for s in raw.services {
             if index.insert(s.name.clone(), services.len()).is_some() {
@@ -423,7 +465,7 @@ impl Scenario {
             if s.name.is_empty() || s.name.contains(['|', ' ', '/']) {
                 problems.push(format!("services: `{}` is not a usable name", s.name));
             }
-            services.push(Service { name: s.name, external: s.external });
+            services.push(Service { name: s.name, external: s.external, trust_domain: s.trust_domain });
         }
         let lookup = |name: &str, what: &str, problems: &mut Vec<String>| -> Option<usize> {
             let found = index.get(name).copied();
@@ -530,7 +572,7 @@ impl Scenario {
                 let external_target = services[to].external;
                 let wants_external = match kind {
                     IncidentKind::NewEgress | IncidentKind::EgressBytesSurge => Some(true),
-                    IncidentKind::NewEdge => Some(false),
+                    IncidentKind::NewEdge | IncidentKind::NewPrincipal | IncidentKind::ForeignPrincipal => Some(false),
                     _ => None,
                 };
                 if wants_external.is_some_and(|w| w != external_target) {
@@ -539,6 +581,13 @@ impl Scenario {
                         kind.as_str(),
                         if external_target { "not " } else { "" }
                     ));
+                }
+                if kind == IncidentKind::NewPrincipal && edges.iter().any(|e| e.from == from) {
+                    problems.push(format!("{what}: the caller of new_principal must call nothing else"));
+                }
+                let foreign = services[from].trust_domain.as_ref().is_some_and(|td| *td != raw.trust_domain);
+                if kind == IncidentKind::ForeignPrincipal && !foreign {
+                    problems.push(format!("{what}: the caller of foreign_principal needs another trust_domain"));
                 }
                 if kind == IncidentKind::MtlsDowngrade && !edges.iter().any(|e| e.from == from && e.to == to && e.mtls)
                 {
@@ -568,6 +617,7 @@ impl Scenario {
             services,
             edges,
             incidents,
+            policy: raw.policy.map(PathBuf::from),
         })
     }
 }

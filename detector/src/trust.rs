@@ -1,0 +1,773 @@
+//! Zero-trust findings: structural facts about who talks to whom, not statistics.
+//!
+//! Per closed window, every pair's views (source, destination and gateway sidecars) are folded
+//! into one edge (source, destination, direction), and the edge book answers: was this edge
+//! ever seen (after the learning period, a new edge, a new egress destination or a principal
+//! never seen in the mesh is a finding)? Is the caller's SPIFFE ID in a trust domain of ours?
+//! Did the destination's sidecar see plaintext on an edge that used mTLS? Is a source reaching
+//! far more destinations than it ever did? Did a new egress destination receive a large
+//! volume? Does the policy allow the edge? A finding stays active while its evidence goes on
+//! and ends `hold` after the last evidence.
+//!
+//! Pure: the caller passes closed windows and the anomaly registry the findings go to.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use meshwatch_collector::flow::{Direction, Reporter};
+use meshwatch_collector::identity::Pattern;
+use meshwatch_collector::window::ClosedWindow;
+use serde::{Deserialize, Serialize};
+
+use crate::anomaly::{Anomalies, FindingRecord};
+
+pub const NEW_EDGE: &str = "new_edge";
+pub const NEW_EGRESS: &str = "new_egress_destination";
+pub const NEW_PRINCIPAL: &str = "new_principal";
+pub const FOREIGN_PRINCIPAL: &str = "foreign_principal";
+pub const MTLS_DOWNGRADE: &str = "mtls_downgrade";
+pub const PLAINTEXT: &str = "plaintext";
+pub const FAN_OUT: &str = "fan_out";
+pub const NEW_EGRESS_VOLUME: &str = "new_egress_volume";
+pub const POLICY_VIOLATION: &str = "policy_violation";
+
+/// Every finding kind.
+pub const KINDS: [&str; 9] = [
+    NEW_EDGE,
+    NEW_EGRESS,
+    NEW_PRINCIPAL,
+    FOREIGN_PRINCIPAL,
+    MTLS_DOWNGRADE,
+    PLAINTEXT,
+    FAN_OUT,
+    NEW_EGRESS_VOLUME,
+    POLICY_VIOLATION,
+];
+
+/// Whether an anomaly record's kind is a zero-trust finding.
+pub fn is_finding(kind: &str) -> bool {
+    KINDS.contains(&kind)
+}
+
+fn severity(kind: &str) -> &'static str {
+    match kind {
+        NEW_EDGE | NEW_PRINCIPAL | PLAINTEXT => "warning",
+        _ => "critical",
+    }
+}
+
+/// One allow rule of the policy: identity globs (`*` matches any run of characters) and an
+/// optional direction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    pub from: Pattern,
+    pub to: Pattern,
+    pub direction: Option<Direction>,
+}
+
+/// The allowlist: an edge no rule allows is a violation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Policy {
+    pub allow: Vec<Rule>,
+}
+
+impl Policy {
+    pub fn allows(&self, source: &str, destination: &str, direction: Direction) -> bool {
+        self.allow.iter().any(|r| {
+            r.direction.is_none_or(|d| d == direction)
+                && r.from.matches(source.as_bytes())
+                && r.to.matches(destination.as_bytes())
+        })
+    }
+}
+
+/// Zero-trust settings, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrustConfig {
+    /// Event time after the first window before an edge never seen is a finding.
+    pub learning_ms: i64,
+    /// An edge unseen this long is new again.
+    pub forget_after_ms: i64,
+    /// A finding ends this long after its last evidence.
+    pub hold_ms: i64,
+    /// Any plaintext east/west traffic is a finding (not only on edges that used mTLS).
+    pub require_mtls: bool,
+    /// SPIFFE trust domains of the mesh; a caller's SPIFFE ID outside them is a finding.
+    /// Empty: not checked.
+    pub trust_domains: Vec<String>,
+    /// Windows over which a source's distinct destinations are counted.
+    pub fan_out_windows: i64,
+    /// Least number of destinations a source calls for the first time within the span for a
+    /// fan-out finding (it also needs at least as many as the source usually reaches: twice
+    /// its usual count in all).
+    pub fan_out_min_new: u32,
+    /// Bytes sent to an egress destination within a day of its first appearance that make a
+    /// finding.
+    pub new_egress_volume_bytes: u64,
+    /// Edges remembered at most; beyond, new edges are counted but not remembered.
+    pub max_edges: usize,
+    pub policy: Option<Policy>,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            learning_ms: 24 * 3_600_000,
+            forget_after_ms: 30 * 24 * 3_600_000,
+            hold_ms: 15 * 60_000,
+            require_mtls: false,
+            trust_domains: Vec::new(),
+            fan_out_windows: 60,
+            fan_out_min_new: 3,
+            new_egress_volume_bytes: 100_000_000,
+            max_edges: 200_000,
+            policy: None,
+        }
+    }
+}
+
+/// What is remembered of one edge.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EdgeState {
+    /// Event time of the first and the last window with traffic (Unix milliseconds).
+    pub first_ms: i64,
+    pub last_ms: i64,
+    /// Requests and connections on the edge (all views summed per window, the largest view).
+    pub flows: u64,
+    /// Requests and connections the destination's sidecar received with and without a client
+    /// certificate.
+    pub mtls: u64,
+    pub plaintext: u64,
+    /// Bytes sent to the destination in the first day, for a new egress destination.
+    pub early_bytes_out: u64,
+    /// The edge appeared after the learning period (it was a finding).
+    pub appeared_new: bool,
+    pub volume_reported: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EdgeKey {
+    pub source: Arc<str>,
+    pub destination: Arc<str>,
+    pub direction: Direction,
+}
+
+/// One window's view of an edge, all reporters folded.
+#[derive(Debug, Default)]
+struct WindowEdge {
+    flows: u64,
+    errors: u64,
+    mtls: u64,
+    plaintext: u64,
+    bytes_out: u64,
+    reporters: Vec<Reporter>,
+}
+
+/// A source's recent destinations, for fan-out.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Reach {
+    /// Destination → start of the last window it was reached in, and when the edge was
+    /// first seen.
+    recent: HashMap<String, (i64, i64)>,
+    /// The most distinct destinations reached within one span, those first called within
+    /// the span not counted.
+    usual: u32,
+}
+
+/// The zero-trust state: the edge book, principals, reach of sources and open findings.
+#[derive(Debug)]
+pub struct Trust {
+    pub cfg: TrustConfig,
+    /// Start of the first window ever seen (the learning period starts there).
+    since_ms: Option<i64>,
+    edges: HashMap<EdgeKey, EdgeState>,
+    /// SPIFFE IDs seen calling: first and last window.
+    principals: HashMap<String, (i64, i64)>,
+    reach: HashMap<String, Reach>,
+    /// Active findings: (source, destination, direction, kind) → last evidence (window end).
+    open: HashMap<(String, String, String, String), i64>,
+    /// Findings raised, by (kind, direction), since the store was created.
+    raised: HashMap<(String, String), u64>,
+    /// New edges not remembered because the book was full.
+    pub edges_dropped: u64,
+    /// The last window: its length, and each edge's flows and errors in it (not saved).
+    last_window_ms: i64,
+    last: HashMap<EdgeKey, (u64, u64)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    since_ms: Option<i64>,
+    edges: Vec<(String, String, u8, EdgeState)>,
+    principals: Vec<(String, i64, i64)>,
+    reach: Vec<(String, Reach)>,
+    open: Vec<(String, String, String, String, i64)>,
+    raised: Vec<(String, String, u64)>,
+    edges_dropped: u64,
+}
+
+/// What one window did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrustStep {
+    pub started: u32,
+    pub ended: u32,
+}
+
+fn spiffe_trust_domain(id: &str) -> Option<&str> {
+    id.strip_prefix("spiffe://").map(|rest| rest.split('/').next().unwrap_or(rest))
+}
+
+fn days(ms: i64) -> String {
+    let d = ms as f64 / 86_400_000.0;
+    if d >= 1.0 { format!("{d:.1} days") } else { format!("{:.1} h", ms as f64 / 3_600_000.0) }
+}
+
+fn bytes_text(b: f64) -> String {
+    match b {
+        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b:.0} B"),
+    }
+}
+
+impl Default for Trust {
+    fn default() -> Self {
+        Trust::new(TrustConfig::default())
+    }
+}
+
+impl Trust {
+    pub fn new(cfg: TrustConfig) -> Trust {
+        Trust {
+            cfg,
+            since_ms: None,
+            edges: HashMap::new(),
+            principals: HashMap::new(),
+            reach: HashMap::new(),
+            open: HashMap::new(),
+            raised: HashMap::new(),
+            edges_dropped: 0,
+            last_window_ms: 0,
+            last: HashMap::new(),
+        }
+    }
+
+    /// Whether the learning period is over at `t_ms`.
+    pub fn learned(&self, t_ms: i64) -> bool {
+        self.since_ms.is_some_and(|s| t_ms >= s + self.cfg.learning_ms)
+    }
+
+    pub fn edges(&self) -> impl Iterator<Item = (&EdgeKey, &EdgeState)> {
+        self.edges.iter()
+    }
+
+    pub fn edge(&self, key: &EdgeKey) -> Option<&EdgeState> {
+        self.edges.get(key)
+    }
+
+    /// An edge's requests (and connections) per second and error ratio in the last window.
+    pub fn last_rates(&self, key: &EdgeKey) -> (f64, Option<f64>) {
+        let seconds = self.last_window_ms as f64 / 1000.0;
+        match self.last.get(key) {
+            Some(&(flows, errors)) if seconds > 0.0 => {
+                (flows as f64 / seconds, (flows > 0).then(|| errors as f64 / flows as f64))
+            }
+            _ => (0.0, None),
+        }
+    }
+
+    /// Findings raised so far, by (kind, direction).
+    pub fn raised(&self) -> impl Iterator<Item = (&(String, String), &u64)> {
+        self.raised.iter()
+    }
+
+    fn raise(&mut self, anomalies: &mut Anomalies, f: FindingRecord, end_ms: i64, step: &mut TrustStep) {
+        let key = (f.source.clone(), f.destination.clone(), f.direction.to_string(), f.kind.to_string());
+        self.open.insert(key, end_ms);
+        let counter = (f.kind.to_string(), f.direction.to_string());
+        if anomalies.raise(f, end_ms) {
+            step.started += 1;
+            *self.raised.entry(counter).or_default() += 1;
+        }
+    }
+
+    /// Folds one closed window in and raises or ends findings in `anomalies`.
+    pub fn observe(&mut self, w: &ClosedWindow, anomalies: &mut Anomalies) -> TrustStep {
+        let mut step = TrustStep::default();
+        let since = *self.since_ms.get_or_insert(w.start_ms);
+        let learned = self.learned(w.start_ms);
+        let span_s = (w.end_ms - w.start_ms) as f64 / 1000.0;
+
+        let mut window: HashMap<EdgeKey, WindowEdge> = HashMap::new();
+        for (k, s) in w.pairs.iter().filter(|(k, _)| !k.is_overflow()) {
+            let e = window
+                .entry(EdgeKey { source: k.source.clone(), destination: k.destination.clone(), direction: k.direction })
+                .or_default();
+            let flows = s.total_requests() + s.tcp_connections;
+            e.flows = e.flows.max(flows);
+            e.errors = e.errors.max(s.errors);
+            e.bytes_out = e.bytes_out.max(s.request_bytes + s.tcp_sent_bytes);
+            if k.reporter == Reporter::Destination {
+                e.mtls += s.mtls;
+                e.plaintext += flows.saturating_sub(s.mtls);
+            }
+            if !e.reporters.contains(&k.reporter) {
+                e.reporters.push(k.reporter);
+            }
+        }
+
+        let mut keys: Vec<&EdgeKey> = window.keys().collect();
+        keys.sort();
+        for key in keys {
+            let we = &window[key];
+            if we.flows == 0 {
+                continue;
+            }
+            let (src, dst, dir) = (&*key.source, &*key.destination, key.direction.as_str());
+            let reporters: Vec<String> = we.reporters.iter().map(|r| r.as_str().to_string()).collect();
+            let record = |kind: &'static str, observed: f64, expected: f64, reason: String| FindingRecord {
+                kind,
+                source: src.to_string(),
+                destination: dst.to_string(),
+                direction: dir,
+                reporters: reporters.clone(),
+                severity: severity(kind),
+                observed,
+                expected,
+                reason,
+            };
+            let prev = self.edges.get(key).cloned();
+            let is_new = prev.as_ref().is_none_or(|p| w.start_ms - p.last_ms > self.cfg.forget_after_ms);
+            let flows_text = format!("{} requests or connections in {span_s:.0} s", we.flows);
+
+            let foreign = !self.cfg.trust_domains.is_empty()
+                && spiffe_trust_domain(src).is_some_and(|td| !self.cfg.trust_domains.iter().any(|t| t == td));
+            if foreign {
+                let reason = format!(
+                    "{dst} received calls from {src}, outside the trust domains ({}): {flows_text}",
+                    self.cfg.trust_domains.join(", ")
+                );
+                self.raise(anomalies, record(FOREIGN_PRINCIPAL, we.flows as f64, 0.0, reason), w.end_ms, &mut step);
+            } else if is_new && learned {
+                let history = days(w.start_ms - since);
+                let (kind, reason) = if key.direction == Direction::Egress {
+                    let reason = format!(
+                        "{src} reached {dst}, an outside destination never seen in {history}: {flows_text}, {} sent",
+                        bytes_text(we.bytes_out as f64)
+                    );
+                    (NEW_EGRESS, reason)
+                } else if src.starts_with("spiffe://") && !self.principals.contains_key(src) {
+                    let reason =
+                        format!("{dst} received calls from {src}, a principal never seen in {history}: {flows_text}");
+                    (NEW_PRINCIPAL, reason)
+                } else {
+                    let reason = format!("{src} called {dst} ({dir}), never seen in {history}: {flows_text}");
+                    (NEW_EDGE, reason)
+                };
+                self.raise(anomalies, record(kind, we.flows as f64, 0.0, reason), w.end_ms, &mut step);
+            }
+
+            if let Some(policy) = &self.cfg.policy
+                && !policy.allows(src, dst, key.direction)
+            {
+                let reason = format!("{src} → {dst} ({dir}) is allowed by no policy rule: {flows_text}");
+                self.raise(anomalies, record(POLICY_VIOLATION, we.flows as f64, 0.0, reason), w.end_ms, &mut step);
+            }
+
+            if key.direction == Direction::EastWest && we.plaintext > 0 {
+                let used_mtls = prev.as_ref().filter(|_| !is_new).map_or(0, |p| p.mtls);
+                if used_mtls > 0 {
+                    let reason = format!(
+                        "{} plaintext requests or connections from {src} to {dst} in {span_s:.0} s; the edge had used mTLS ({used_mtls} before)",
+                        we.plaintext
+                    );
+                    let f = record(MTLS_DOWNGRADE, we.plaintext as f64, 0.0, reason);
+                    self.raise(anomalies, f, w.end_ms, &mut step);
+                } else if self.cfg.require_mtls {
+                    let reason = format!(
+                        "{} plaintext requests or connections from {src} to {dst} in {span_s:.0} s; mTLS is required east/west",
+                        we.plaintext
+                    );
+                    self.raise(anomalies, record(PLAINTEXT, we.plaintext as f64, 0.0, reason), w.end_ms, &mut step);
+                }
+            }
+
+            // Update the book.
+            let full = self.edges.len() >= self.cfg.max_edges;
+            if prev.is_none() && full {
+                self.edges_dropped += 1;
+                continue;
+            }
+            let e = self.edges.entry(key.clone()).or_default();
+            if is_new {
+                *e = EdgeState { first_ms: w.start_ms, appeared_new: learned, ..EdgeState::default() };
+            }
+            e.last_ms = w.start_ms;
+            e.flows = e.flows.saturating_add(we.flows);
+            e.mtls = e.mtls.saturating_add(we.mtls);
+            e.plaintext = e.plaintext.saturating_add(we.plaintext);
+            if key.direction == Direction::Egress && e.appeared_new && w.start_ms - e.first_ms < 86_400_000 {
+                e.early_bytes_out = e.early_bytes_out.saturating_add(we.bytes_out);
+                if !e.volume_reported && e.early_bytes_out >= self.cfg.new_egress_volume_bytes {
+                    e.volume_reported = true;
+                    let reason = format!(
+                        "{} sent from {src} to {dst}, an outside destination first seen {} ago",
+                        bytes_text(e.early_bytes_out as f64),
+                        days(w.end_ms - e.first_ms)
+                    );
+                    let f = record(
+                        NEW_EGRESS_VOLUME,
+                        e.early_bytes_out as f64,
+                        self.cfg.new_egress_volume_bytes as f64,
+                        reason,
+                    );
+                    self.raise(anomalies, f, w.end_ms, &mut step);
+                }
+            }
+            if src.starts_with("spiffe://") {
+                let p = self.principals.entry(src.to_string()).or_insert((w.start_ms, w.start_ms));
+                p.1 = w.start_ms;
+            }
+        }
+
+        self.fan_out(w, &window, learned, anomalies, &mut step);
+        self.last_window_ms = w.end_ms - w.start_ms;
+        self.last = window.iter().map(|(k, e)| (k.clone(), (e.flows, e.errors))).collect();
+        self.expire(w, anomalies, &mut step);
+        step
+    }
+
+    /// Counts the destinations each source reached for the first time within the span,
+    /// against the number it usually reaches.
+    fn fan_out(
+        &mut self,
+        w: &ClosedWindow,
+        window: &HashMap<EdgeKey, WindowEdge>,
+        learned: bool,
+        anomalies: &mut Anomalies,
+        step: &mut TrustStep,
+    ) {
+        let span_ms = self.cfg.fan_out_windows * (w.end_ms - w.start_ms);
+        let mut touched: HashMap<&str, bool> = HashMap::new();
+        for (k, e) in window {
+            if e.flows == 0 {
+                continue;
+            }
+            let first = self.edges.get(k).map_or(w.start_ms, |e| e.first_ms);
+            let reach = self.reach.entry(k.source.to_string()).or_default();
+            let seen = reach.recent.entry(k.destination.to_string()).or_insert((w.start_ms, first));
+            *seen = (w.start_ms, seen.1.min(first));
+            *touched.entry(&k.source).or_default() |= k.direction == Direction::EastWest;
+        }
+        let mut sources: Vec<(&str, bool)> = touched.into_iter().collect();
+        sources.sort();
+        for (source, east_west) in sources {
+            let Some(reach) = self.reach.get_mut(source) else { continue };
+            reach.recent.retain(|_, (last, _)| w.start_ms - *last < span_ms);
+            let distinct = u32::try_from(reach.recent.len()).unwrap_or(u32::MAX);
+            let novel = reach.recent.values().filter(|(_, first)| w.start_ms - first < span_ms).count();
+            let novel = u32::try_from(novel).unwrap_or(u32::MAX);
+            let usual = reach.usual;
+            reach.usual = usual.max(distinct - novel);
+            if !learned || novel < usual.max(self.cfg.fan_out_min_new) {
+                continue;
+            }
+            let direction = if east_west { "east_west" } else { "egress" };
+            let reason = format!(
+                "{source} reached {novel} destinations it had never called within {:.0} min ({distinct} in all; usually at most {usual})",
+                span_ms as f64 / 60_000.0
+            );
+            let f = FindingRecord {
+                kind: FAN_OUT,
+                source: source.to_string(),
+                destination: "*".into(),
+                direction,
+                reporters: vec![Reporter::Source.as_str().to_string()],
+                severity: severity(FAN_OUT),
+                observed: f64::from(distinct),
+                expected: f64::from(usual),
+                reason,
+            };
+            self.raise(anomalies, f, w.end_ms, step);
+        }
+        if w.start_ms % 3_600_000 < w.end_ms - w.start_ms {
+            self.reach.retain(|_, r| {
+                r.recent.retain(|_, (last, _)| w.start_ms - *last < span_ms);
+                !r.recent.is_empty() || r.usual > 0
+            });
+        }
+    }
+
+    /// Ends findings whose evidence stopped `hold` ago; forgets edges unseen for
+    /// `forget_after` (checked once an hour of event time).
+    fn expire(&mut self, w: &ClosedWindow, anomalies: &mut Anomalies, step: &mut TrustStep) {
+        let hold = self.cfg.hold_ms;
+        let mut done: Vec<(String, String, String, String)> =
+            self.open.iter().filter(|(_, last)| w.end_ms - **last >= hold).map(|(k, _)| k.clone()).collect();
+        done.sort();
+        for k in done {
+            self.open.remove(&k);
+            if anomalies.end(&k.0, &k.1, &k.2, &k.3, w.end_ms) {
+                step.ended += 1;
+            }
+        }
+        if w.start_ms % 3_600_000 < w.end_ms - w.start_ms {
+            let forget = self.cfg.forget_after_ms;
+            self.edges.retain(|_, e| w.start_ms - e.last_ms <= forget);
+            self.principals.retain(|_, p| w.start_ms - p.1 <= forget);
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let code = |d: Direction| Direction::ALL.iter().position(|x| *x == d).unwrap_or(0) as u8;
+        let saved = Saved {
+            since_ms: self.since_ms,
+            edges: self
+                .edges
+                .iter()
+                .map(|(k, e)| (k.source.to_string(), k.destination.to_string(), code(k.direction), e.clone()))
+                .collect(),
+            principals: self.principals.iter().map(|(p, (a, b))| (p.clone(), *a, *b)).collect(),
+            reach: self.reach.iter().map(|(s, r)| (s.clone(), r.clone())).collect(),
+            open: self.open.iter().map(|(k, t)| (k.0.clone(), k.1.clone(), k.2.clone(), k.3.clone(), *t)).collect(),
+            raised: self.raised.iter().map(|((k, d), n)| (k.clone(), d.clone(), *n)).collect(),
+            edges_dropped: self.edges_dropped,
+        };
+        postcard::to_stdvec(&saved).unwrap_or_default()
+    }
+
+    /// State saved by `to_bytes`, under the given (current) configuration.
+    pub fn from_bytes(cfg: TrustConfig, bytes: &[u8]) -> Option<Trust> {
+        let saved: Saved = postcard::from_bytes(bytes).ok()?;
+        let mut t = Trust::new(cfg);
+        t.since_ms = saved.since_ms;
+        for (s, d, dir, e) in saved.edges {
+            let direction = *Direction::ALL.get(usize::from(dir))?;
+            t.edges.insert(EdgeKey { source: Arc::from(s), destination: Arc::from(d), direction }, e);
+        }
+        t.principals = saved.principals.into_iter().map(|(p, a, b)| (p, (a, b))).collect();
+        t.reach = saved.reach.into_iter().collect();
+        t.open = saved.open.into_iter().map(|(a, b, c, d, t)| ((a, b, c, d), t)).collect();
+        t.raised = saved.raised.into_iter().map(|(k, d, n)| ((k, d), n)).collect();
+        t.edges_dropped = saved.edges_dropped;
+        Some(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwatch_collector::window::{PairKey, PairStats};
+
+    const HOUR: i64 = 3_600_000;
+    const W: i64 = 10_000;
+
+    fn key(src: &str, dst: &str, direction: Direction, reporter: Reporter) -> PairKey {
+        PairKey { source: Arc::from(src), destination: Arc::from(dst), direction, reporter }
+    }
+
+    fn stats(requests: u64, mtls: u64) -> PairStats {
+        let mut s = PairStats::default();
+        s.requests[2] = requests;
+        s.mtls = mtls;
+        s.request_bytes = requests * 1000;
+        s
+    }
+
+    fn window(start_ms: i64, pairs: Vec<(PairKey, PairStats)>) -> ClosedWindow {
+        ClosedWindow { start_ms, end_ms: start_ms + W, pairs }
+    }
+
+    const A: &str = "spiffe://mesh.test/ns/shop/sa/a";
+    const B: &str = "spiffe://mesh.test/ns/shop/sa/b";
+    const C: &str = "spiffe://mesh.test/ns/shop/sa/c";
+
+    fn steady(t: i64) -> Vec<(PairKey, PairStats)> {
+        vec![
+            (key(A, B, Direction::EastWest, Reporter::Source), stats(5, 0)),
+            (key(A, B, Direction::EastWest, Reporter::Destination), stats(5, 5)),
+            (key(A, "api.example.com", Direction::Egress, Reporter::Source), stats(u64::from(t % 3 == 0), 0)),
+        ]
+    }
+
+    fn config() -> TrustConfig {
+        TrustConfig { learning_ms: HOUR, trust_domains: vec!["mesh.test".into()], ..TrustConfig::default() }
+    }
+
+    /// Runs `windows` windows of steady traffic starting at 0; returns the next start.
+    fn learn(t: &mut Trust, a: &mut Anomalies, windows: i64) -> i64 {
+        for i in 0..windows {
+            let step = t.observe(&window(i * W, steady(i)), a);
+            assert_eq!(step.started, 0, "window {i}: {:?}", a.iter().collect::<Vec<_>>());
+        }
+        windows * W
+    }
+
+    fn kinds(a: &Anomalies) -> Vec<(String, String, String)> {
+        a.iter().map(|x| (x.kind.clone(), x.source.clone(), x.destination.clone())).collect()
+    }
+
+    #[test]
+    fn new_edges_after_learning_are_findings_once_and_end_after_the_hold() {
+        let mut t = Trust::new(config());
+        let mut a = Anomalies::default();
+        // During learning, a new edge is learnt silently.
+        let mut pairs = steady(0);
+        pairs.push((key(B, C, Direction::EastWest, Reporter::Source), stats(1, 0)));
+        t.observe(&window(0, pairs), &mut a);
+        let start = learn(&mut t, &mut a, 400);
+        assert!(a.iter().next().is_none());
+
+        let mut pairs = steady(0);
+        pairs.push((key(A, C, Direction::EastWest, Reporter::Source), stats(2, 0)));
+        pairs.push((key(A, C, Direction::EastWest, Reporter::Destination), stats(2, 2)));
+        pairs.push((key(B, "paste.example.net", Direction::Egress, Reporter::Source), stats(1, 0)));
+        let step = t.observe(&window(start, pairs.clone()), &mut a);
+        assert_eq!(step.started, 2);
+        assert_eq!(
+            kinds(&a),
+            vec![
+                ("new_edge".into(), A.into(), C.into()),
+                ("new_egress_destination".into(), B.into(), "paste.example.net".into())
+            ]
+        );
+        let egress = a.iter().find(|x| x.kind == NEW_EGRESS).expect("egress finding");
+        assert_eq!(egress.severity, "critical");
+        assert!(egress.reason.contains("never seen in 1.1 h"), "{}", egress.reason);
+        let edge = a.iter().find(|x| x.kind == NEW_EDGE).expect("edge finding");
+        assert_eq!(edge.reporters, vec!["source", "destination"]);
+        // Seen again: not new again, and the finding ends `hold` after its evidence.
+        assert_eq!(t.observe(&window(start + W, pairs), &mut a).started, 0);
+        let mut ended = 0;
+        for i in 2..=91 {
+            ended += t.observe(&window(start + i * W, steady(i)), &mut a).ended;
+        }
+        assert_eq!(ended, 2);
+        assert!(a.iter().all(|x| x.ended_ms.is_some()));
+    }
+
+    #[test]
+    fn a_principal_never_seen_and_a_foreign_trust_domain() {
+        let mut t = Trust::new(config());
+        let mut a = Anomalies::default();
+        let start = learn(&mut t, &mut a, 400);
+        let newcomer = "spiffe://mesh.test/ns/batch/sa/job";
+        let foreign = "spiffe://evil.example/ns/x/sa/y";
+        let mut pairs = steady(0);
+        pairs.push((key(newcomer, B, Direction::EastWest, Reporter::Destination), stats(3, 3)));
+        pairs.push((key(foreign, B, Direction::Ingress, Reporter::Destination), stats(1, 1)));
+        t.observe(&window(start, pairs), &mut a);
+        let mut got = kinds(&a);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("foreign_principal".into(), foreign.into(), B.into()),
+                ("new_principal".into(), newcomer.into(), B.into())
+            ]
+        );
+        // Foreign callers are findings during learning too.
+        let mut t = Trust::new(config());
+        let mut a = Anomalies::default();
+        t.observe(&window(0, vec![(key(foreign, B, Direction::Ingress, Reporter::Destination), stats(1, 1))]), &mut a);
+        assert_eq!(kinds(&a), vec![("foreign_principal".into(), foreign.into(), B.into())]);
+    }
+
+    #[test]
+    fn plaintext_on_an_edge_that_used_mtls_is_a_downgrade() {
+        let mut t = Trust::new(config());
+        let mut a = Anomalies::default();
+        let start = learn(&mut t, &mut a, 400);
+        let mut pairs = steady(0);
+        pairs[1].1 = stats(5, 2);
+        t.observe(&window(start, pairs), &mut a);
+        let d: Vec<_> = a.iter().collect();
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].kind.as_str(), d[0].source.as_str(), d[0].observed), (MTLS_DOWNGRADE, A, 3.0));
+        assert!(d[0].reason.starts_with("3 plaintext requests"), "{}", d[0].reason);
+    }
+
+    #[test]
+    fn require_mtls_flags_any_plaintext_east_west() {
+        let mut t = Trust::new(TrustConfig { require_mtls: true, ..config() });
+        let mut a = Anomalies::default();
+        t.observe(&window(0, vec![(key(B, C, Direction::EastWest, Reporter::Destination), stats(2, 0))]), &mut a);
+        assert_eq!(kinds(&a), vec![("plaintext".into(), B.into(), C.into())]);
+    }
+
+    #[test]
+    fn a_source_reaching_many_destinations_is_a_fan_out() {
+        let mut t = Trust::new(TrustConfig { learning_ms: W, ..config() });
+        let mut a = Anomalies::default();
+        let start = learn(&mut t, &mut a, 100);
+        let services: Vec<String> = (0..5).map(|i| format!("spiffe://mesh.test/ns/shop/sa/s{i}")).collect();
+        let mut started = Vec::new();
+        for (i, s) in services.iter().enumerate() {
+            let mut pairs = steady(0);
+            pairs.push((key(A, s, Direction::EastWest, Reporter::Source), stats(1, 0)));
+            t.observe(&window(start + i as i64 * W, pairs), &mut a);
+            started.push(a.iter().filter(|x| x.kind == FAN_OUT).count());
+        }
+        // A reaches B and api.example.com usually (2): three new ones make the finding.
+        assert_eq!(started, vec![0, 0, 1, 1, 1]);
+        let f = a.iter().find(|x| x.kind == FAN_OUT).expect("fan-out");
+        assert_eq!((f.source.as_str(), f.destination.as_str(), f.observed, f.expected), (A, "*", 5.0, 2.0));
+    }
+
+    #[test]
+    fn a_large_volume_to_a_new_egress_destination() {
+        let mut t = Trust::new(TrustConfig { new_egress_volume_bytes: 50_000, ..config() });
+        let mut a = Anomalies::default();
+        let start = learn(&mut t, &mut a, 400);
+        for i in 0..10 {
+            let mut pairs = steady(0);
+            pairs.push((key(B, "drop.example.org", Direction::Egress, Reporter::Source), stats(10, 0)));
+            t.observe(&window(start + i * W, pairs), &mut a);
+        }
+        let mut got: Vec<_> = a.iter().map(|x| x.kind.as_str()).collect();
+        got.sort();
+        assert_eq!(got, vec![NEW_EGRESS, NEW_EGRESS_VOLUME]);
+    }
+
+    #[test]
+    fn the_policy_allows_or_flags_every_edge() {
+        let policy = Policy {
+            allow: vec![
+                Rule { from: Pattern::new(A), to: Pattern::new("spiffe://mesh.test/*"), direction: None },
+                Rule {
+                    from: Pattern::new("spiffe://mesh.test/*"),
+                    to: Pattern::new("*.example.com"),
+                    direction: Some(Direction::Egress),
+                },
+            ],
+        };
+        assert!(policy.allows(A, B, Direction::EastWest));
+        assert!(policy.allows(B, "api.example.com", Direction::Egress));
+        assert!(!policy.allows(B, "api.example.com", Direction::EastWest));
+        assert!(!policy.allows(B, A, Direction::EastWest));
+        let mut t = Trust::new(TrustConfig { policy: Some(policy), ..config() });
+        let mut a = Anomalies::default();
+        learn(&mut t, &mut a, 10);
+        // During learning as well.
+        t.observe(&window(10 * W, vec![(key(B, A, Direction::EastWest, Reporter::Source), stats(1, 0))]), &mut a);
+        assert_eq!(kinds(&a), vec![("policy_violation".into(), B.into(), A.into())]);
+    }
+
+    #[test]
+    fn an_edge_unseen_past_forget_after_is_new_again_and_state_survives_a_restart() {
+        let mut t = Trust::new(TrustConfig { forget_after_ms: 2 * HOUR, ..config() });
+        let mut a = Anomalies::default();
+        let start = learn(&mut t, &mut a, 400);
+        let restored = Trust::from_bytes(t.cfg.clone(), &t.to_bytes()).expect("decodes");
+        assert_eq!(restored.edges, t.edges);
+        assert_eq!(restored.since_ms, t.since_ms);
+        let mut t = restored;
+        // Known after the restart.
+        assert_eq!(t.observe(&window(start, steady(0)), &mut a).started, 0);
+        // Both edges silent for three hours: new again.
+        let later = start + 3 * HOUR;
+        let step = t.observe(&window(later, steady(0)), &mut a);
+        assert_eq!(step.started, 2, "{:?}", kinds(&a));
+    }
+}
