@@ -26,6 +26,46 @@ fn with<'a>(mut labels: Vec<(&'a str, &'a str)>, k: &'a str, v: &'a str) -> Vec<
     labels
 }
 
+/// The backend's server-side sidecar and the frontend's client-side sidecar, streaming to
+/// meshwatch on `mw_port`.
+async fn sidecars(
+    work: &std::path::Path,
+    mw_port: u16,
+    backend_app: u16,
+    tcp_app: u16,
+    external_app: u16,
+    inventory_app: u16,
+) -> (Envoy, Envoy) {
+    let backend = Envoy::start(
+        "sidecar-backend",
+        &HashMap::from([
+            ("backend_inbound_http", 0),
+            ("backend_inbound_tcp", 0),
+            ("backend_app", backend_app),
+            ("backend_tcp_app", tcp_app),
+            ("meshwatch", mw_port),
+        ]),
+        work,
+    )
+    .await;
+    let frontend = Envoy::start(
+        "sidecar-frontend",
+        &HashMap::from([
+            ("frontend_outbound_http", 0),
+            ("frontend_outbound_tcp", 0),
+            ("backend_inbound_http", backend.listeners["inbound_http"]),
+            ("backend_inbound_tcp", backend.listeners["inbound_tcp"]),
+            ("backend_down", closed_port()),
+            ("external_api", external_app),
+            ("inventory_app", inventory_app),
+            ("meshwatch", mw_port),
+        ]),
+        work,
+    )
+    .await;
+    (backend, frontend)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_mesh_traffic_is_counted_per_pair_direction_and_identity() {
     let work = TempDir::new("e2e");
@@ -45,32 +85,8 @@ async fn envoy_mesh_traffic_is_counted_per_pair_direction_and_identity() {
     let external_app = start_app("127.0.0.3", 1234).await;
     let tcp_app = start_tcp_app(1000, 2500).await;
 
-    let backend = Envoy::start(
-        "sidecar-backend",
-        &HashMap::from([
-            ("backend_inbound_http", 0),
-            ("backend_inbound_tcp", 0),
-            ("backend_app", backend_app.port()),
-            ("backend_tcp_app", tcp_app.port()),
-            ("meshwatch", mw_port),
-        ]),
-        work.path(),
-    )
-    .await;
-    let frontend = Envoy::start(
-        "sidecar-frontend",
-        &HashMap::from([
-            ("frontend_outbound_http", 0),
-            ("frontend_outbound_tcp", 0),
-            ("backend_inbound_http", backend.listeners["inbound_http"]),
-            ("backend_inbound_tcp", backend.listeners["inbound_tcp"]),
-            ("backend_down", closed_port()),
-            ("external_api", external_app.port()),
-            ("meshwatch", mw_port),
-        ]),
-        work.path(),
-    )
-    .await;
+    let (backend, frontend) =
+        sidecars(work.path(), mw_port, backend_app.port(), tcp_app.port(), external_app.port(), closed_port()).await;
     let gateway = Envoy::start(
         "gateway",
         &HashMap::from([("gateway_http", 0), ("frontend_app", frontend_app.port()), ("meshwatch", mw_port)]),
@@ -235,5 +251,121 @@ async fn envoy_mesh_traffic_is_counted_per_pair_direction_and_identity() {
         .find(|p| p["reporter"] == "destination" && p["source"] == FRONTEND)
         .unwrap_or_else(|| panic!("{body}"));
     assert_eq!(server_pair["total_flows"], 9, "7 requests and 2 connections: {body}");
+    assert!(mw.stop().success());
+}
+
+const INVENTORY: &str = "spiffe://mesh.test/ns/shop/sa/inventory";
+
+/// The findings meshwatch reports, as (kind, source, destination, direction).
+async fn findings(mw: &Meshwatch) -> Vec<(String, String, String, String)> {
+    let (status, body) = http_get(mw.http, "/api/v1/findings").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let s = |k: &str| f[k].as_str().unwrap().to_string();
+            (s("kind"), s("source"), s("destination"), s("direction"))
+        })
+        .collect()
+}
+
+/// Sends a request every 200 ms until `done` holds on meshwatch's metrics (at most 30 s).
+async fn drive_until(mw: &Meshwatch, out: std::net::SocketAddr, path: &str, done: impl Fn(&Metrics) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert_eq!(http_request(None, out, "GET", path, "backend", b"").await.0, 200, "{path}");
+        let m = mw.metrics().await;
+        if done(&m) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out driving {path}:\n{}\n{}", m.text, mw.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_upstream_and_a_plaintext_hop_are_findings_and_known_edges_survive_a_restart() {
+    let work = TempDir::new("e2e-zt");
+    gen_certs(&work.path().join("certs"));
+    let data = TempDir::new("e2e-zt-data");
+    let config = repo_root().join("deploy/meshwatch-example.toml");
+    let env = [
+        ("MESHWATCH_DATA_DIR", data.path().display().to_string()),
+        ("MESHWATCH_WINDOW__LENGTH", "1s".to_string()),
+        ("MESHWATCH_WINDOW__GRACE", "2s".to_string()),
+        ("MESHWATCH_ZERO_TRUST__LEARNING", "3s".to_string()),
+    ];
+    let backend_app = start_app("127.0.0.1", 100).await;
+    let external_app = start_app("127.0.0.3", 10).await;
+    let inventory_app = start_app("127.0.0.1", 20).await;
+    let tcp_app = start_tcp_app(1, 1).await;
+    let ports = (backend_app.port(), tcp_app.port(), external_app.port(), inventory_app.port());
+
+    // Learning: the frontend calls the backend over mTLS and the external API.
+    let mw = Meshwatch::start(&config, &env);
+    let (backend, frontend) = sidecars(work.path(), mw.grpc.port(), ports.0, ports.1, ports.2, ports.3).await;
+    let out = frontend.listener("outbound_http");
+    assert_eq!(http_request(None, out, "GET", "/ext/data", "api.example.com", b"").await.0, 200);
+    drive_until(&mw, out, "/ok", |m| m.get("meshwatch_zero_trust_learning", &[]) == Some(0.0)).await;
+    let server = pair(FRONTEND, BACKEND, "east_west", "destination");
+    let m = mw.metrics().await;
+    assert!(m.get("meshwatch_pair_mtls_total", &server).unwrap() >= 1.0, "{}", m.text);
+    assert_eq!(m.get("meshwatch_pair_plaintext_total", &server), Some(0.0), "{}", m.text);
+    assert_eq!(findings(&mw).await, vec![], "nothing is new while learning");
+
+    // Restart (the sidecars follow meshwatch to its new port): the edges learnt are known.
+    drop((backend, frontend));
+    assert!(mw.stop().success());
+    let mw = Meshwatch::start(&config, &env);
+    let (_backend, frontend) = sidecars(work.path(), mw.grpc.port(), ports.0, ports.1, ports.2, ports.3).await;
+    let out = frontend.listener("outbound_http");
+    assert_eq!(http_request(None, out, "GET", "/ext/data", "api.example.com", b"").await.0, 200);
+    let egress = pair(FRONTEND, "api.example.com", "egress", "source");
+    drive_until(&mw, out, "/ok", |m| {
+        m.sum("meshwatch_pair_requests_total", &server) >= 3.0 && m.sum("meshwatch_pair_requests_total", &egress) >= 1.0
+    })
+    .await;
+
+    // A request routed to an upstream cluster the frontend never used: one new edge.
+    let to_inventory = pair(FRONTEND, INVENTORY, "east_west", "source");
+    drive_until(&mw, out, "/inventory/items", |m| m.sum("meshwatch_pair_requests_total", &to_inventory) >= 1.0).await;
+    // The same hop in plaintext (the backend's sidecar is permissive): one downgrade.
+    drive_until(&mw, out, "/plain/ok", |m| m.get("meshwatch_pair_plaintext_total", &server).unwrap_or(0.0) >= 1.0)
+        .await;
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_findings_total", &[]) >= 2.0).await;
+    assert_eq!(
+        findings(&mw).await,
+        vec![
+            ("new_edge".to_string(), FRONTEND.to_string(), INVENTORY.to_string(), "east_west".to_string()),
+            ("mtls_downgrade".to_string(), FRONTEND.to_string(), BACKEND.to_string(), "east_west".to_string()),
+        ],
+        "{}",
+        mw.logs()
+    );
+    let (_, body) = http_get(mw.http, "/api/v1/findings?kind=mtls_downgrade").await;
+    assert!(body.contains("plaintext requests or connections from"), "{body}");
+    assert_eq!(m.get("meshwatch_findings_total", &[("kind", "new_edge"), ("direction", "east_west")]), Some(1.0));
+    assert_eq!(m.get("meshwatch_findings_total", &[("kind", "mtls_downgrade"), ("direction", "east_west")]), Some(1.0));
+    assert_eq!(m.sum("meshwatch_findings_total", &[]), 2.0, "{}", m.text);
+    assert_eq!(m.get("meshwatch_anomalies_active", &[("signal", "new_edge"), ("direction", "east_west")]), Some(1.0));
+
+    // The graph shows the edges with their state, shaped for Grafana's Node Graph.
+    let (status, body) = http_get(mw.http, "/api/v1/graph").await;
+    assert_eq!(status, 200);
+    let g: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let edge = |src: &str, dst: &str| {
+        g["edges"].as_array().unwrap().iter().find(|e| e["source"] == src && e["target"] == dst).cloned()
+    };
+    let downgraded = edge(FRONTEND, BACKEND).unwrap_or_else(|| panic!("{body}"));
+    assert_eq!(downgraded["state"], "mtls_downgrade", "{body}");
+    let share = downgraded["mtls_share"].as_f64().unwrap();
+    assert!(share > 0.5 && share < 1.0, "{body}");
+    assert_eq!(edge(FRONTEND, INVENTORY).unwrap()["state"], "new_edge");
+    assert_eq!(edge(FRONTEND, "api.example.com").unwrap()["state"], "known");
+    let nodes = g["nodes"].as_array().unwrap();
+    assert!(nodes.iter().any(|n| n["id"] == INVENTORY && n["title"] == "inventory"), "{body}");
     assert!(mw.stop().success());
 }

@@ -166,9 +166,9 @@ struct WindowEdge {
 /// A source's recent destinations, for fan-out.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Reach {
-    /// Destination → start of the last window it was reached in, and when the edge was
-    /// first seen.
-    recent: HashMap<String, (i64, i64)>,
+    /// Destination → start of the last window it was reached in, and when the edge appeared
+    /// if that was after the learning period.
+    recent: HashMap<String, (i64, Option<i64>)>,
     /// The most distinct destinations reached within one span, those first called within
     /// the span not counted.
     usual: u32,
@@ -454,10 +454,10 @@ impl Trust {
             if e.flows == 0 {
                 continue;
             }
-            let first = self.edges.get(k).map_or(w.start_ms, |e| e.first_ms);
+            // Since when the source has called this destination, if that was after learning.
+            let new_since = self.edges.get(k).map_or(Some(w.start_ms), |e| e.appeared_new.then_some(e.first_ms));
             let reach = self.reach.entry(k.source.to_string()).or_default();
-            let seen = reach.recent.entry(k.destination.to_string()).or_insert((w.start_ms, first));
-            *seen = (w.start_ms, seen.1.min(first));
+            reach.recent.insert(k.destination.to_string(), (w.start_ms, new_since));
             *touched.entry(&k.source).or_default() |= k.direction == Direction::EastWest;
         }
         let mut sources: Vec<(&str, bool)> = touched.into_iter().collect();
@@ -466,7 +466,8 @@ impl Trust {
             let Some(reach) = self.reach.get_mut(source) else { continue };
             reach.recent.retain(|_, (last, _)| w.start_ms - *last < span_ms);
             let distinct = u32::try_from(reach.recent.len()).unwrap_or(u32::MAX);
-            let novel = reach.recent.values().filter(|(_, first)| w.start_ms - first < span_ms).count();
+            let novel =
+                reach.recent.values().filter(|(_, since)| since.is_some_and(|t| w.start_ms - t < span_ms)).count();
             let novel = u32::try_from(novel).unwrap_or(u32::MAX);
             let usual = reach.usual;
             reach.usual = usual.max(distinct - novel);
@@ -713,6 +714,24 @@ mod tests {
         assert_eq!(started, vec![0, 0, 1, 1, 1]);
         let f = a.iter().find(|x| x.kind == FAN_OUT).expect("fan-out");
         assert_eq!((f.source.as_str(), f.destination.as_str(), f.observed, f.expected), (A, "*", 5.0, 2.0));
+    }
+
+    #[test]
+    fn destinations_learnt_in_a_learning_period_shorter_than_the_span_are_not_a_fan_out() {
+        let mut t = Trust::new(TrustConfig { learning_ms: 2 * W, ..config() });
+        let mut a = Anomalies::default();
+        let many: Vec<_> = (0..6)
+            .map(|i| {
+                (
+                    key(A, &format!("spiffe://mesh.test/ns/shop/sa/s{i}"), Direction::EastWest, Reporter::Source),
+                    stats(1, 0),
+                )
+            })
+            .collect();
+        for i in 0..10 {
+            t.observe(&window(i * W, many.clone()), &mut a);
+        }
+        assert!(a.iter().next().is_none(), "{:?}", kinds(&a));
     }
 
     #[test]

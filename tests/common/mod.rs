@@ -426,6 +426,8 @@ impl Envoy {
         let config = workdir.join(format!("{name}.yaml"));
         std::fs::write(&config, render_ports(&template, &all)).unwrap();
         let admin_file = workdir.join(format!("{name}.admin"));
+        // A previous Envoy of the same name left its admin address there.
+        let _ = std::fs::remove_file(&admin_file);
         let log_file = std::fs::File::create(workdir.join(format!("{name}.log"))).unwrap();
         let child = Command::new(envoy_bin())
             .current_dir(workdir)
