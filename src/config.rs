@@ -12,7 +12,9 @@ use meshwatch_collector::flow::Direction;
 use meshwatch_collector::identity::{MeshConfig, Pattern, ServiceMapping};
 use meshwatch_collector::pipeline::Clock;
 use meshwatch_collector::window::WindowConfig;
+use meshwatch_detector::alert::AlertConfig;
 use meshwatch_detector::model::DetectorConfig;
+use meshwatch_detector::notify::{DeliveryConfig, Receiver, Target};
 use meshwatch_detector::trust::{Policy, Rule, TrustConfig};
 use serde::Deserialize;
 
@@ -36,6 +38,187 @@ pub struct RawConfig {
     pub mesh: RawMesh,
     pub detector: RawDetector,
     pub zero_trust: RawZeroTrust,
+    pub alerting: RawAlerting,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAlerting {
+    #[serde(rename = "for")]
+    pub for_: Option<String>,
+    pub keep_firing_for: Option<String>,
+    pub runbook_url: Option<String>,
+    pub external_url: Option<String>,
+    pub api_token: Option<String>,
+    pub retry_initial: Option<String>,
+    pub retry_max: Option<String>,
+    pub max_age: Option<String>,
+    pub resend_interval: Option<String>,
+    pub timeout: Option<String>,
+    pub receivers: Vec<RawReceiver>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReceiver {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub url: Option<String>,
+    /// Alertmanager: several instances, each sent everything.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    pub routing_key: Option<String>,
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub severities: Vec<String>,
+    #[serde(default)]
+    pub directions: Vec<String>,
+    #[serde(default)]
+    pub kinds: Vec<String>,
+}
+
+/// The PagerDuty Events API v2 endpoint.
+pub const PAGERDUTY_EVENTS_URL: &str = "https://events.pagerduty.com/v2/enqueue";
+
+impl RawAlerting {
+    fn validate(&self, c: &mut Check) -> Alerting {
+        let a = AlertConfig::default();
+        let d = DeliveryConfig::default();
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let for_ =
+            c.duration("alerting.for", self.for_.as_deref(), Duration::from_millis(a.for_ms as u64), Duration::ZERO);
+        let keep = c.duration(
+            "alerting.keep_firing_for",
+            self.keep_firing_for.as_deref(),
+            Duration::from_millis(a.keep_firing_ms as u64),
+            Duration::ZERO,
+        );
+        let second = Duration::from_secs(1);
+        let delivery = DeliveryConfig {
+            retry_initial: c.duration(
+                "alerting.retry_initial",
+                self.retry_initial.as_deref(),
+                d.retry_initial,
+                Duration::from_millis(10),
+            ),
+            retry_max: c.duration(
+                "alerting.retry_max",
+                self.retry_max.as_deref(),
+                d.retry_max,
+                Duration::from_millis(10),
+            ),
+            max_age: c.duration("alerting.max_age", self.max_age.as_deref(), d.max_age, second),
+            resend_interval: c.duration(
+                "alerting.resend_interval",
+                self.resend_interval.as_deref(),
+                d.resend_interval,
+                second,
+            ),
+            timeout: c.duration("alerting.timeout", self.timeout.as_deref(), d.timeout, Duration::from_millis(100)),
+        };
+        let external_url = self.external_url.clone().unwrap_or(a.external_url);
+        if !external_url.starts_with("http://") && !external_url.starts_with("https://") {
+            c.0.push(format!("alerting.external_url: `{external_url}` is not an http(s) URL"));
+        }
+        let api_token = self.api_token.clone().filter(|t| !t.is_empty());
+        let mut receivers = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.receivers.iter().enumerate() {
+            let key = format!("alerting.receivers[{i}]");
+            if r.name.is_empty() || !r.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+                c.0.push(format!("{key}.name: `{}` (letters, digits, - _ .)", r.name));
+            }
+            if !names.insert(r.name.clone()) {
+                c.0.push(format!("{key}.name: `{}` is used twice", r.name));
+            }
+            let url_ok = |c: &mut Check, u: &str| {
+                if !u.starts_with("http://") && !u.starts_with("https://") {
+                    c.0.push(format!("{key}: `{u}` is not an http(s) URL"));
+                }
+            };
+            let need = |c: &mut Check, v: &Option<String>, what: &str| -> String {
+                match v.as_deref() {
+                    Some(x) if !x.is_empty() => x.to_string(),
+                    _ => {
+                        c.0.push(format!("{key}.{what}: required for type `{}`", r.kind));
+                        String::new()
+                    }
+                }
+            };
+            let mut targets = Vec::new();
+            match r.kind.as_str() {
+                "alertmanager" => {
+                    let mut urls = r.urls.clone();
+                    urls.extend(r.url.clone());
+                    if urls.is_empty() {
+                        c.0.push(format!("{key}.urls: at least one Alertmanager"));
+                    }
+                    for u in urls {
+                        url_ok(c, &u);
+                        targets.push(Target::Alertmanager { url: u });
+                    }
+                }
+                "pagerduty" => {
+                    let url = r.url.clone().unwrap_or_else(|| PAGERDUTY_EVENTS_URL.into());
+                    url_ok(c, &url);
+                    targets.push(Target::PagerDuty { url, routing_key: need(c, &r.routing_key, "routing_key") });
+                }
+                "slack" => {
+                    let url = need(c, &r.url, "url");
+                    url_ok(c, &url);
+                    targets.push(Target::Slack { url });
+                }
+                "webhook" => {
+                    let url = need(c, &r.url, "url");
+                    url_ok(c, &url);
+                    targets.push(Target::Webhook { url, secret: need(c, &r.secret, "secret") });
+                }
+                other => c.0.push(format!("{key}.type: `{other}` (alertmanager, pagerduty, slack or webhook)")),
+            }
+            for s in &r.severities {
+                if !matches!(s.as_str(), "critical" | "warning") {
+                    c.0.push(format!("{key}.severities: `{s}` (critical or warning)"));
+                }
+            }
+            for d in &r.directions {
+                if Direction::parse(d).is_none() {
+                    c.0.push(format!("{key}.directions: `{d}` (ingress, east_west or egress)"));
+                }
+            }
+            let kinds = c.patterns(&format!("{key}.kinds"), &r.kinds);
+            let n = targets.len();
+            for (j, target) in targets.into_iter().enumerate() {
+                receivers.push(Receiver {
+                    name: if n > 1 { format!("{}-{j}", r.name) } else { r.name.clone() },
+                    target,
+                    severities: r.severities.clone(),
+                    directions: r.directions.clone(),
+                    kinds: kinds.clone(),
+                });
+            }
+        }
+        Alerting {
+            rules: AlertConfig {
+                for_ms: ms(for_),
+                keep_firing_ms: ms(keep),
+                runbook_url: self.runbook_url.clone().filter(|u| !u.is_empty()),
+                external_url,
+            },
+            delivery,
+            receivers,
+            api_token,
+        }
+    }
+}
+
+/// Alerting, validated.
+#[derive(Clone, Debug, Default)]
+pub struct Alerting {
+    pub rules: AlertConfig,
+    pub delivery: DeliveryConfig,
+    pub receivers: Vec<Receiver>,
+    pub api_token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +363,7 @@ pub struct Config {
     pub mesh: MeshConfig,
     pub detector: DetectorConfig,
     pub trust: TrustConfig,
+    pub alerting: Alerting,
 }
 
 /// Every problem found, one per line.
@@ -430,6 +614,7 @@ impl RawConfig {
                 None
             }
         });
+        let alerting = self.alerting.validate(&mut c);
         let m = self.mesh;
         let trust_domains = m.trust_domains.unwrap_or(defaults.trust_domains.clone());
         for td in &trust_domains {
@@ -491,6 +676,7 @@ impl RawConfig {
             },
             clock,
             detector,
+            alerting,
             trust: TrustConfig {
                 learning_ms: ms(learning),
                 forget_after_ms: ms(forget_after),

@@ -12,10 +12,13 @@ use meshwatch_collector::als::AlsService;
 use meshwatch_collector::metrics::CollectorMetrics;
 use meshwatch_collector::pipeline;
 use meshwatch_collector::window::Aggregator;
+use meshwatch_detector::Routes;
+use meshwatch_detector::alert::Alerts;
 use meshwatch_detector::anomaly::Anomalies;
 use meshwatch_detector::http::{AppState, router};
 use meshwatch_detector::metrics::DetectorCollector;
 use meshwatch_detector::model::PairModel;
+use meshwatch_detector::notify::{Delivery, NotifyMetrics};
 use meshwatch_detector::pairs::{PairCollector, PairTable, from_record, key_from_proto};
 use meshwatch_detector::score::Detector;
 use meshwatch_detector::store::{Store, StoreError};
@@ -79,14 +82,16 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         .and_then(|b| Trust::from_bytes(config.trust.clone(), &b))
         .unwrap_or_else(|| Trust::new(config.trust.clone()));
     info!(pairs = restored.len(), models = models.len(), anomalies_active = anomalies.active_count(), data_dir = %config.data_dir.display(), "store opened");
-    let detector = Arc::new(Mutex::new(Detector::restore(
-        config.detector,
-        config.window.length_ms,
-        models,
-        anomalies,
-        trust,
-        last_start,
-    )));
+    let loader = store.clone();
+    let (alerts, silences) =
+        tokio::task::spawn_blocking(move || Ok::<_, StoreError>((loader.load_alerts()?, loader.load_silences()?)))
+            .await??;
+    let mut detector =
+        Detector::restore(config.detector, config.window.length_ms, models, anomalies, trust, last_start);
+    detector.alerts = alerts.and_then(|b| Alerts::from_bytes(&b)).unwrap_or_default();
+    detector.silences = silences;
+    detector.alert_cfg = config.alerting.rules.clone();
+    let detector = Arc::new(Mutex::new(detector));
 
     let registry = Registry::new();
     let collector_metrics = CollectorMetrics::new(&registry)?;
@@ -109,7 +114,26 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         collector_metrics.clone(),
         shutdown.clone(),
     ));
-    let detector_task = tokio::spawn(meshwatch_detector::run(windows_rx, table.clone(), detector.clone(), store));
+    let notify_metrics = NotifyMetrics::new(&registry)?;
+    let client = meshwatch_detector::notify::client(config.alerting.delivery.timeout);
+    let mut routes = Routes::default();
+    let mut senders = Vec::new();
+    for receiver in &config.alerting.receivers {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        routes.receivers.push((receiver.clone(), wake.clone()));
+        let delivery = Delivery {
+            store: store.clone(),
+            receiver: receiver.clone(),
+            cfg: config.alerting.delivery.clone(),
+            metrics: notify_metrics.clone(),
+            wake,
+            detector: detector.clone(),
+            client: client.clone(),
+        };
+        senders.push(tokio::spawn(delivery.run(shutdown.clone())));
+    }
+    let detector_task =
+        tokio::spawn(meshwatch_detector::run(windows_rx, table.clone(), detector.clone(), store.clone(), routes));
 
     let mut als_config = config.als.clone();
     if config.clock == meshwatch_collector::pipeline::Clock::Watermark {
@@ -129,7 +153,14 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
             shutdown.clone().cancelled_owned(),
         );
     let ready = Arc::new(AtomicBool::new(false));
-    let app = router(AppState { registry, pairs: table, detector, ready: ready.clone() });
+    let app = router(AppState {
+        registry,
+        pairs: table,
+        detector,
+        ready: ready.clone(),
+        store: Some(store),
+        api_token: config.alerting.api_token.clone(),
+    });
     let http = axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(async move { http.await.map_err(ServeError::Http) });
@@ -145,6 +176,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     // client that does not hang up. The grace period is for the servers.
     aggregator_task.await?;
     detector_task.await?;
+    // Senders stop between attempts; what they had not delivered stays queued.
+    for sender in senders {
+        sender.await?;
+    }
     let servers = async {
         grpc_task.await??;
         http_task.await??;

@@ -29,6 +29,10 @@ pub struct AppState {
     pub detector: Arc<Mutex<Detector>>,
     /// True from when every listener is up until shutdown starts.
     pub ready: Arc<AtomicBool>,
+    /// For silences and dead letters (none in unit tests of the read-only API).
+    pub store: Option<crate::store::Store>,
+    /// Bearer token that mutating calls must present; without one they are refused.
+    pub api_token: Option<String>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -39,8 +43,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/pairs", get(pairs))
         .route("/api/v1/pairs/{id}", get(pair))
         .route("/api/v1/anomalies", get(anomalies))
+        .route("/api/v1/anomalies/{id}", get(anomaly))
         .route("/api/v1/findings", get(findings))
         .route("/api/v1/graph", get(graph))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/silences", get(silences).post(create_silence))
+        .route("/api/v1/silences/{id}", axum::routing::delete(expire_silence))
+        .route("/api/v1/deadletters", get(dead_letters))
         .with_state(state)
 }
 
@@ -193,6 +202,193 @@ async fn anomalies(State(state): State<AppState>, Query(q): Query<AnomalyQuery>)
         .cloned()
         .collect();
     axum::Json(AnomaliesResponse { anomalies: list }).into_response()
+}
+
+async fn anomaly(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let d = crate::lock(&state.detector);
+    match id.parse::<u64>().ok().and_then(|id| d.anomalies.iter().find(|a| a.id == id)) {
+        Some(a) => axum::Json(a.clone()).into_response(),
+        None => not_found(format!("no anomaly or finding with id {id}")),
+    }
+}
+
+fn not_found(message: String) -> Response {
+    (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct AlertQuery {
+    /// `pending`, `firing` or `resolved`.
+    state: Option<String>,
+}
+
+async fn alerts(State(state): State<AppState>, Query(q): Query<AlertQuery>) -> Response {
+    if let Some(s) = q.state.as_deref()
+        && !matches!(s, "pending" | "firing" | "resolved")
+    {
+        return bad_request("state is pending, firing or resolved".into());
+    }
+    let d = crate::lock(&state.detector);
+    let list: Vec<_> =
+        d.alerts.iter().filter(|a| q.state.as_deref().is_none_or(|s| a.state.as_str() == s)).cloned().collect();
+    axum::Json(serde_json::json!({ "alerts": list })).into_response()
+}
+
+async fn silences(State(state): State<AppState>) -> Response {
+    let d = crate::lock(&state.detector);
+    axum::Json(serde_json::json!({ "silences": d.silences })).into_response()
+}
+
+/// The refusal of a mutating call without the configured bearer token, if it is one.
+fn refusal(state: &AppState, headers: &axum::http::HeaderMap) -> Option<Response> {
+    let Some(token) = state.api_token.as_deref() else {
+        return Some(error(StatusCode::FORBIDDEN, "changes are disabled: set alerting.api_token"));
+    };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in constant time: the token is a secret.
+    let same = given.is_some_and(|g| {
+        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    (!same).then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSilence {
+    matchers: Vec<crate::alert::Matcher>,
+    /// RFC 3339; now when absent.
+    #[serde(rename = "startsAt")]
+    starts_at: Option<String>,
+    #[serde(rename = "endsAt")]
+    ends_at: String,
+    #[serde(rename = "createdBy")]
+    created_by: String,
+    comment: String,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn validate_silence(body: &[u8]) -> Result<crate::alert::Silence, String> {
+    let new: NewSilence = serde_json::from_slice(body).map_err(|e| format!("not a silence: {e}"))?;
+    let mut problems = Vec::new();
+    if new.matchers.is_empty() {
+        problems.push("matchers: at least one".to_string());
+    }
+    for (i, m) in new.matchers.iter().enumerate() {
+        if m.name.is_empty() {
+            problems.push(format!("matchers[{i}].name: empty"));
+        }
+        if m.is_regex && regex::Regex::new(&m.value).is_err() {
+            problems.push(format!("matchers[{i}].value: `{}` is not a regular expression", m.value));
+        }
+    }
+    if new.created_by.trim().is_empty() {
+        problems.push("createdBy: empty".into());
+    }
+    if new.comment.trim().is_empty() {
+        problems.push("comment: empty".into());
+    }
+    let now = now_ms();
+    let starts = match new.starts_at.as_deref().map(crate::timefmt::parse_ms) {
+        None => now,
+        Some(Ok(t)) => t,
+        Some(Err(e)) => {
+            problems.push(format!("startsAt: {e}"));
+            now
+        }
+    };
+    let ends = crate::timefmt::parse_ms(&new.ends_at).unwrap_or_else(|e| {
+        problems.push(format!("endsAt: {e}"));
+        now
+    });
+    if ends <= starts.max(now) && problems.is_empty() {
+        problems.push("endsAt: must be after startsAt and in the future".into());
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let id = format!(
+        "{:016x}",
+        crate::alert::fnv(&[&now.to_string(), &new.created_by, &new.comment, &format!("{:?}", new.matchers)])
+    );
+    Ok(crate::alert::Silence {
+        id,
+        matchers: new.matchers,
+        starts_at_ms: starts,
+        ends_at_ms: ends,
+        created_by: new.created_by,
+        comment: new.comment,
+    })
+}
+
+/// Saves a silence; the error response if that failed.
+async fn save_silence(state: &AppState, silence: crate::alert::Silence) -> Option<Response> {
+    if let Some(store) = state.store.clone() {
+        let s = silence.clone();
+        if !matches!(tokio::task::spawn_blocking(move || store.save_silence(&s)).await, Ok(Ok(()))) {
+            return Some(error(StatusCode::INTERNAL_SERVER_ERROR, "cannot save the silence"));
+        }
+    }
+    let mut d = crate::lock(&state.detector);
+    d.silences.retain(|x| x.id != silence.id);
+    d.silences.push(silence);
+    None
+}
+
+async fn create_silence(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = refusal(&state, &headers) {
+        return r;
+    }
+    let silence = match validate_silence(&body) {
+        Ok(s) => s,
+        Err(e) => return bad_request(e),
+    };
+    let id = silence.id.clone();
+    match save_silence(&state, silence).await {
+        None => axum::Json(serde_json::json!({ "silenceID": id })).into_response(),
+        Some(r) => r,
+    }
+}
+
+/// Expires a silence now (it stays listed, as in Alertmanager).
+async fn expire_silence(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = refusal(&state, &headers) {
+        return r;
+    }
+    let found = crate::lock(&state.detector).silences.iter().find(|s| s.id == id).cloned();
+    let Some(mut silence) = found else { return not_found(format!("no silence with id {id}")) };
+    silence.ends_at_ms = silence.ends_at_ms.min(now_ms());
+    match save_silence(&state, silence).await {
+        None => axum::Json(serde_json::json!({ "expired": id })).into_response(),
+        Some(r) => r,
+    }
+}
+
+async fn dead_letters(State(state): State<AppState>) -> Response {
+    let Some(store) = state.store.clone() else {
+        return axum::Json(serde_json::json!({ "dead_letters": [] })).into_response();
+    };
+    match tokio::task::spawn_blocking(move || store.dead_letters()).await {
+        Ok(Ok(list)) => axum::Json(serde_json::json!({ "dead_letters": list })).into_response(),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the dead letters"),
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -365,7 +561,7 @@ mod tests {
             .register(Box::new(crate::pairs::PairCollector::new(pairs.clone()).expect("collector")))
             .expect("register");
         let detector = Arc::new(Mutex::new(Detector::new(crate::model::DetectorConfig::default(), 10_000)));
-        AppState { registry, pairs, detector, ready: Arc::new(AtomicBool::new(false)) }
+        AppState { registry, pairs, detector, ready: Arc::new(AtomicBool::new(false)), store: None, api_token: None }
     }
 
     async fn get(app: Router, uri: &str) -> (StatusCode, String) {

@@ -7,15 +7,18 @@
 //! The sled `store` keeps pairs, models and anomalies across restarts. `http` serves
 //! `/metrics`, health endpoints and the JSON API.
 
+pub mod alert;
 pub mod anomaly;
 pub mod baseline;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod pairs;
 pub mod score;
 pub mod stats;
 pub mod store;
+pub mod timefmt;
 pub mod trust;
 
 use std::sync::{Arc, Mutex};
@@ -54,18 +57,70 @@ async fn persist(store: &Store, records: Vec<meshwatch_proto::v1::PairRecord>, c
     }
 }
 
+/// Where notifications go: the receivers, and how to wake the task that sends to each.
+#[derive(Clone, Debug, Default)]
+pub struct Routes {
+    pub receivers: Vec<(notify::Receiver, Arc<tokio::sync::Notify>)>,
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Brings the alerts up to date and queues what is due, durably, then wakes the senders.
+async fn alert(detector: &Mutex<Detector>, store: &Store, routes: &Routes) {
+    let (items, state) = {
+        let mut d = lock(detector);
+        let due = d.update_alerts(wall_ms());
+        if due.is_empty() {
+            return;
+        }
+        let items: Vec<(String, alert::Notification)> = due
+            .iter()
+            .flat_map(|n| routes.receivers.iter().filter(|(r, _)| r.wants(n)).map(|(r, _)| (r.name.clone(), n.clone())))
+            .collect();
+        (items, d.alerts.to_bytes())
+    };
+    let s = store.clone();
+    let queued = items.len();
+    match tokio::task::spawn_blocking(move || s.enqueue(&items, &state)).await {
+        Ok(Ok(())) => debug!(queued, "notifications queued"),
+        Ok(Err(e)) => error!(error = %e, "cannot queue notifications"),
+        Err(e) => error!(error = %e, "queueing task failed"),
+    }
+    for (_, wake) in &routes.receivers {
+        wake.notify_one();
+    }
+}
+
 /// Runs until the collector closes `windows`: folds each closed window into the pair table,
 /// scores it, and persists what changed (pairs every window, a full checkpoint of the models
-/// every `score::CHECKPOINT_WINDOWS` windows and when anomalies start or end). At the end,
-/// writes a last checkpoint and flushes the store.
+/// every `score::CHECKPOINT_WINDOWS` windows and when anomalies start or end). Alerts follow
+/// every window, and every second (silences end in wall time); their notifications are queued
+/// in the store for the senders. At the end, writes a last checkpoint and flushes the store.
 pub async fn run(
     mut windows: mpsc::Receiver<ClosedWindow>,
     table: Arc<PairTable>,
     detector: Arc<Mutex<Detector>>,
     store: Store,
+    routes: Routes,
 ) {
     let mut last_checkpoint: Option<std::time::Instant> = None;
-    while let Some(window) = windows.recv().await {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let window = tokio::select! {
+            w = windows.recv() => match w {
+                Some(w) => w,
+                None => break,
+            },
+            _ = tick.tick() => {
+                alert(&detector, &store, &routes).await;
+                continue;
+            }
+        };
         let changed = table.apply(&window);
         let checkpoint = {
             let mut d = lock(&detector);
@@ -79,10 +134,12 @@ pub async fn run(
                 d.checkpoint()
             })
         };
+        alert(&detector, &store, &routes).await;
         if !changed.is_empty() || checkpoint.is_some() {
             persist(&store, changed, checkpoint).await;
         }
     }
+    alert(&detector, &store, &routes).await;
     let last = lock(&detector).checkpoint();
     persist(&store, Vec::new(), Some(last)).await;
     match tokio::task::spawn_blocking(move || store.flush()).await {

@@ -14,7 +14,7 @@ use crate::score::Detector;
 const PAIR_SIGNAL: [&str; 5] = ["source", "destination", "direction", "reporter", "signal"];
 
 /// (name, help, labels) of every family.
-const FAMILIES: [(&str, &str, &[&str]); 10] = [
+const FAMILIES: [(&str, &str, &[&str]); 11] = [
     (
         "meshwatch_pair_anomaly_score",
         "Anomaly score of a pair's signal in the last window: one minus the tail probability, in [0, 1].",
@@ -44,6 +44,7 @@ const FAMILIES: [(&str, &str, &[&str]); 10] = [
         "1 while the zero-trust learning period runs (new edges are learnt, not reported), else 0.",
         &[],
     ),
+    ("meshwatch_alerts", "Alerts by state (resolved ones are kept for a while).", &["state"]),
     (
         "meshwatch_findings_total",
         "Zero-trust findings raised since the store was created, by kind and direction.",
@@ -52,7 +53,7 @@ const FAMILIES: [(&str, &str, &[&str]); 10] = [
 ];
 
 /// Index of the first counter family; the ones before are gauges.
-const FIRST_COUNTER: usize = 9;
+const FIRST_COUNTER: usize = 10;
 
 #[derive(Debug)]
 pub struct DetectorCollector {
@@ -125,6 +126,9 @@ impl Collector for DetectorCollector {
         metrics[7].push(gauge(&[], d.trust.edges().count() as f64));
         let learning = d.last_start_ms.is_none_or(|t| !d.trust.learned(t));
         metrics[8].push(gauge(&[], f64::from(u8::from(learning))));
+        for state in [crate::alert::State::Pending, crate::alert::State::Firing, crate::alert::State::Resolved] {
+            metrics[9].push(gauge(&[("state", state.as_str())], d.alerts.count(state) as f64));
+        }
         let mut raised: Vec<_> = d.trust.raised().collect();
         raised.sort();
         for ((kind, direction), n) in raised {
@@ -132,7 +136,7 @@ impl Collector for DetectorCollector {
             c.set_value(*n as f64);
             let mut m = proto::Metric::from_label(vec![label("kind", kind), label("direction", direction)]);
             m.set_counter(c);
-            metrics[9].push(m);
+            metrics[10].push(m);
         }
         FAMILIES
             .iter()

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use meshwatch_collector::window::{ClosedWindow, PairKey, PairStats};
 
+use crate::alert::{AlertConfig, Alerts, Silence};
 use crate::anomaly::Anomalies;
 use crate::model::{DetectorConfig, Obs, PairModel};
 use crate::trust::{Trust, TrustConfig};
@@ -25,6 +26,10 @@ pub struct Detector {
     pub anomalies: Anomalies,
     /// Zero-trust findings (they go to `anomalies` too).
     pub trust: Trust,
+    /// Alerts on the anomalies and findings, the silences that hold them back, and how.
+    pub alerts: Alerts,
+    pub silences: Vec<Silence>,
+    pub alert_cfg: AlertConfig,
     /// Start of the last window scored.
     pub last_start_ms: Option<i64>,
     since_checkpoint: u32,
@@ -47,6 +52,9 @@ impl Detector {
             models: HashMap::new(),
             anomalies: Anomalies::default(),
             trust: Trust::new(TrustConfig::default()),
+            alerts: Alerts::default(),
+            silences: Vec::new(),
+            alert_cfg: AlertConfig::default(),
             last_start_ms: None,
             since_checkpoint: 0,
         }
@@ -126,6 +134,13 @@ impl Detector {
         done.windows_scored += 1;
     }
 
+    /// Brings the alerts up to date (at the end of the last window scored, and `wall_ms`);
+    /// returns the notifications due.
+    pub fn update_alerts(&mut self, wall_ms: i64) -> Vec<crate::alert::Notification> {
+        let event_ms = self.last_start_ms.map_or(0, |t| t + self.window_ms);
+        self.alerts.update(&self.anomalies, &self.silences, &self.alert_cfg, event_ms, wall_ms)
+    }
+
     /// Everything a restart needs, encoded; resets the checkpoint clock.
     pub fn checkpoint(&mut self) -> Checkpoint {
         self.since_checkpoint = 0;
@@ -133,6 +148,7 @@ impl Detector {
             models: self.models.iter().map(|(k, m)| (k.clone(), m.to_bytes())).collect(),
             anomalies: self.anomalies.to_bytes(),
             trust: self.trust.to_bytes(),
+            alerts: self.alerts.to_bytes(),
             last_start_ms: self.last_start_ms,
         }
     }
@@ -144,6 +160,7 @@ pub struct Checkpoint {
     pub models: Vec<(PairKey, Vec<u8>)>,
     pub anomalies: Vec<u8>,
     pub trust: Vec<u8>,
+    pub alerts: Vec<u8>,
     pub last_start_ms: Option<i64>,
 }
 

@@ -23,6 +23,39 @@ pub struct Store {
     pairs: sled::Tree,
     models: sled::Tree,
     meta: sled::Tree,
+    /// Notifications to deliver: receiver name, a zero byte, a sequence number (big endian).
+    outbox: sled::Tree,
+    /// Notifications given up on, keyed as in the outbox.
+    dead: sled::Tree,
+    /// Silences by id.
+    silences: sled::Tree,
+}
+
+/// A notification in the outbox or the dead-letter list, with the key it is stored under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Queued {
+    pub key: Vec<u8>,
+    pub receiver: String,
+    pub notification: crate::alert::Notification,
+}
+
+/// A notification given up on, and why.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    pub receiver: String,
+    pub reason: String,
+    /// Wall time it was given up, Unix milliseconds.
+    pub dead_at_ms: i64,
+    pub attempts: u32,
+    pub notification: crate::alert::Notification,
+}
+
+const ALERTS_KEY: &[u8] = b"alerts";
+
+fn outbox_prefix(receiver: &str) -> Vec<u8> {
+    let mut k = receiver.as_bytes().to_vec();
+    k.push(0);
+    k
 }
 
 const ANOMALIES_KEY: &[u8] = b"anomalies";
@@ -42,11 +75,26 @@ const LAST_WINDOW_KEY: &[u8] = b"last_window_start_ms";
 impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let open_err = |source| StoreError::Open { path: dir.display().to_string(), source };
-        let db = sled::Config::new().path(dir).flush_every_ms(Some(1000)).open().map_err(open_err)?;
+        // The directory's lock can outlive a closed store for a moment (sled's flusher thread,
+        // or a previous process still exiting): try again for a while before giving up.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match sled::Config::new().path(dir).flush_every_ms(Some(1000)).open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other.map_err(open_err)?,
+            }
+        };
         let pairs = db.open_tree("pairs").map_err(open_err)?;
         let models = db.open_tree("models").map_err(open_err)?;
         let meta = db.open_tree("meta").map_err(open_err)?;
-        Ok(Store { db, pairs, models, meta })
+        let outbox = db.open_tree("outbox").map_err(open_err)?;
+        let dead = db.open_tree("dead_letters").map_err(open_err)?;
+        let silences = db.open_tree("silences").map_err(open_err)?;
+        Ok(Store { db, pairs, models, meta, outbox, dead, silences })
     }
 
     /// Every stored pair record. A record that does not decode is skipped with a warning
@@ -84,6 +132,7 @@ impl Store {
         self.models.apply_batch(batch)?;
         self.meta.insert(ANOMALIES_KEY, c.anomalies.as_slice())?;
         self.meta.insert(TRUST_KEY, c.trust.as_slice())?;
+        self.meta.insert(ALERTS_KEY, c.alerts.as_slice())?;
         if let Some(t) = c.last_start_ms {
             self.meta.insert(LAST_WINDOW_KEY, &t.to_be_bytes())?;
         }
@@ -105,6 +154,96 @@ impl Store {
         let last_start_ms =
             self.meta.get(LAST_WINDOW_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(i64::from_be_bytes);
         Ok(StoredCheckpoint { models, anomalies, trust, last_start_ms })
+    }
+
+    /// Queues notifications (receiver, notification) and saves the alert state with them,
+    /// durably, before anything is sent.
+    pub fn enqueue(&self, items: &[(String, crate::alert::Notification)], alerts: &[u8]) -> Result<(), StoreError> {
+        for (receiver, n) in items {
+            let mut key = outbox_prefix(receiver);
+            key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+            self.outbox.insert(key, serde_json::to_vec(n).unwrap_or_default())?;
+        }
+        self.meta.insert(ALERTS_KEY, alerts)?;
+        self.outbox.flush()?;
+        self.meta.flush()?;
+        Ok(())
+    }
+
+    /// The saved alert state.
+    pub fn load_alerts(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(ALERTS_KEY)?.map(|v| v.to_vec()))
+    }
+
+    /// The oldest queued notification of a receiver.
+    pub fn head(&self, receiver: &str) -> Result<Option<Queued>, StoreError> {
+        for item in self.outbox.scan_prefix(outbox_prefix(receiver)) {
+            let (key, value) = item?;
+            match serde_json::from_slice(&value) {
+                Ok(notification) => {
+                    return Ok(Some(Queued { key: key.to_vec(), receiver: receiver.to_string(), notification }));
+                }
+                Err(error) => {
+                    warn!(%error, receiver, "dropping an undecodable queued notification");
+                    self.outbox.remove(key)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes a delivered notification.
+    pub fn delivered(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.outbox.remove(key)?;
+        self.outbox.flush()?;
+        Ok(())
+    }
+
+    /// Moves a notification from the outbox to the dead-letter list.
+    pub fn dead_letter(&self, key: &[u8], letter: &DeadLetter) -> Result<(), StoreError> {
+        self.dead.insert(key, serde_json::to_vec(letter).unwrap_or_default())?;
+        self.outbox.remove(key)?;
+        self.dead.flush()?;
+        self.outbox.flush()?;
+        Ok(())
+    }
+
+    /// Queued notifications of a receiver, and the creation time of the oldest.
+    pub fn depth(&self, receiver: &str) -> Result<(usize, Option<i64>), StoreError> {
+        let mut n = 0;
+        let mut oldest = None;
+        for item in self.outbox.scan_prefix(outbox_prefix(receiver)) {
+            let (_, value) = item?;
+            if n == 0 {
+                oldest = serde_json::from_slice::<crate::alert::Notification>(&value).ok().map(|x| x.created_ms);
+            }
+            n += 1;
+        }
+        Ok((n, oldest))
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut out: Vec<DeadLetter> =
+            self.dead.iter().values().filter_map(|v| v.ok()).filter_map(|v| serde_json::from_slice(&v).ok()).collect();
+        out.sort_by_key(|d| d.dead_at_ms);
+        Ok(out)
+    }
+
+    pub fn save_silence(&self, s: &crate::alert::Silence) -> Result<(), StoreError> {
+        self.silences.insert(s.id.as_bytes(), serde_json::to_vec(s).unwrap_or_default())?;
+        self.silences.flush()?;
+        Ok(())
+    }
+
+    pub fn load_silences(&self) -> Result<Vec<crate::alert::Silence>, StoreError> {
+        Ok(self
+            .silences
+            .iter()
+            .values()
+            .filter_map(|v| v.ok())
+            .filter_map(|v| serde_json::from_slice(&v).ok())
+            .collect())
     }
 
     /// Makes everything written so far durable.

@@ -303,34 +303,41 @@ pub async fn start_app(ip: &str, body_len: usize) -> SocketAddr {
     addr
 }
 
+/// Reads one HTTP/1.1 request (head and `Content-Length` body) from `stream`, keeping what
+/// follows in `buf`; `None` when the connection ends.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let content_length: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + content_length {
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = buf[head_end..head_end + content_length].to_vec();
+    buf.drain(..head_end + content_length);
+    Some((head, body))
+}
+
 async fn serve_http(mut stream: TcpStream, body_len: usize) {
     let mut buf = Vec::new();
-    loop {
-        let head_end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-        let content_length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + content_length {
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
+    while let Some((head, _)) = read_request(&mut stream, &mut buf).await {
         let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
-        buf.drain(..head_end + content_length);
         let (status, len) = match path.as_str() {
             "/missing" => ("404 Not Found", 9),
             "/fail" => ("503 Service Unavailable", 11),
@@ -345,6 +352,140 @@ async fn serve_http(mut stream: TcpStream, body_len: usize) {
             return;
         }
     }
+}
+
+/// One request a `Recorder` took.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub path: String,
+    /// Header names in lower case.
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// How a `Recorder` answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    /// This status with a short body (and `Retry-After`, if given); requests with a status
+    /// under 300 are recorded as taken.
+    Status(u16, Option<u64>),
+    /// Reads the request and never answers.
+    Hang,
+    /// Answers bytes that are not HTTP.
+    Garbage,
+}
+
+/// A local HTTP receiver (a stand-in for a webhook, PagerDuty, Slack) that records what it
+/// took and answers as told.
+#[derive(Clone)]
+pub struct Recorder {
+    pub addr: SocketAddr,
+    taken: Arc<Mutex<Vec<Recorded>>>,
+    refused: Arc<Mutex<usize>>,
+    answer: Arc<Mutex<Answer>>,
+}
+
+impl Recorder {
+    pub async fn start(answer: Answer) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = Recorder {
+            addr: listener.local_addr().unwrap(),
+            taken: Arc::default(),
+            refused: Arc::default(),
+            answer: Arc::new(Mutex::new(answer)),
+        };
+        let shared = r.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(shared.clone().serve(stream));
+            }
+        });
+        r
+    }
+
+    async fn serve(self, mut stream: TcpStream) {
+        let mut buf = Vec::new();
+        while let Some((head, body)) = read_request(&mut stream, &mut buf).await {
+            let mut lines = head.lines();
+            let path = lines.next().unwrap_or("").split_whitespace().nth(1).unwrap_or("/").to_string();
+            let headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            let answer = self.answer.lock().unwrap().clone();
+            let response = match answer {
+                Answer::Hang => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                Answer::Garbage => "\x00\x01 definitely not HTTP\r\n\r\n".to_string(),
+                Answer::Status(code, retry_after) => {
+                    if code < 300 {
+                        self.taken.lock().unwrap().push(Recorded { path, headers, body });
+                    } else {
+                        *self.refused.lock().unwrap() += 1;
+                    }
+                    let extra = retry_after.map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
+                    format!("HTTP/1.1 {code} X\r\n{extra}Content-Length: 2\r\n\r\nok")
+                }
+            };
+            if stream.write_all(response.as_bytes()).await.is_err() || answer == Answer::Garbage {
+                return;
+            }
+        }
+    }
+
+    pub fn answer(&self, a: Answer) {
+        *self.answer.lock().unwrap() = a;
+    }
+
+    pub fn taken(&self) -> Vec<Recorded> {
+        self.taken.lock().unwrap().clone()
+    }
+
+    /// Requests answered with a status of 300 or more.
+    pub fn refused(&self) -> usize {
+        *self.refused.lock().unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until `done` holds on what was taken, for at most `limit`.
+    pub async fn until(&self, limit: Duration, done: impl Fn(&[Recorded]) -> bool) -> Vec<Recorded> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let taken = self.taken();
+            if done(&taken) || Instant::now() > deadline {
+                return taken;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// An HTTP request with a JSON body and optional bearer token; (status, body).
+pub async fn http_send(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = connect(None, addr).await;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: meshwatch\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }
 
 /// A TCP server that reads `expect` bytes, answers with `reply` bytes and closes.

@@ -1,0 +1,487 @@
+//! Alerting end to end: the simulator's incidents through the real binary become alerts,
+//! delivered to a real Alertmanager 0.25 and to local PagerDuty, Slack and webhook receivers,
+//! through the durable outbox (a receiver down across a restart loses nothing), held back by
+//! silences, with bad input refused clearly.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use meshwatch::sim::generate::mesh_config_toml;
+use meshwatch::sim::scenario::Scenario;
+use meshwatch_detector::timefmt::format_ms;
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+const REPORTS: &str = "spiffe://cluster.local/ns/shop/sa/reports";
+const TOKEN: &str = "s3cret-token";
+
+/// An hour of a small mesh: after 10 minutes of learning, the frontend → cart hop turns
+/// plaintext for 10 minutes (a finding that ends 15 minutes after its last evidence), and at
+/// 50 minutes the frontend calls a service it never called (still active at the end).
+const SCENARIO: &str = r#"
+name = "alerts"
+start = "2026-01-05"
+duration = "1h"
+namespace = "shop"
+seed = 3
+services = [{ name = "frontend" }, { name = "cart" }, { name = "catalog" }, { name = "reports" }]
+[[edges]]
+from = "internet"
+to = "frontend"
+rate = 5
+[[edges]]
+from = "frontend"
+to = ["cart", "catalog"]
+rate = 3
+[[incidents]]
+kind = "mtls_downgrade"
+from = "frontend"
+to = "cart"
+start = "15m"
+duration = "10m"
+[[incidents]]
+kind = "new_edge"
+from = "frontend"
+to = "reports"
+start = "50m"
+duration = "10m"
+"#;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Writes the scenario and a meshwatch config with `receivers` (TOML tables) and more
+/// `[zero_trust]` settings into `dir`.
+fn setup(dir: &Path, scenario: &str, zero_trust: &str, receivers: &str) -> (PathBuf, PathBuf) {
+    let scenario_path = dir.join("scenario.toml");
+    std::fs::write(&scenario_path, scenario).unwrap();
+    let config = dir.join("meshwatch.toml");
+    let text = format!(
+        r#"[window]
+clock = "watermark"
+grace = "5m"
+
+[zero_trust]
+learning = "10m"
+{zero_trust}
+
+[alerting]
+for = "0s"
+keep_firing_for = "1m"
+api_token = "{TOKEN}"
+retry_initial = "100ms"
+retry_max = "400ms"
+resend_interval = "1s"
+timeout = "1s"
+runbook_url = "https://runbooks.example/meshwatch/{{kind}}"
+external_url = "http://meshwatch.example:9978"
+{receivers}
+
+{}"#,
+        mesh_config_toml(&Scenario::parse(scenario).unwrap())
+    );
+    std::fs::write(&config, text).unwrap();
+    (scenario_path, config)
+}
+
+fn simulate(scenario: &Path, mw: &Meshwatch, rate: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
+        .args(["simulate", scenario.to_str().unwrap(), "--rate", rate, "--clock", "simulated"])
+        .args(["--target", &mw.grpc.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// (fingerprint, status) of webhook bodies.
+fn statuses(taken: &[Recorded]) -> Vec<(String, String, String)> {
+    taken
+        .iter()
+        .map(|r| {
+            let v = r.json();
+            (
+                v["fingerprint"].as_str().unwrap().into(),
+                v["labels"]["kind"].as_str().unwrap().into(),
+                v["status"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+/// A real Alertmanager on 127.0.0.1, routing every alert to `webhook`.
+struct Alertmanager {
+    child: Child,
+    url: String,
+}
+
+impl Alertmanager {
+    async fn start(dir: &Path, webhook: &str) -> Alertmanager {
+        let config = dir.join("alertmanager.yml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"route:
+  receiver: hook
+  group_by: ['alertname', 'source', 'destination', 'kind']
+  group_wait: 1s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+- name: hook
+  webhook_configs:
+  - url: {webhook}
+    send_resolved: true
+"#
+            ),
+        )
+        .unwrap();
+        let port = closed_port();
+        let log = std::fs::File::create(dir.join("alertmanager.log")).unwrap();
+        let child = Command::new("prometheus-alertmanager")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.path={}", dir.join("am-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus-alertmanager (Debian package prometheus-alertmanager) is installed");
+        let am = Alertmanager { child, url: format!("http://127.0.0.1:{port}") };
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        for _ in 0..100 {
+            if let Ok(Ok((200, _))) =
+                tokio::time::timeout(Duration::from_secs(1), async { Ok::<_, ()>(try_get(addr, "/-/ready").await) })
+                    .await
+            {
+                return am;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "alertmanager did not start: {}",
+            std::fs::read_to_string(dir.join("alertmanager.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET that tolerates a refused connection: (0, "") then.
+async fn try_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    match tokio::net::TcpStream::connect(addr).await {
+        Ok(_) => http_get(addr, path).await,
+        Err(_) => (0, String::new()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alertmanager_gets_one_firing_and_one_resolved_notification_per_incident() {
+    let dir = TempDir::new("alerting-am");
+    let hook = Recorder::start(Answer::Status(200, None)).await;
+    let am = Alertmanager::start(dir.path(), &format!("{}/am", hook.url())).await;
+    // Only the downgrade: half an hour, paced so that Alertmanager sees it fire before it ends.
+    let scenario = SCENARIO.replace("duration = \"1h\"", "duration = \"30m\"").replace(
+        "[[incidents]]\nkind = \"new_edge\"\nfrom = \"frontend\"\nto = \"reports\"\nstart = \"50m\"\nduration = \"10m\"\n",
+        "",
+    );
+    let receivers =
+        format!("[[alerting.receivers]]\nname = \"am\"\ntype = \"alertmanager\"\nurls = [\"{}\"]\n", am.url);
+    let (scenario_path, config) = setup(dir.path(), &scenario, "hold = \"1m\"", &receivers);
+    let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
+    let mw = Meshwatch::start(&config, &env);
+    simulate(&scenario_path, &mw, "100x");
+    let taken = hook.until(Duration::from_secs(20), |t| t.iter().any(|r| r.json()["status"] == "resolved")).await;
+    // Nothing more comes (Alertmanager would repeat only after an hour).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let taken = if taken.len() == hook.taken().len() { taken } else { hook.taken() };
+    let summary: Vec<(String, usize)> = taken
+        .iter()
+        .map(|r| {
+            let v = r.json();
+            (v["status"].as_str().unwrap().to_string(), v["alerts"].as_array().unwrap().len())
+        })
+        .collect();
+    assert_eq!(summary, vec![("firing".to_string(), 1), ("resolved".to_string(), 1)], "{}", mw.logs());
+    let firing = taken[0].json();
+    let alert = &firing["alerts"][0];
+    assert_eq!(alert["labels"]["alertname"], "MeshwatchFinding");
+    assert_eq!(alert["labels"]["kind"], "mtls_downgrade");
+    assert_eq!(alert["labels"]["source"], FRONTEND);
+    assert_eq!(alert["labels"]["destination"], CART);
+    assert_eq!(alert["labels"]["direction"], "east_west");
+    assert_eq!(alert["labels"]["severity"], "critical");
+    assert_eq!(alert["annotations"]["runbook_url"], "https://runbooks.example/meshwatch/mtls_downgrade");
+    assert!(alert["annotations"]["description"].as_str().unwrap().contains("plaintext"), "{alert}");
+    assert!(alert["generatorURL"].as_str().unwrap().starts_with("http://meshwatch.example:9978/api/v1/anomalies/"));
+    let resolved = taken[1].json();
+    assert_eq!(resolved["alerts"][0]["fingerprint"], alert["fingerprint"]);
+    assert_eq!(resolved["alerts"][0]["status"], "resolved");
+    let m = mw.metrics().await;
+    assert_eq!(m.get("meshwatch_alerts", &[("state", "resolved")]), Some(1.0), "{}", m.text);
+    assert!(m.get("meshwatch_notifications_sent_total", &[("receiver", "am")]).unwrap() >= 2.0);
+    assert!(mw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_across_a_restart_gets_every_notification_in_order() {
+    let dir = TempDir::new("alerting-outbox");
+    let hook = Recorder::start(Answer::Status(503, Some(0))).await;
+    let receivers = format!(
+        "[[alerting.receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"{}/hook\"\nsecret = \"k\"\n",
+        hook.url()
+    );
+    let (scenario_path, config) = setup(dir.path(), SCENARIO, "", &receivers);
+    let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
+    let mw = Meshwatch::start(&config, &env);
+    simulate(&scenario_path, &mw, "max");
+    // Firing and resolved for the downgrade, firing for the new edge: queued, failing.
+    let m = mw
+        .metrics_until(Duration::from_secs(30), |m| {
+            m.get("meshwatch_outbox_depth", &[("receiver", "hook")]) == Some(3.0)
+                && m.get("meshwatch_notifications_retried_total", &[("receiver", "hook")]).unwrap_or(0.0) >= 2.0
+        })
+        .await;
+    assert_eq!(m.get("meshwatch_outbox_depth", &[("receiver", "hook")]), Some(3.0), "{}\n{}", m.text, mw.logs());
+    assert!(m.get("meshwatch_outbox_oldest_age_seconds", &[("receiver", "hook")]).is_some());
+    assert!(hook.refused() >= 2);
+    assert!(mw.stop().success());
+
+    // Restarted, with the receiver back.
+    hook.answer(Answer::Status(200, None));
+    let mw = Meshwatch::start(&config, &env);
+    let taken = hook.until(Duration::from_secs(20), |t| t.len() >= 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = statuses(&hook.taken());
+    let kinds: Vec<(&str, &str)> = got.iter().map(|(_, k, s)| (k.as_str(), s.as_str())).collect();
+    assert_eq!(
+        kinds,
+        vec![("mtls_downgrade", "firing"), ("mtls_downgrade", "resolved"), ("new_edge", "firing")],
+        "{}",
+        mw.logs()
+    );
+    assert_eq!(got[0].0, got[1].0, "one alert, one fingerprint");
+    assert_eq!(taken[2].json()["labels"]["destination"], REPORTS);
+    let m = mw
+        .metrics_until(Duration::from_secs(5), |m| {
+            m.get("meshwatch_outbox_depth", &[("receiver", "hook")]) == Some(0.0)
+        })
+        .await;
+    assert_eq!(m.get("meshwatch_outbox_depth", &[("receiver", "hook")]), Some(0.0));
+    let (_, dead) = http_get(mw.http, "/api/v1/deadletters").await;
+    assert_eq!(dead, r#"{"dead_letters":[]}"#);
+    // The alert state survived too: the new edge is still firing, the downgrade resolved.
+    let (_, alerts) = http_get(mw.http, "/api/v1/alerts?state=firing").await;
+    let v: serde_json::Value = serde_json::from_str(&alerts).unwrap();
+    let firing: Vec<_> = v["alerts"].as_array().unwrap().iter().map(|a| a["labels"]["kind"].clone()).collect();
+    assert_eq!(firing, vec![serde_json::json!("new_edge")], "{alerts}");
+    assert!(mw.stop().success());
+}
+
+/// HMAC-SHA256 by openssl, to check meshwatch's signature independently.
+fn openssl_hmac(secret: &str, message: &[u8]) -> String {
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", secret])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(message).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().rsplit(' ').next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagerduty_slack_and_signed_webhook_bodies_silences_and_bad_receivers() {
+    let dir = TempDir::new("alerting-receivers");
+    let pd = Recorder::start(Answer::Status(202, None)).await;
+    let slack = Recorder::start(Answer::Status(200, None)).await;
+    let hook = Recorder::start(Answer::Status(200, None)).await;
+    let hang = Recorder::start(Answer::Hang).await;
+    let garbage = Recorder::start(Answer::Garbage).await;
+    let refuse = Recorder::start(Answer::Status(400, None)).await;
+    let receivers = format!(
+        r#"[[alerting.receivers]]
+name = "pd"
+type = "pagerduty"
+url = "{}/v2/enqueue"
+routing_key = "R0UT1NGKEY"
+
+[[alerting.receivers]]
+name = "slack"
+type = "slack"
+url = "{}/services/T/B/X"
+severities = ["critical", "warning"]
+
+[[alerting.receivers]]
+name = "hook"
+type = "webhook"
+url = "{}/hook"
+secret = "shared-secret"
+
+[[alerting.receivers]]
+name = "hang"
+type = "webhook"
+url = "{}/"
+secret = "x"
+
+[[alerting.receivers]]
+name = "garbage"
+type = "slack"
+url = "{}/"
+
+[[alerting.receivers]]
+name = "refuse"
+type = "webhook"
+url = "{}/"
+secret = "x"
+kinds = ["mtls_*"]
+"#,
+        pd.url(),
+        slack.url(),
+        hook.url(),
+        hang.url(),
+        garbage.url(),
+        refuse.url()
+    );
+    let (scenario_path, config) = setup(dir.path(), SCENARIO, "", &receivers);
+    let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
+    let mw = Meshwatch::start(&config, &env);
+
+    // Bad silences and bad tokens are refused with a reason; nothing is changed.
+    let silence_ends = now_ms() + 15_000;
+    let ends = format_ms(silence_ends);
+    let good = format!(
+        r#"{{"matchers":[{{"name":"kind","value":"new_edge","isRegex":false}}],"endsAt":"{ends}","createdBy":"ops","comment":"expected: reports is new"}}"#
+    );
+    assert_eq!(http_send(mw.http, "POST", "/api/v1/silences", None, &good).await.0, 401);
+    assert_eq!(http_send(mw.http, "POST", "/api/v1/silences", Some("wrong"), &good).await.0, 401);
+    for (bad, why) in [
+        ("not json", "not a silence"),
+        (r#"{"matchers":[],"endsAt":"2030-01-01T00:00:00Z","createdBy":"a","comment":"c"}"#, "matchers"),
+        (
+            r#"{"matchers":[{"name":"kind","value":"(","isRegex":true}],"endsAt":"2030-01-01T00:00:00Z","createdBy":"a","comment":"c"}"#,
+            "regular expression",
+        ),
+        (
+            r#"{"matchers":[{"name":"kind","value":"x"}],"endsAt":"2020-01-01T00:00:00Z","createdBy":"a","comment":"c"}"#,
+            "future",
+        ),
+        (r#"{"matchers":[{"name":"kind","value":"x"}],"endsAt":"tomorrow","createdBy":"a","comment":"c"}"#, "RFC 3339"),
+        (
+            r#"{"matchers":[{"name":"kind","value":"x"}],"endsAt":"2030-01-01T00:00:00Z","createdBy":"","comment":"c","extra":1}"#,
+            "unknown field",
+        ),
+    ] {
+        let (status, body) = http_send(mw.http, "POST", "/api/v1/silences", Some(TOKEN), bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains(why), "{bad}: {body}");
+    }
+    assert_eq!(http_send(mw.http, "DELETE", "/api/v1/silences/nope", Some(TOKEN), "").await.0, 404);
+    let (status, body) = http_send(mw.http, "POST", "/api/v1/silences", Some(TOKEN), &good).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, listed) = http_get(mw.http, "/api/v1/silences").await;
+    assert!(listed.contains("expected: reports is new"), "{listed}");
+
+    simulate(&scenario_path, &mw, "max");
+
+    // PagerDuty: trigger, then resolve with the same dedup_key; the new edge is silenced.
+    let events = pd.until(Duration::from_secs(20), |t| t.len() >= 2).await;
+    let trigger = events[0].json();
+    assert_eq!(events[0].path, "/v2/enqueue");
+    assert_eq!(trigger["routing_key"], "R0UT1NGKEY");
+    assert_eq!(trigger["event_action"], "trigger");
+    let payload = &trigger["payload"];
+    assert!(payload["summary"].as_str().unwrap().starts_with("mtls downgrade: frontend → cart"), "{trigger}");
+    assert!(payload["summary"].as_str().unwrap().len() <= 1024);
+    assert_eq!(payload["source"], FRONTEND);
+    assert!(["critical", "error", "warning", "info"].contains(&payload["severity"].as_str().unwrap()));
+    assert!(meshwatch_detector::timefmt::parse_ms(payload["timestamp"].as_str().unwrap()).is_ok(), "{payload}");
+    assert_eq!(payload["component"], CART);
+    assert_eq!(payload["class"], "mtls_downgrade");
+    let resolve = events[1].json();
+    assert_eq!(resolve["event_action"], "resolve");
+    assert_eq!(resolve["dedup_key"], trigger["dedup_key"]);
+    assert_eq!(resolve["routing_key"], "R0UT1NGKEY");
+    // Meanwhile the new edge fires, held back by the silence.
+    let (_, alerts) = http_get(mw.http, "/api/v1/alerts?state=firing").await;
+    let v: serde_json::Value = serde_json::from_str(&alerts).unwrap();
+    let firing = v["alerts"].as_array().unwrap();
+    assert_eq!(firing.len(), 1, "{alerts}");
+    assert_eq!((firing[0]["labels"]["kind"].as_str(), firing[0]["silenced"].as_bool()), (Some("new_edge"), Some(true)));
+    assert!(now_ms() < silence_ends - 2_000, "the checks above took too long for the silence");
+    assert_eq!(pd.taken().len(), 2, "silenced");
+
+    // Slack: readable text and blocks.
+    let messages = slack.until(Duration::from_secs(10), |t| t.len() >= 2).await;
+    for (m, status) in messages.iter().zip(["FIRING", "RESOLVED"]) {
+        let v = m.json();
+        assert!(v["text"].as_str().unwrap().contains(status), "{v}");
+        assert!(v["text"].as_str().unwrap().contains("plaintext"), "{v}");
+        let blocks = v["blocks"].as_array().unwrap();
+        assert_eq!(blocks[0]["type"], "header");
+        assert_eq!(blocks[0]["text"]["type"], "plain_text");
+        assert!(blocks[0]["text"]["text"].as_str().unwrap().chars().count() <= 150);
+        assert!(blocks.iter().skip(1).all(|b| ["section", "context"].contains(&b["type"].as_str().unwrap())), "{v}");
+    }
+
+    // The webhook: the documented body, signed over timestamp and body.
+    let signed = hook.until(Duration::from_secs(10), |t| t.len() >= 2).await;
+    for r in &signed {
+        let ts = &r.headers["x-meshwatch-timestamp"];
+        assert!((ts.parse::<i64>().unwrap() - now_ms() / 1000).abs() < 120, "{ts}");
+        let mut message = format!("{ts}.").into_bytes();
+        message.extend_from_slice(&r.body);
+        assert_eq!(r.headers["x-meshwatch-signature"], openssl_hmac("shared-secret", &message));
+        let v = r.json();
+        assert_eq!(v["version"], "1");
+        assert!(v["labels"]["kind"] == "mtls_downgrade" && v["annotations"]["reason"].is_string(), "{v}");
+    }
+    assert_eq!(statuses(&signed).iter().map(|s| s.2.as_str()).collect::<Vec<_>>(), vec!["firing", "resolved"]);
+
+    // A receiver that refuses for good: dead letters (its filter wants the downgrade only).
+    let m = mw
+        .metrics_until(Duration::from_secs(10), |m| {
+            m.get("meshwatch_notifications_dead_lettered_total", &[("receiver", "refuse")]) == Some(2.0)
+                && m.get("meshwatch_notifications_failed_total", &[("receiver", "hang")]).unwrap_or(0.0) >= 1.0
+                && m.get("meshwatch_notifications_failed_total", &[("receiver", "garbage")]).unwrap_or(0.0) >= 1.0
+        })
+        .await;
+    assert_eq!(
+        m.get("meshwatch_notifications_dead_lettered_total", &[("receiver", "refuse")]),
+        Some(2.0),
+        "{}",
+        m.text
+    );
+    let (_, dead) = http_get(mw.http, "/api/v1/deadletters").await;
+    let v: serde_json::Value = serde_json::from_str(&dead).unwrap();
+    let letters = v["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 2, "{dead}");
+    assert!(
+        letters.iter().all(|l| l["receiver"] == "refuse" && l["reason"].as_str().unwrap().contains("400")),
+        "{dead}"
+    );
+    // Hanging and garbage receivers fail and retry; the others were not held up by them.
+    assert!(m.get("meshwatch_notifications_failed_total", &[("receiver", "hang")]).unwrap_or(0.0) >= 1.0, "{}", m.text);
+    assert!(m.get("meshwatch_notifications_failed_total", &[("receiver", "garbage")]).unwrap_or(0.0) >= 1.0);
+    assert_eq!(m.get("meshwatch_notifications_sent_total", &[("receiver", "hang")]), None);
+
+    // The silence ends: the new edge, still firing, is notified now.
+    let events = pd.until(Duration::from_secs(20), |t| t.len() >= 3).await;
+    assert_eq!(events.len(), 3);
+    let late = events[2].json();
+    assert_eq!((late["event_action"].as_str(), late["payload"]["class"].as_str()), (Some("trigger"), Some("new_edge")));
+    assert_eq!(late["payload"]["component"], REPORTS);
+    assert!(mw.stop().success());
+}
