@@ -802,6 +802,51 @@ mod tests {
     }
 
     #[test]
+    fn alerting_receivers_are_validated() {
+        let text = r#"
+            [alerting]
+            for = "30s"
+            api_token = "t"
+            [[alerting.receivers]]
+            name = "am"
+            type = "alertmanager"
+            urls = ["http://a:9093", "http://b:9093"]
+            [[alerting.receivers]]
+            name = "pd"
+            type = "pagerduty"
+            routing_key = "k"
+            severities = ["critical"]
+        "#;
+        let raw: RawConfig = toml::from_str(text).expect("parses");
+        let c = raw.validate().expect("valid");
+        assert_eq!(c.alerting.rules.for_ms, 30_000);
+        let names: Vec<_> = c.alerting.receivers.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, vec!["am-0", "am-1", "pd"]);
+        assert_eq!(
+            c.alerting.receivers[2].target,
+            Target::PagerDuty { url: PAGERDUTY_EVENTS_URL.into(), routing_key: "k".into() }
+        );
+        let bad = r#"
+            [[alerting.receivers]]
+            name = "x"
+            type = "pagerduty"
+            [[alerting.receivers]]
+            name = "x"
+            type = "webhook"
+            url = "ftp://nope"
+            severities = ["page"]
+            [[alerting.receivers]]
+            name = "y"
+            type = "email"
+        "#;
+        let raw: RawConfig = toml::from_str(bad).expect("parses");
+        let all = raw.validate().expect_err("invalid").problems.join("\n");
+        for needle in ["routing_key: required", "used twice", "ftp://nope", "secret: required", "`page`", "`email`"] {
+            assert!(all.contains(needle), "no problem about {needle} in:\n{all}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = load(None, env(&[("MESHWATCH_LISTEN__GRCP", "127.0.0.1:1")])).expect_err("typo");
         assert!(err.to_string().contains("grcp"), "{err}");
