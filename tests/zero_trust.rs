@@ -138,7 +138,12 @@ fn every_finding_kind_is_found_and_nothing_else() {
     std::fs::write(&scenario, SCENARIO).unwrap();
     std::fs::write(dir.path().join("policy.toml"), POLICY).unwrap();
     let config = dir.path().join("meshwatch.toml");
-    std::fs::write(&config, "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"\n").unwrap();
+    // A low volume threshold, so that the new egress destination's 10 minutes make one.
+    std::fs::write(
+        &config,
+        "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"\nnew_egress_volume_bytes = 50000\n",
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
         .args(["eval", scenario.to_str().unwrap(), "--config", config.to_str().unwrap(), "--json"])
         .env("MESHWATCH_LOG", "warn")
@@ -157,6 +162,9 @@ fn every_finding_kind_is_found_and_nothing_else() {
     for kind in ["fan_out_scan", "denial_surge", "rate_limit_surge", "egress_bytes_surge"] {
         assert_eq!(get(kind)["recall"], 1.0, "{kind}: {}", get(kind));
     }
+    // The new egress destination is found twice: as new, then for the volume sent to it.
+    assert_eq!(get("new_egress")["detections"], 2, "{}", get("new_egress"));
+    assert_eq!(get("new_egress")["precision"], 1.0);
     // The scan is found as such, not only as the new edges it makes.
     assert_eq!(get("fan_out_scan")["detections"], 1, "{}", get("fan_out_scan"));
     assert_eq!(quality["false_detections"], 0, "{:#}", quality["false_examples"]);
