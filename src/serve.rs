@@ -16,7 +16,7 @@ use meshwatch_detector::Routes;
 use meshwatch_detector::alert::Alerts;
 use meshwatch_detector::anomaly::Anomalies;
 use meshwatch_detector::http::{AppState, router};
-use meshwatch_detector::metrics::DetectorCollector;
+use meshwatch_detector::metrics::{DetectorCollector, ProcessCollector};
 use meshwatch_detector::model::PairModel;
 use meshwatch_detector::notify::{Delivery, NotifyMetrics};
 use meshwatch_detector::pairs::{PairCollector, PairTable, from_record, key_from_proto};
@@ -100,6 +100,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     let table = Arc::new(PairTable::restore(restored));
     registry.register(Box::new(PairCollector::new(table.clone())?))?;
     registry.register(Box::new(DetectorCollector::new(detector.clone())?))?;
+    registry.register(Box::new(ProcessCollector::new()?))?;
 
     let (grpc_listener, grpc_addr) = bind("grpc", config.grpc_listen).await?;
     let (http_listener, http_addr) = bind("http", config.http_listen).await?;

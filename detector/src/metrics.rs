@@ -116,7 +116,14 @@ impl Collector for DetectorCollector {
             }
         }
         metrics[5].push(gauge(&[], f64::from(learning)));
+        // Every signal, finding kind and direction, at zero when none is active.
         let mut active: BTreeMap<(String, String), u32> = BTreeMap::new();
+        let names = crate::model::Signal::ALL.iter().map(|s| s.as_str()).chain(crate::trust::KINDS);
+        for name in names {
+            for dir in meshwatch_collector::flow::Direction::ALL {
+                active.insert((name.to_string(), dir.as_str().to_string()), 0);
+            }
+        }
         for a in d.anomalies.iter().filter(|a| a.ended_ms.is_none()) {
             *active.entry((a.signal.clone(), a.direction.clone())).or_default() += 1;
         }
@@ -146,6 +153,81 @@ impl Collector for DetectorCollector {
             .map(|(i, ((name, help, _), m))| {
                 let kind = if i >= FIRST_COUNTER { MetricType::COUNTER } else { MetricType::GAUGE };
                 family(name, help, kind, m)
+            })
+            .collect()
+    }
+}
+
+/// The process's own CPU time, resident memory, open file descriptors and start time, read
+/// from `/proc/self` at each scrape (Linux; nothing elsewhere), under the standard names.
+#[derive(Debug)]
+pub struct ProcessCollector {
+    descs: Vec<Desc>,
+    start_time_s: f64,
+}
+
+/// Clock ticks per second of `/proc/PID/stat` times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+const CLOCK_TICKS: f64 = 100.0;
+/// Bytes of a memory page in `/proc/PID/statm` (4 KiB on the platforms meshwatch runs on).
+const PAGE_BYTES: f64 = 4096.0;
+
+const PROCESS_FAMILIES: [(&str, &str, MetricType); 4] = [
+    ("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", MetricType::COUNTER),
+    ("process_resident_memory_bytes", "Resident memory size in bytes.", MetricType::GAUGE),
+    ("process_open_fds", "Number of open file descriptors.", MetricType::GAUGE),
+    ("process_start_time_seconds", "Start time of the process since unix epoch in seconds.", MetricType::GAUGE),
+];
+
+impl ProcessCollector {
+    pub fn new() -> prometheus::Result<ProcessCollector> {
+        let descs = PROCESS_FAMILIES
+            .iter()
+            .map(|(name, help, _)| Desc::new(name.to_string(), help.to_string(), vec![], HashMap::new()))
+            .collect::<prometheus::Result<_>>()?;
+        let start_time_s =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64().floor());
+        Ok(ProcessCollector { descs, start_time_s })
+    }
+}
+
+/// utime + stime from `/proc/self/stat` (fields 14 and 15, after the command in parentheses).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / CLOCK_TICKS)
+}
+
+fn resident_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    Some(statm.split_whitespace().nth(1)?.parse::<f64>().ok()? * PAGE_BYTES)
+}
+
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as f64).ok();
+        let values = [cpu_seconds(), resident_bytes(), fds, Some(self.start_time_s)];
+        PROCESS_FAMILIES
+            .iter()
+            .zip(values)
+            .filter_map(|((name, help, kind), v)| {
+                let v = v?;
+                let mut m = proto::Metric::default();
+                if *kind == MetricType::COUNTER {
+                    let mut c = proto::Counter::default();
+                    c.set_value(v);
+                    m.set_counter(c);
+                } else {
+                    let mut g = proto::Gauge::default();
+                    g.set_value(v);
+                    m.set_gauge(g);
+                }
+                Some(family(name, help, *kind, vec![m]))
             })
             .collect()
     }

@@ -380,6 +380,10 @@ impl Delivery {
     /// Sends this receiver's queue until `shutdown`; what is left stays queued.
     pub async fn run(self, shutdown: CancellationToken) {
         let r = [self.receiver.name.as_str()];
+        // Visible at zero from the start.
+        for c in [&self.metrics.sent, &self.metrics.failed, &self.metrics.retried, &self.metrics.dead_lettered] {
+            c.with_label_values(&r);
+        }
         let mut attempt: u32 = 0;
         let mut last_resend = tokio::time::Instant::now();
         loop {
