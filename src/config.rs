@@ -230,6 +230,7 @@ pub struct RawZeroTrust {
     pub require_mtls: Option<bool>,
     pub fan_out_span: Option<String>,
     pub fan_out_min_new: Option<i64>,
+    pub scan_min_paths: Option<i64>,
     pub new_egress_volume_bytes: Option<i64>,
     pub max_edges: Option<i64>,
     /// A policy file (relative paths are relative to the configuration file).
@@ -599,6 +600,8 @@ impl RawConfig {
         let fan_out_span = c.duration("zero_trust.fan_out_span", z.fan_out_span.as_deref(), length * 60, length);
         let fan_out_min_new =
             c.count("zero_trust.fan_out_min_new", z.fan_out_min_new, zt.fan_out_min_new as usize, 1, 100_000);
+        let scan_min_paths =
+            c.count("zero_trust.scan_min_paths", z.scan_min_paths, zt.scan_min_paths as usize, 1, 100_000);
         let new_egress_volume_bytes = c.count(
             "zero_trust.new_egress_volume_bytes",
             z.new_egress_volume_bytes,
@@ -685,6 +688,7 @@ impl RawConfig {
                 trust_domains: trust_domains.clone(),
                 fan_out_windows: ms(fan_out_span) / ms(length).max(1),
                 fan_out_min_new: u32::try_from(fan_out_min_new).unwrap_or(u32::MAX),
+                scan_min_paths: u32::try_from(scan_min_paths).unwrap_or(u32::MAX),
                 new_egress_volume_bytes: new_egress_volume_bytes as u64,
                 max_edges,
                 policy,

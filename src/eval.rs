@@ -40,15 +40,16 @@ pub fn compatible(kind: IncidentKind) -> &'static [&'static str] {
         IncidentKind::NewEdge => &["new_edge", "new_principal", "policy_violation"],
         IncidentKind::NewEgress => &["new_egress_destination", "new_egress_volume", "new_edge", "policy_violation"],
         IncidentKind::MtlsDowngrade => &["mtls_downgrade", "plaintext"],
-        IncidentKind::DenialSurge => &["denial_ratio"],
-        IncidentKind::RateLimitSurge => &["rate_limit_ratio"],
-        IncidentKind::FanOutScan => &["fan_out", "new_edge", "new_principal", "policy_violation"],
+        IncidentKind::DenialSurge => &["denial_ratio", "denial_surge"],
+        IncidentKind::RateLimitSurge => &["rate_limit_ratio", "rate_limit_surge"],
+        IncidentKind::FanOutScan => &["fan_out", "path_scan", "new_edge", "new_principal", "policy_violation"],
         IncidentKind::EgressBytesSurge => &["bytes_out_high", "new_egress_volume"],
         IncidentKind::NewPrincipal => &["new_principal", "new_edge", "policy_violation"],
         IncidentKind::ForeignPrincipal => &["foreign_principal", "new_principal", "new_edge", "policy_violation"],
         IncidentKind::PolicyViolation => {
             &["policy_violation", "new_edge", "new_principal", "new_egress_destination", "new_egress_volume"]
         }
+        IncidentKind::DenialSpread => &["denial_surge", "denial_ratio"],
     }
 }
 
@@ -99,9 +100,11 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
         let Some(kind) = IncidentKind::parse(&t.kind) else { return false };
         let same_pair = (d.source == t.source && d.direction == t.direction)
             || t.via.as_ref().is_some_and(|via| &d.source == via && d.direction == "east_west");
+        // `*`: a finding about a source across its destinations, or an incident of that kind.
+        let any_destination = t.destination == "*" || d.destination == "*";
         compatible(kind).contains(&d.kind.as_str())
-            && (same_pair || (t.destination == "*" && d.source == t.source))
-            && (t.destination == "*" || d.destination == t.destination)
+            && (same_pair || (any_destination && d.source == t.source))
+            && (any_destination || d.destination == t.destination)
             && d.start_ms >= t.start_ms
             && d.start_ms <= t.end_ms + slack_ms
     };

@@ -111,6 +111,11 @@ from = "payments"
 to = "api.stripe.com"
 start = "4h20m"
 duration = "10m"
+[[incidents]]
+kind = "denial_spread"
+from = "frontend"
+start = "4h40m"
+duration = "10m"
 "#;
 
 const POLICY: &str = r#"
@@ -138,10 +143,10 @@ fn every_finding_kind_is_found_and_nothing_else() {
     std::fs::write(&scenario, SCENARIO).unwrap();
     std::fs::write(dir.path().join("policy.toml"), POLICY).unwrap();
     let config = dir.path().join("meshwatch.toml");
-    // A low volume threshold, so that the new egress destination's 10 minutes make one.
+    // Low thresholds for volume and path scans, so that this small mesh's incidents reach them.
     std::fs::write(
         &config,
-        "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"\nnew_egress_volume_bytes = 50000\n",
+        "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"\nnew_egress_volume_bytes = 50000\nscan_min_paths = 8\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
@@ -159,13 +164,15 @@ fn every_finding_kind_is_found_and_nothing_else() {
         assert_eq!(k["recall"], 1.0, "{kind}: {k}");
         assert!(k["ttd_median_s"].as_f64().unwrap() <= 20.0, "{kind}: {k}");
     }
-    for kind in ["fan_out_scan", "denial_surge", "rate_limit_surge", "egress_bytes_surge"] {
+    for kind in ["fan_out_scan", "denial_surge", "rate_limit_surge", "egress_bytes_surge", "denial_spread"] {
         assert_eq!(get(kind)["recall"], 1.0, "{kind}: {}", get(kind));
     }
     // The new egress destination is found twice: as new, then for the volume sent to it.
     assert_eq!(get("new_egress")["detections"], 2, "{}", get("new_egress"));
     assert_eq!(get("new_egress")["precision"], 1.0);
-    // The scan is found as such, not only as the new edges it makes.
-    assert_eq!(get("fan_out_scan")["detections"], 1, "{}", get("fan_out_scan"));
+    // The scan is found as such (destinations, and 404 paths), not only as the new edges it
+    // makes; denials across the frontend's destinations as the source's surge.
+    assert_eq!(get("fan_out_scan")["detections"], 2, "{}", get("fan_out_scan"));
+    assert_eq!(get("denial_spread")["detections"], 1, "{}", get("denial_spread"));
     assert_eq!(quality["false_detections"], 0, "{:#}", quality["false_examples"]);
 }

@@ -138,6 +138,8 @@ struct Specific<'a> {
     protocol: Protocol,
     /// HTTP `:authority`, or the TLS SNI for TCP.
     authority: &'a [u8],
+    /// HTTP `:path` (empty for TCP).
+    path: &'a [u8],
     code: u32,
     bytes_sent: u64,
     bytes_received: u64,
@@ -169,6 +171,7 @@ fn record(common: &CommonWire, specific: Specific<'_>, node: &NodeContext, resol
         bytes_sent: specific.bytes_sent,
         bytes_received: specific.bytes_received,
         mtls: is_mtls(common),
+        not_found_path: if specific.code == 404 { crate::flow::path_hash(specific.path) } else { 0 },
     })
 }
 
@@ -182,6 +185,7 @@ pub fn http_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_
     let specific = Specific {
         protocol: Protocol::Http,
         authority: request.map_or(&[][..], |r| &r.authority[..]),
+        path: request.map_or(&[][..], |r| &r.path[..]),
         code: response.and_then(|r| r.response_code).map_or(0, |c| c.value),
         bytes_sent: request.map_or(0, |r| r.request_headers_bytes.saturating_add(r.request_body_bytes)),
         bytes_received: response.map_or(0, |r| r.response_headers_bytes.saturating_add(r.response_body_bytes)),
@@ -199,6 +203,7 @@ pub fn tcp_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_>
     let specific = Specific {
         protocol: Protocol::Tcp,
         authority: common.tls_properties.as_ref().map_or(&[][..], |t| &t.tls_sni_hostname[..]),
+        path: &[],
         code: 0,
         bytes_sent: conn.received_bytes,
         bytes_received: conn.sent_bytes,
@@ -324,6 +329,7 @@ mod tests {
             protocol_version: 2,
             request: Some(al::HttpRequestProperties {
                 authority: "backend".into(),
+                path: "/admin/.env?probe=1".into(),
                 request_headers_bytes: 100,
                 request_body_bytes: 11,
                 ..Default::default()
@@ -356,6 +362,17 @@ mod tests {
             Outcome::Record(r) => r,
             other => panic!("expected a record, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_404_keeps_a_hash_of_its_path_without_the_query() {
+        assert_eq!(
+            record(run(http(base_common(), Some(404)), false)).not_found_path,
+            crate::flow::path_hash(b"/admin/.env")
+        );
+        assert_eq!(record(run(http(base_common(), Some(200)), false)).not_found_path, 0);
+        assert_ne!(crate::flow::path_hash(b"/a"), crate::flow::path_hash(b"/b"));
+        assert_ne!(crate::flow::path_hash(b""), 0);
     }
 
     #[test]

@@ -189,6 +189,18 @@ pub struct FlowRecord {
     pub bytes_received: u64,
     /// The downstream connection presented a client certificate (mTLS).
     pub mtls: bool,
+    /// For a 404: a hash of the path without its query (distinct paths of a scan), else 0.
+    pub not_found_path: u64,
+}
+
+/// FNV-1a (64 bit) of a request path up to its query, never 0 (0 means no path).
+pub fn path_hash(path: &[u8]) -> u64 {
+    let end = path.iter().position(|&b| b == b'?' || b == b'#').unwrap_or(path.len());
+    let mut h = 0xcbf2_9ce4_8422_2325_u64;
+    for &b in &path[..end] {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
 }
 
 impl FlowRecord {

@@ -67,6 +67,17 @@ pub struct PairStats {
     pub rate_limited: u64,
     /// HTTP request durations, for quantiles with bounded relative error.
     pub latency: LatencySketch,
+    /// Distinct paths answered 404 (hashes, at most `MAX_NOT_FOUND_PATHS`).
+    pub not_found_paths: Vec<u64>,
+}
+
+/// Distinct 404 paths kept per pair and window (enough to tell a scan).
+pub const MAX_NOT_FOUND_PATHS: usize = 256;
+
+fn add_path(paths: &mut Vec<u64>, h: u64) {
+    if paths.len() < MAX_NOT_FOUND_PATHS && !paths.contains(&h) {
+        paths.push(h);
+    }
 }
 
 impl PairStats {
@@ -102,6 +113,9 @@ impl PairStats {
         if r.mtls {
             self.mtls += 1;
         }
+        if r.not_found_path != 0 {
+            add_path(&mut self.not_found_paths, r.not_found_path);
+        }
     }
 
     /// Adds another window's counts (used to fold windows into totals).
@@ -125,6 +139,9 @@ impl PairStats {
         self.denied = self.denied.saturating_add(o.denied);
         self.rate_limited = self.rate_limited.saturating_add(o.rate_limited);
         self.latency.merge(&o.latency);
+        for &h in &o.not_found_paths {
+            add_path(&mut self.not_found_paths, h);
+        }
     }
 
     pub fn total_requests(&self) -> u64 {
@@ -278,6 +295,7 @@ mod tests {
             bytes_sent: 10,
             bytes_received: 20,
             mtls: true,
+            not_found_path: if code == 404 { end_ms as u64 % 7 + 1 } else { 0 },
         }
     }
 

@@ -181,6 +181,8 @@ pub struct SanWire {
 pub struct RequestWire {
     #[prost(bytes = "bytes", tag = "3")]
     pub authority: Bytes,
+    #[prost(bytes = "bytes", tag = "5")]
+    pub path: Bytes,
     #[prost(uint64, tag = "11")]
     pub request_headers_bytes: u64,
     #[prost(uint64, tag = "12")]

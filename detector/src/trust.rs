@@ -11,7 +11,7 @@
 //!
 //! Pure: the caller passes closed windows and the anomaly registry the findings go to.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use meshwatch_collector::flow::{Direction, Reporter};
@@ -20,6 +20,7 @@ use meshwatch_collector::window::ClosedWindow;
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{Anomalies, FindingRecord};
+use crate::baseline::RatioBaseline;
 
 pub const NEW_EDGE: &str = "new_edge";
 pub const NEW_EGRESS: &str = "new_egress_destination";
@@ -30,9 +31,12 @@ pub const PLAINTEXT: &str = "plaintext";
 pub const FAN_OUT: &str = "fan_out";
 pub const NEW_EGRESS_VOLUME: &str = "new_egress_volume";
 pub const POLICY_VIOLATION: &str = "policy_violation";
+pub const PATH_SCAN: &str = "path_scan";
+pub const DENIAL_SURGE: &str = "denial_surge";
+pub const RATE_LIMIT_SURGE: &str = "rate_limit_surge";
 
 /// Every finding kind.
-pub const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 12] = [
     NEW_EDGE,
     NEW_EGRESS,
     NEW_PRINCIPAL,
@@ -42,6 +46,9 @@ pub const KINDS: [&str; 9] = [
     FAN_OUT,
     NEW_EGRESS_VOLUME,
     POLICY_VIOLATION,
+    PATH_SCAN,
+    DENIAL_SURGE,
+    RATE_LIMIT_SURGE,
 ];
 
 /// Whether an anomaly record's kind is a zero-trust finding.
@@ -51,7 +58,7 @@ pub fn is_finding(kind: &str) -> bool {
 
 fn severity(kind: &str) -> &'static str {
     match kind {
-        NEW_EDGE | NEW_PRINCIPAL | PLAINTEXT => "warning",
+        NEW_EDGE | NEW_PRINCIPAL | PLAINTEXT | RATE_LIMIT_SURGE => "warning",
         _ => "critical",
     }
 }
@@ -97,6 +104,9 @@ pub struct TrustConfig {
     pub trust_domains: Vec<String>,
     /// Windows over which a source's distinct destinations are counted.
     pub fan_out_windows: i64,
+    /// Least number of distinct paths answered 404 to one source within the span for a
+    /// path scan (it also needs four times the source's usual number).
+    pub scan_min_paths: u32,
     /// Least number of destinations a source calls for the first time within the span for a
     /// fan-out finding (it also needs at least as many as the source usually reaches: twice
     /// its usual count in all).
@@ -119,6 +129,7 @@ impl Default for TrustConfig {
             trust_domains: Vec::new(),
             fan_out_windows: 60,
             fan_out_min_new: 3,
+            scan_min_paths: 20,
             new_egress_volume_bytes: 100_000_000,
             max_edges: 200_000,
             policy: None,
@@ -157,6 +168,11 @@ pub struct EdgeKey {
 struct WindowEdge {
     flows: u64,
     errors: u64,
+    /// HTTP requests, denied (401, 403, unauthorized flag) and rate-limited (429, RL flag).
+    requests: u64,
+    denied: u64,
+    rate_limited: u64,
+    not_found_paths: Vec<u64>,
     mtls: u64,
     plaintext: u64,
     bytes_out: u64,
@@ -172,7 +188,40 @@ struct Reach {
     /// The most distinct destinations reached within one span, those first called within
     /// the span not counted.
     usual: u32,
+    /// Paths answered 404 (hashes) → start of the last window; the most distinct within one
+    /// span while not flagged.
+    paths: HashMap<u64, i64>,
+    usual_paths: u32,
+    /// The most distinct paths within the current span-long period, and when it began.
+    paths_period_max: u32,
+    paths_period_start: i64,
+    /// Denied and rate-limited ratios of all the source's requests.
+    denied: RatioBaseline,
+    limited: RatioBaseline,
+    /// The last `SURGE_WINDOWS` windows (without their paths).
+    recent_ratios: VecDeque<SourceWindow>,
 }
+
+/// One window of a source, across its destinations.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct SourceWindow {
+    requests: u64,
+    denied: u64,
+    rate_limited: u64,
+    /// Destinations (hashes) that denied, or rate-limited, some of its requests.
+    denied_by: Vec<u64>,
+    limited_by: Vec<u64>,
+    /// Paths answered 404 (hashes).
+    not_found_paths: Vec<u64>,
+    east_west: bool,
+}
+
+/// Windows over which a source's denied and rate-limited ratios are judged.
+const SURGE_WINDOWS: usize = 6;
+/// Distinct 404 paths remembered per source.
+const MAX_PATHS_PER_SOURCE: usize = 4096;
+/// Tail probability under which a source's ratio is a surge (the detector's default).
+const SURGE_P: f64 = 1e-6;
 
 /// The zero-trust state: the edge book, principals, reach of sources and open findings.
 #[derive(Debug)]
@@ -307,6 +356,14 @@ impl Trust {
             let flows = s.total_requests() + s.tcp_connections;
             e.flows = e.flows.max(flows);
             e.errors = e.errors.max(s.errors);
+            e.requests = e.requests.max(s.total_requests());
+            e.denied = e.denied.max(s.denied);
+            e.rate_limited = e.rate_limited.max(s.rate_limited);
+            for h in &s.not_found_paths {
+                if !e.not_found_paths.contains(h) {
+                    e.not_found_paths.push(*h);
+                }
+            }
             e.bytes_out = e.bytes_out.max(s.request_bytes + s.tcp_sent_bytes);
             if k.reporter == Reporter::Destination {
                 e.mtls += s.mtls;
@@ -432,6 +489,7 @@ impl Trust {
         }
 
         self.fan_out(w, &window, learned, anomalies, &mut step);
+        self.scans_and_surges(w, &window, learned, anomalies, &mut step);
         self.last_window_ms = w.end_ms - w.start_ms;
         self.last = window.iter().map(|(k, e)| (k.clone(), (e.flows, e.errors))).collect();
         self.expire(w, anomalies, &mut step);
@@ -495,8 +553,128 @@ impl Trust {
         if w.start_ms % 3_600_000 < w.end_ms - w.start_ms {
             self.reach.retain(|_, r| {
                 r.recent.retain(|_, (last, _)| w.start_ms - *last < span_ms);
-                !r.recent.is_empty() || r.usual > 0
+                !r.recent.is_empty() || r.usual > 0 || r.denied.total > 0.5 || !r.paths.is_empty()
             });
+        }
+    }
+
+    /// Per source, across its destinations: distinct paths answered 404 against its usual
+    /// number (a path scan), and denied and rate-limited ratios against its baselines (a
+    /// surge needs two destinations or more; one pair's surge is the detector's).
+    fn scans_and_surges(
+        &mut self,
+        w: &ClosedWindow,
+        window: &HashMap<EdgeKey, WindowEdge>,
+        learned: bool,
+        anomalies: &mut Anomalies,
+        step: &mut TrustStep,
+    ) {
+        let span_ms = self.cfg.fan_out_windows * (w.end_ms - w.start_ms);
+        let mut per_source: HashMap<&str, SourceWindow> = HashMap::new();
+        for (k, e) in window {
+            let t = per_source.entry(&k.source).or_default();
+            t.requests += e.requests;
+            t.denied += e.denied;
+            t.rate_limited += e.rate_limited;
+            let dest = crate::alert::fnv(&[&k.destination]);
+            if e.denied > 0 {
+                t.denied_by.push(dest);
+            }
+            if e.rate_limited > 0 {
+                t.limited_by.push(dest);
+            }
+            t.not_found_paths.extend_from_slice(&e.not_found_paths);
+            t.east_west |= k.direction == Direction::EastWest;
+        }
+        let mut sources: Vec<_> = per_source.into_iter().collect();
+        sources.sort_by(|a, b| a.0.cmp(b.0));
+        let mut found = Vec::new();
+        for (source, mut sw) in sources {
+            let direction = if sw.east_west { "east_west" } else { "egress" };
+            let reach = self.reach.entry(source.to_string()).or_default();
+            // Path scans.
+            for h in std::mem::take(&mut sw.not_found_paths) {
+                if reach.paths.len() < MAX_PATHS_PER_SOURCE || reach.paths.contains_key(&h) {
+                    reach.paths.insert(h, w.start_ms);
+                }
+            }
+            reach.paths.retain(|_, t| w.start_ms - *t < span_ms);
+            let distinct = u32::try_from(reach.paths.len()).unwrap_or(u32::MAX);
+            let usual = reach.usual_paths;
+            if learned && distinct >= self.cfg.scan_min_paths.max(4 * usual) {
+                let reason = format!(
+                    "{source} was answered 404 for {distinct} distinct paths within {:.0} min, at most {usual} before",
+                    span_ms as f64 / 60_000.0
+                );
+                found.push((PATH_SCAN, source.to_string(), direction, f64::from(distinct), f64::from(usual), reason));
+            } else if !learned {
+                reach.usual_paths = usual.max(distinct);
+            } else {
+                // After learning, the usual number grows once a span, at most to twice itself
+                // plus one: a scan, fast or slow, must not teach its own size.
+                reach.paths_period_max = reach.paths_period_max.max(distinct);
+                if w.start_ms - reach.paths_period_start >= span_ms {
+                    reach.usual_paths = usual.max(reach.paths_period_max.min(2 * usual + 1));
+                    reach.paths_period_max = 0;
+                    reach.paths_period_start = w.start_ms;
+                }
+            }
+            // Denied and rate-limited ratios across destinations.
+            let (requests, denied, limited) = (sw.requests, sw.denied, sw.rate_limited);
+            reach.recent_ratios.push_back(sw);
+            while reach.recent_ratios.len() > SURGE_WINDOWS {
+                reach.recent_ratios.pop_front();
+            }
+            let (mut n, mut d, mut l) = (0, 0, 0);
+            let (mut d_by, mut l_by) = (Vec::new(), Vec::new());
+            for r in &reach.recent_ratios {
+                (n, d, l) = (n + r.requests, d + r.denied, l + r.rate_limited);
+                d_by.extend_from_slice(&r.denied_by);
+                l_by.extend_from_slice(&r.limited_by);
+            }
+            for v in [&mut d_by, &mut l_by] {
+                v.sort_unstable();
+                v.dedup();
+            }
+            let checks = [
+                (DENIAL_SURGE, d, d_by.len(), &mut reach.denied, denied),
+                (RATE_LIMIT_SURGE, l, l_by.len(), &mut reach.limited, limited),
+            ];
+            for (kind, events, spread, base, this) in checks {
+                let hot = base.assess(events, n, SURGE_P).is_some_and(|a| {
+                    a.p_value < SURGE_P
+                        && a.observed >= (2.0 * a.expected).max(a.expected + 0.01)
+                        && events >= 5
+                        && spread >= 2
+                });
+                let expected = base.expected();
+                base.update(this as f64, requests as f64, hot, 360);
+                if hot && learned {
+                    let what = if kind == DENIAL_SURGE { "denied" } else { "rate-limited" };
+                    let ratio = events as f64 / n.max(1) as f64;
+                    let reason = format!(
+                        "{:.1} % of {source}'s {n} requests {what} in {:.0} s, by {spread} destinations; {:.2} % expected",
+                        ratio * 100.0,
+                        SURGE_WINDOWS as f64 * (w.end_ms - w.start_ms) as f64 / 1000.0,
+                        expected * 100.0
+                    );
+                    found.push((kind, source.to_string(), direction, ratio, expected, reason));
+                }
+            }
+        }
+        for (kind, source, direction, observed, expected, reason) in found {
+            let f = FindingRecord {
+                kind,
+                source,
+                destination: "*".into(),
+                direction,
+                reporters: vec![Reporter::Source.as_str().to_string()],
+                severity: severity(kind),
+                observed,
+                expected,
+                reason,
+            };
+            self.raise(anomalies, f, w.end_ms, step);
         }
     }
 
@@ -730,6 +908,66 @@ mod tests {
             .collect();
         for i in 0..10 {
             t.observe(&window(i * W, many.clone()), &mut a);
+        }
+        assert!(a.iter().next().is_none(), "{:?}", kinds(&a));
+    }
+
+    #[test]
+    fn many_distinct_404_paths_are_a_path_scan() {
+        let mut t = Trust::new(TrustConfig { learning_ms: W, ..config() });
+        let mut a = Anomalies::default();
+        let with_404 = |paths: std::ops::Range<i64>| {
+            let mut pairs = steady(0);
+            pairs[0].1.not_found_paths = paths.map(|p| p as u64 + 1).collect();
+            pairs
+        };
+        // A crawler that usually gets a few 404s.
+        for i in 0..100 {
+            t.observe(&window(i * W, with_404(i % 3..i % 3 + 2)), &mut a);
+        }
+        assert!(a.iter().next().is_none());
+        for i in 100..103 {
+            t.observe(&window(i * W, with_404((i - 100) * 10..(i - 100) * 10 + 10)), &mut a);
+        }
+        let scans: Vec<_> = a.iter().filter(|x| x.kind == PATH_SCAN).collect();
+        assert_eq!(scans.len(), 1, "{:?}", kinds(&a));
+        assert_eq!((scans[0].source.as_str(), scans[0].destination.as_str()), (A, "*"));
+        assert!(scans[0].reason.contains("404 for 2"), "{}", scans[0].reason);
+    }
+
+    #[test]
+    fn denials_across_destinations_are_a_surge_of_the_source() {
+        let mut t = Trust::new(TrustConfig { learning_ms: W, ..config() });
+        let mut a = Anomalies::default();
+        let d = "spiffe://mesh.test/ns/shop/sa/d";
+        let with_denials = |denied: u64| {
+            let mut pairs = steady(0);
+            pairs.push((key(A, d, Direction::EastWest, Reporter::Source), stats(5, 0)));
+            pairs[0].1.denied = denied;
+            pairs[3].1.denied = denied;
+            pairs
+        };
+        for i in 0..400 {
+            t.observe(&window(i * W, with_denials(0)), &mut a);
+        }
+        assert!(a.iter().next().is_none());
+        // Two of the five requests to each of two destinations denied.
+        for i in 400..403 {
+            t.observe(&window(i * W, with_denials(2)), &mut a);
+        }
+        let surges: Vec<_> = a.iter().filter(|x| x.kind == DENIAL_SURGE).collect();
+        assert_eq!(surges.len(), 1, "{:?}", kinds(&a));
+        assert!(surges[0].reason.contains("by 2 destinations"), "{}", surges[0].reason);
+        // One destination only: the pair's anomaly, not the source's.
+        let mut t = Trust::new(TrustConfig { learning_ms: W, ..config() });
+        let mut a = Anomalies::default();
+        for i in 0..400 {
+            t.observe(&window(i * W, steady(0)), &mut a);
+        }
+        for i in 400..403 {
+            let mut pairs = steady(0);
+            pairs[0].1.denied = 4;
+            t.observe(&window(i * W, pairs), &mut a);
         }
         assert!(a.iter().next().is_none(), "{:?}", kinds(&a));
     }

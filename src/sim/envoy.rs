@@ -298,6 +298,14 @@ impl Template {
                     refill_common(c, v);
                 }
                 if let Some(r) = e.request.as_mut() {
+                    // Answered 404: a probe of a path of its own (scans try many).
+                    if v.code == 404 {
+                        r.path.clear();
+                        let _ = std::fmt::Write::write_fmt(&mut r.path, format_args!("/probe/{:x}", v.seq));
+                    } else if r.path.starts_with("/probe/") {
+                        r.path.clear();
+                        r.path.push_str("/api");
+                    }
                     r.request_method = if v.up_bytes > 0 { 3 } else { 1 };
                     r.request_body_bytes = v.up_bytes;
                     r.request_id.clear();

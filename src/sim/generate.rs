@@ -425,7 +425,8 @@ impl Generator {
         let mut rate_limit = 0.0;
         let mut request_bytes_factor = 1.0;
         for inc in s.incidents.iter().filter(|i| i.start_ms < end && i.end_ms > start) {
-            if inc.from != edge.from || inc.to != Some(edge.to) {
+            let spread = inc.kind == IncidentKind::DenialSpread && inc.from == edge.from;
+            if !spread && (inc.from != edge.from || inc.to != Some(edge.to)) {
                 continue;
             }
             match inc.kind {
@@ -434,7 +435,7 @@ impl Generator {
                 IncidentKind::TrafficDrop => rate = 0.0,
                 IncidentKind::TrafficSurge => rate *= inc.magnitude,
                 IncidentKind::MtlsDowngrade => mtls = false,
-                IncidentKind::DenialSurge => denial = inc.magnitude,
+                IncidentKind::DenialSurge | IncidentKind::DenialSpread => denial = inc.magnitude,
                 IncidentKind::RateLimitSurge => rate_limit = inc.magnitude,
                 IncidentKind::EgressBytesSurge => request_bytes_factor *= inc.magnitude,
                 IncidentKind::NewEdge

@@ -185,10 +185,13 @@ pub enum IncidentKind {
     /// A new edge that the scenario's policy does not allow, at magnitude requests per
     /// second (default 0.5).
     PolicyViolation,
+    /// Share magnitude (default 0.3) of the requests of `from` to every destination denied
+    /// with 403 (a workload whose permissions were revoked, or one probing).
+    DenialSpread,
 }
 
 impl IncidentKind {
-    pub const ALL: [IncidentKind; 14] = [
+    pub const ALL: [IncidentKind; 15] = [
         IncidentKind::LatencyShift,
         IncidentKind::ErrorBurst,
         IncidentKind::TrafficDrop,
@@ -203,6 +206,7 @@ impl IncidentKind {
         IncidentKind::NewPrincipal,
         IncidentKind::ForeignPrincipal,
         IncidentKind::PolicyViolation,
+        IncidentKind::DenialSpread,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -221,6 +225,7 @@ impl IncidentKind {
             IncidentKind::NewPrincipal => "new_principal",
             IncidentKind::ForeignPrincipal => "foreign_principal",
             IncidentKind::PolicyViolation => "policy_violation",
+            IncidentKind::DenialSpread => "denial_spread",
         }
     }
 
@@ -236,7 +241,7 @@ impl IncidentKind {
             IncidentKind::TrafficSurge => 3.0,
             IncidentKind::NewEdge | IncidentKind::NewPrincipal => 1.0,
             IncidentKind::NewEgress | IncidentKind::ForeignPrincipal | IncidentKind::PolicyViolation => 0.5,
-            IncidentKind::DenialSurge | IncidentKind::RateLimitSurge => 0.3,
+            IncidentKind::DenialSurge | IncidentKind::RateLimitSurge | IncidentKind::DenialSpread => 0.3,
             IncidentKind::FanOutScan => 40.0,
             IncidentKind::EgressBytesSurge => 20.0,
         }
@@ -545,9 +550,9 @@ impl Scenario {
             }
             let Some(from) = lookup(&inc.from, &format!("{what}.from"), &mut problems) else { continue };
             let to = match (&inc.to, kind) {
-                (None, IncidentKind::FanOutScan) => None,
-                (Some(t), IncidentKind::FanOutScan) => {
-                    problems.push(format!("{what}.to: a fan-out scan has no single target (`{t}`)"));
+                (None, IncidentKind::FanOutScan | IncidentKind::DenialSpread) => None,
+                (Some(t), IncidentKind::FanOutScan | IncidentKind::DenialSpread) => {
+                    problems.push(format!("{what}.to: {} has no single target (`{t}`)", kind.as_str()));
                     None
                 }
                 (Some(t), _) => lookup(t, &format!("{what}.to"), &mut problems),
@@ -593,6 +598,9 @@ impl Scenario {
                 {
                     problems.push(format!("{what}: mtls_downgrade needs an mTLS edge"));
                 }
+            }
+            if kind == IncidentKind::DenialSpread && edges.iter().filter(|e| e.from == from).count() < 2 {
+                problems.push(format!("{what}: denial_spread needs a caller of two services or more"));
             }
             incidents.push(Incident {
                 kind,
