@@ -141,6 +141,19 @@ impl Prometheus {
         }
         Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
     }
+
+    /// As `query`, asking again for a few seconds while the result is empty (a recording
+    /// rule's first evaluation may have come before its second scrape).
+    async fn query_data(&self, expr: &str) -> Result<Vec<serde_json::Value>, String> {
+        for _ in 0..20 {
+            let r = self.query(expr).await?;
+            if !r.is_empty() {
+                return Ok(r);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(Vec::new())
+    }
 }
 
 /// Every panel, rows' nested panels included.
@@ -277,7 +290,7 @@ async fn every_dashboard_query_and_rule_returns_data_from_a_real_prometheus() {
                 }
                 // Against Prometheus.
                 queries += 1;
-                match prom.query(&substitute(expr)).await {
+                match prom.query_data(&substitute(expr)).await {
                     Ok(r) if !r.is_empty() => {}
                     Ok(_) => failures.push(format!("{name} / {title}: no data for {expr}")),
                     Err(e) => failures.push(format!("{name} / {title}: {e} in {expr}")),
@@ -320,7 +333,7 @@ async fn every_dashboard_query_and_rule_returns_data_from_a_real_prometheus() {
                 expr[..at].to_string()
             };
             queries += 1;
-            match prom.query(&probe).await {
+            match prom.query_data(&probe).await {
                 Ok(r) if !r.is_empty() => {}
                 Ok(_) => failures.push(format!("rule {name}: no data for {probe}")),
                 Err(e) => failures.push(format!("rule {name}: {e} in {probe}")),
