@@ -58,7 +58,8 @@ fn latency_text(seconds: f64) -> String {
     if seconds >= 1.0 { format!("{seconds:.2} s") } else { format!("{:.0} ms", seconds * 1000.0) }
 }
 
-fn bytes_text(b: f64) -> String {
+/// Bytes for people: `1.2 MB`.
+pub fn bytes_text(b: f64) -> String {
     match b {
         b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
         b if b >= 1e6 => format!("{:.1} MB", b / 1e6),

@@ -13,6 +13,7 @@ use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
 use tracing::warn;
 
+use crate::alert::fnv;
 use crate::anomaly::{Anomaly, in_units};
 use crate::model::PairModel;
 use crate::pairs::PairTable;
@@ -532,16 +533,6 @@ async fn graph(State(state): State<AppState>) -> axum::Json<GraphResponse> {
         }
     }
     axum::Json(GraphResponse { nodes: nodes.into_values().collect(), edges })
-}
-
-fn fnv(parts: &[&str]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325_u64;
-    for part in parts {
-        for b in part.bytes().chain(std::iter::once(0)) {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use meshwatch_collector::identity::Pattern;
 use meshwatch_collector::window::ClosedWindow;
 use serde::{Deserialize, Serialize};
 
-use crate::anomaly::{Anomalies, FindingRecord};
+use crate::anomaly::{Anomalies, FindingRecord, bytes_text};
 use crate::baseline::RatioBaseline;
 
 pub const NEW_EDGE: &str = "new_edge";
@@ -271,12 +271,25 @@ fn days(ms: i64) -> String {
     if d >= 1.0 { format!("{d:.1} days") } else { format!("{:.1} h", ms as f64 / 3_600_000.0) }
 }
 
-fn bytes_text(b: f64) -> String {
-    match b {
-        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
-        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
-        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
-        b => format!("{b:.0} B"),
+/// A finding about a source across its destinations (`destination` is `*`).
+fn source_finding(
+    kind: &'static str,
+    source: &str,
+    direction: &'static str,
+    observed: f64,
+    expected: f64,
+    reason: String,
+) -> FindingRecord {
+    FindingRecord {
+        kind,
+        source: source.to_string(),
+        destination: "*".into(),
+        direction,
+        reporters: vec![Reporter::Source.as_str().to_string()],
+        severity: severity(kind),
+        observed,
+        expected,
+        reason,
     }
 }
 
@@ -537,17 +550,7 @@ impl Trust {
                 "{source} reached {novel} destinations it had never called within {:.0} min ({distinct} in all; usually at most {usual})",
                 span_ms as f64 / 60_000.0
             );
-            let f = FindingRecord {
-                kind: FAN_OUT,
-                source: source.to_string(),
-                destination: "*".into(),
-                direction,
-                reporters: vec![Reporter::Source.as_str().to_string()],
-                severity: severity(FAN_OUT),
-                observed: f64::from(distinct),
-                expected: f64::from(usual),
-                reason,
-            };
+            let f = source_finding(FAN_OUT, source, direction, f64::from(distinct), f64::from(usual), reason);
             self.raise(anomalies, f, w.end_ms, step);
         }
         if w.start_ms % 3_600_000 < w.end_ms - w.start_ms {
@@ -663,17 +666,7 @@ impl Trust {
             }
         }
         for (kind, source, direction, observed, expected, reason) in found {
-            let f = FindingRecord {
-                kind,
-                source,
-                destination: "*".into(),
-                direction,
-                reporters: vec![Reporter::Source.as_str().to_string()],
-                severity: severity(kind),
-                observed,
-                expected,
-                reason,
-            };
+            let f = source_finding(kind, &source, direction, observed, expected, reason);
             self.raise(anomalies, f, w.end_ms, step);
         }
     }

@@ -352,16 +352,6 @@ pub fn parse_offset_ms(s: &str) -> Result<i64, String> {
     Ok(total)
 }
 
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 fn parse_date_ms(s: &str) -> Result<i64, String> {
     let parts: Vec<i64> = s
         .split('-')
@@ -369,7 +359,9 @@ fn parse_date_ms(s: &str) -> Result<i64, String> {
         .collect::<Result<_, _>>()
         .map_err(|_| format!("`{s}` is not YYYY-MM-DD"))?;
     match parts[..] {
-        [y, m, d] if (1..=12).contains(&m) && (1..=31).contains(&d) => Ok(days_from_civil(y, m, d) * 86_400_000),
+        [y, m, d] if (1..=12).contains(&m) && (1..=31).contains(&d) => {
+            Ok(meshwatch_detector::timefmt::days_from_civil(y, m, d) * 86_400_000)
+        }
         _ => Err(format!("`{s}` is not YYYY-MM-DD")),
     }
 }
