@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use meshwatch_collector::als::AlsService;
+use meshwatch_collector::als::{AlsService, OtlpLogsService};
 use meshwatch_collector::metrics::CollectorMetrics;
 use meshwatch_collector::pipeline;
 use meshwatch_collector::window::Aggregator;
@@ -145,9 +145,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         AlsService::new(Arc::new(config.mesh.clone()), als_config, records_tx, collector_metrics, shutdown.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AlsService>().await;
+    health.set_serving::<OtlpLogsService>().await;
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
+        .add_service(als.otlp_logs())
         .add_service(als)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),

@@ -295,3 +295,37 @@ async fn a_flood_of_identities_stays_within_the_pair_cap() {
     assert!(rss_mib < 256, "resident memory {rss_mib} MiB after the flood");
     assert!(mw.stop().success());
 }
+
+/// One OTLP logs Export call with a raw body.
+async fn export_logs(mw: &Meshwatch, body: Bytes) -> Result<Bytes, tonic::Status> {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", mw.grpc)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(meshwatch_collector::otlp::EXPORT_LOGS_PATH);
+    grpc.unary(tonic::Request::new(body), path, BytesCodec).await.map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn otlp_logs_bad_bodies_and_records_without_time_are_refused_alone() {
+    let (mw, _data) = start(&[]);
+    let garbage = Bytes::from_static(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+    let refused = export_logs(&mw, garbage).await.expect_err("not OTLP");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    // ExportLogsServiceRequest { resource_logs { scope_logs { log_records [ {time}, {} ] } } }:
+    // hand-encoded, so that the test does not lean on meshwatch's own mirrors.
+    let now_ns = (now_s() as u64) * 1_000_000_000;
+    let mut timed = vec![0x09];
+    timed.extend_from_slice(&now_ns.to_le_bytes());
+    let log_records = [vec![0x12, timed.len() as u8], timed, vec![0x12, 0x00]].concat();
+    let scope_logs = [vec![0x12, log_records.len() as u8], log_records].concat();
+    let body = Bytes::from([vec![0x0a, scope_logs.len() as u8], scope_logs].concat());
+    let reply = export_logs(&mw, body).await.expect("a batch is not refused for one record");
+    // partial_success { rejected_log_records: 1, error_message: … }
+    assert!(reply.starts_with(&[0x0a]) && reply[2..4] == [0x08, 0x01], "{reply:?}");
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum(DECODED, &[]) >= 1.0).await;
+    assert_eq!(m.get(REJECTED, &[("reason", "missing_time")]), Some(1.0), "{}", m.text);
+    assert_eq!(m.get("meshwatch_als_messages_rejected_total", &[("reason", "malformed")]), Some(1.0));
+    assert_eq!(m.sum(DECODED, &[]), 1.0, "the record with a time is kept: {}", m.text);
+    assert!(mw.stop().success());
+}

@@ -353,3 +353,91 @@ async fn a_new_upstream_and_a_plaintext_hop_are_findings_and_known_edges_survive
     assert!(nodes.iter().any(|n| n["id"] == INVENTORY && n["title"] == "inventory"), "{body}");
     assert!(mw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opentelemetry_access_logs_name_the_callee_by_its_certificate() {
+    let work = TempDir::new("e2e-otel");
+    gen_certs(&work.path().join("certs"));
+    let data = TempDir::new("e2e-otel-data");
+    // No cluster mapping for the backend: only its certificate names it.
+    let config = work.path().join("meshwatch.toml");
+    std::fs::write(
+        &config,
+        "[mesh]\ntrust_domains = [\"mesh.test\"]\ninternal_cidrs = [\"127.0.0.1/32\"]\n\n[window]\nlength = \"1s\"\ngrace = \"3s\"\n",
+    )
+    .unwrap();
+    let env = [("MESHWATCH_DATA_DIR", data.path().display().to_string())];
+    let mw = Meshwatch::start(&config, &env);
+    let backend_app = start_app("127.0.0.1", 100).await;
+    let tcp_app = start_tcp_app(1, 1).await;
+    let backend = Envoy::start(
+        "sidecar-backend",
+        &HashMap::from([
+            ("backend_inbound_http", 0),
+            ("backend_inbound_tcp", 0),
+            ("backend_app", backend_app.port()),
+            ("backend_tcp_app", tcp_app.port()),
+            ("meshwatch", mw.grpc.port()),
+        ]),
+        work.path(),
+    )
+    .await;
+    let frontend = Envoy::start(
+        "sidecar-frontend-otel",
+        &HashMap::from([
+            ("frontend_outbound_http", 0),
+            ("backend_inbound_http", backend.listeners["inbound_http"]),
+            ("meshwatch", mw.grpc.port()),
+        ]),
+        work.path(),
+    )
+    .await;
+    let out = frontend.listener("outbound_http");
+    for _ in 0..3 {
+        assert_eq!(http_request(None, out, "POST", "/ok", "backend", &[b'p'; 200]).await.0, 200);
+    }
+    assert_eq!(http_request(None, out, "GET", "/fail", "backend", b"").await.0, 503);
+    assert_eq!(http_request(None, out, "GET", "/missing", "backend", b"").await.0, 404);
+
+    let client = pair(FRONTEND, BACKEND, "east_west", "source");
+    let server = pair(FRONTEND, BACKEND, "east_west", "destination");
+    let m = mw
+        .metrics_until(Duration::from_secs(40), |m| {
+            m.sum("meshwatch_pair_requests_total", &client) >= 5.0
+                && m.sum("meshwatch_pair_requests_total", &server) >= 5.0
+        })
+        .await;
+    let text = &m.text;
+    // The OpenTelemetry view (client side) and the gRPC access log view (server side) of the
+    // same five requests, on the same pair.
+    assert_eq!(
+        m.get("meshwatch_pair_requests_total", &with(client.clone(), "status_class", "2xx")),
+        Some(3.0),
+        "{text}\n{}",
+        mw.logs()
+    );
+    assert_eq!(
+        m.get("meshwatch_pair_requests_total", &with(client.clone(), "status_class", "4xx")),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        m.get("meshwatch_pair_requests_total", &with(client.clone(), "status_class", "5xx")),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(m.sum("meshwatch_pair_requests_total", &server), 5.0, "{text}");
+    assert_eq!(m.get("meshwatch_pair_request_duration_seconds_count", &client), Some(5.0));
+    let request_bytes = m.get("meshwatch_pair_request_bytes_total", &client).unwrap();
+    assert_eq!(request_bytes, 600.0, "three bodies of 200 bytes (%BYTES_RECEIVED% counts bodies)");
+    assert_eq!(m.sum("meshwatch_identities_unresolved_total", &[]), 0.0, "{text}");
+    assert_eq!(m.sum("meshwatch_als_entries_rejected_total", &[]), 0.0, "{text}");
+    // Nothing else appeared.
+    let pairs: std::collections::BTreeSet<_> = m
+        .matching("meshwatch_pair_first_seen_timestamp_seconds", &[])
+        .map(|s| (s.labels["source"].clone(), s.labels["destination"].clone(), s.labels["reporter"].clone()))
+        .collect();
+    assert_eq!(pairs.len(), 2, "{pairs:?}");
+    drop((frontend, backend));
+    assert!(mw.stop().success());
+}

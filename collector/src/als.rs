@@ -17,12 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{BoxFuture, StdError, http};
-use tonic::server::{ClientStreamingService, Grpc, NamedService};
+use tonic::server::{ClientStreamingService, Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::decode::{Rejection, StreamDecoder, Tally};
-use crate::identity::MeshConfig;
+use crate::identity::{Interner, MeshConfig};
 use crate::metrics::CollectorMetrics;
 use crate::pipeline::Batch;
 
@@ -167,6 +167,89 @@ where
             let max = shared.cfg.max_message_bytes;
             let mut grpc = Grpc::new(BytesCodec).apply_max_message_size_config(Some(max), None);
             Ok(grpc.client_streaming(StreamHandler(shared), req).await)
+        })
+    }
+}
+
+impl AlsService {
+    /// The OpenTelemetry logs service, sharing this service's queue, settings and counters.
+    pub fn otlp_logs(&self) -> OtlpLogsService {
+        OtlpLogsService { shared: self.shared.clone() }
+    }
+}
+
+/// `opentelemetry.proto.collector.logs.v1.LogsService`: OTLP logs (gRPC) from Envoy's
+/// OpenTelemetry access logger, decoded by `otlp`. Each call is its own short stream for the
+/// watermark; its records are counted with the access log's (`meshwatch_als_*`).
+#[derive(Clone, Debug)]
+pub struct OtlpLogsService {
+    shared: Arc<Shared>,
+}
+
+impl NamedService for OtlpLogsService {
+    const NAME: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for OtlpLogsService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != crate::otlp::EXPORT_LOGS_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
+        }
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let max = shared.cfg.max_message_bytes;
+            let mut grpc = Grpc::new(BytesCodec).apply_max_message_size_config(Some(max), None);
+            Ok(grpc.unary(ExportHandler(shared), req).await)
+        })
+    }
+}
+
+struct ExportHandler(Arc<Shared>);
+
+impl UnaryService<Bytes> for ExportHandler {
+    type Response = Bytes;
+    type Future = BoxFuture<Response<Bytes>, Status>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let shared = self.0.clone();
+        Box::pin(async move {
+            let stream = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+            let mut interner = Interner::new(shared.cfg.interner_capacity);
+            let (records, tally) = crate::otlp::export(request.into_inner(), &shared.mesh, &mut interner);
+            publish(&shared.metrics, &tally);
+            if tally.message_rejected.is_some() {
+                return Err(Status::invalid_argument("not an OTLP ExportLogsServiceRequest"));
+            }
+            if !records.is_empty() {
+                enqueue(&shared, Batch { stream, records, end_of_stream: false }).await;
+            }
+            let end = Batch { stream, records: Vec::new(), end_of_stream: true };
+            let _ = tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(end)).await;
+            // ExportLogsServiceResponse: partial_success (field 1) with rejected_log_records
+            // (field 1) and error_message (field 2) when records were rejected.
+            let rejected: u64 = tally.rejected.iter().map(|(_, n)| n).sum();
+            if rejected == 0 {
+                return Ok(Response::new(Bytes::new()));
+            }
+            let message = "log records without a time were rejected".to_string();
+            let mut inner = Vec::new();
+            prost::encoding::int64::encode(1, &i64::try_from(rejected).unwrap_or(i64::MAX), &mut inner);
+            prost::encoding::string::encode(2, &message, &mut inner);
+            let mut out = Vec::new();
+            prost::encoding::bytes::encode(1, &inner, &mut out);
+            Ok(Response::new(Bytes::from(out)))
         })
     }
 }

@@ -9,7 +9,9 @@ use prost::Message;
 
 use crate::flow::{Direction, FlowRecord, Protocol, ResponseFlags};
 use crate::identity::{Evidence, Interner, MeshConfig, NodeContext, Resolver, UNKNOWN, reporter};
-use crate::wire::{AlsMessageWire, CommonWire, DurationWire, HttpEntryWire, TcpEntryWire, TimestampWire};
+use crate::wire::{
+    AlsMessageWire, CertificateWire, CommonWire, DurationWire, HttpEntryWire, TcpEntryWire, TimestampWire,
+};
 
 /// Why an entry (or a whole message) was not counted. Each is a label value of
 /// `meshwatch_als_entries_rejected_total{reason}`.
@@ -121,6 +123,7 @@ fn evidence<'a>(common: &'a CommonWire, authority: &'a [u8]) -> Evidence<'a> {
         upstream_address: common.upstream_remote_address.as_ref(),
         upstream_cluster: &common.upstream_cluster,
         authority,
+        upstream_peer: None,
     }
 }
 
@@ -134,19 +137,26 @@ fn is_mtls(common: &CommonWire) -> bool {
 }
 
 /// What an HTTP or a TCP entry adds to the fields they share.
-struct Specific<'a> {
-    protocol: Protocol,
+pub(crate) struct Specific<'a> {
+    pub(crate) protocol: Protocol,
     /// HTTP `:authority`, or the TLS SNI for TCP.
-    authority: &'a [u8],
+    pub(crate) authority: &'a [u8],
     /// HTTP `:path` (empty for TCP).
-    path: &'a [u8],
-    code: u32,
-    bytes_sent: u64,
-    bytes_received: u64,
+    pub(crate) path: &'a [u8],
+    pub(crate) code: u32,
+    pub(crate) bytes_sent: u64,
+    pub(crate) bytes_received: u64,
 }
 
-/// Decides a record from the shared fields and what the entry kind adds.
-fn record(common: &CommonWire, specific: Specific<'_>, node: &NodeContext, resolver: &mut Resolver<'_, '_>) -> Outcome {
+/// Decides a record from the shared fields and what the entry kind adds (and the upstream's
+/// certificate, where the log carries it).
+pub(crate) fn record(
+    common: &CommonWire,
+    specific: Specific<'_>,
+    upstream_peer: Option<&CertificateWire>,
+    node: &NodeContext,
+    resolver: &mut Resolver<'_, '_>,
+) -> Outcome {
     if !is_final(common) {
         return Outcome::Intermediate;
     }
@@ -154,7 +164,7 @@ fn record(common: &CommonWire, specific: Specific<'_>, node: &NodeContext, resol
         Ok(f) => f,
         Err(r) => return Outcome::Rejected(r),
     };
-    let ev = evidence(common, specific.authority);
+    let ev = Evidence { upstream_peer, ..evidence(common, specific.authority) };
     let rep = reporter(node, &ev);
     let source = resolver.source(rep, node, &ev);
     let destination = resolver.destination(rep, node, &ev);
@@ -190,7 +200,7 @@ pub fn http_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_
         bytes_sent: request.map_or(0, |r| r.request_headers_bytes.saturating_add(r.request_body_bytes)),
         bytes_received: response.map_or(0, |r| r.response_headers_bytes.saturating_add(r.response_body_bytes)),
     };
-    record(entry.common_properties.as_ref().unwrap_or(&CommonWire::default()), specific, node, resolver)
+    record(entry.common_properties.as_ref().unwrap_or(&CommonWire::default()), specific, None, node, resolver)
 }
 
 /// One encoded `TCPAccessLogEntry`.
@@ -208,7 +218,7 @@ pub fn tcp_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_>
         bytes_sent: conn.received_bytes,
         bytes_received: conn.sent_bytes,
     };
-    record(&common, specific, node, resolver)
+    record(&common, specific, None, node, resolver)
 }
 
 /// What decoding one message counted. Index 0 is HTTP, 1 is TCP; `unresolved` is
@@ -225,14 +235,14 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn reject(&mut self, reason: Rejection, n: u64) {
+    pub(crate) fn reject(&mut self, reason: Rejection, n: u64) {
         match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
             Some((_, count)) => *count += n,
             None => self.rejected.push((reason, n)),
         }
     }
 
-    fn count(&mut self, protocol: usize, outcome: Outcome, records: &mut Vec<FlowRecord>) {
+    pub(crate) fn count(&mut self, protocol: usize, outcome: Outcome, records: &mut Vec<FlowRecord>) {
         match outcome {
             Outcome::Record(r) => {
                 self.decoded[protocol] += 1;

@@ -225,6 +225,9 @@ pub struct Evidence<'a> {
     pub upstream_cluster: &'a [u8],
     /// HTTP `:authority`, or the TLS SNI for TCP.
     pub authority: &'a [u8],
+    /// The upstream's certificate (Envoy's OpenTelemetry logger can carry its URI SAN; the
+    /// gRPC access log cannot).
+    pub upstream_peer: Option<&'a CertificateWire>,
 }
 
 /// Decides the reporter of an entry.
@@ -280,6 +283,9 @@ impl<'m> Resolver<'m, '_> {
                 return self.spiffe_side(&text(uri));
             }
             return Side { identity: node.identity.clone(), inside: true };
+        }
+        if let Some(uri) = ev.upstream_peer.and_then(spiffe_uri) {
+            return self.spiffe_side(&text(uri));
         }
         if let Some(name) = self.peer_metadata(ev.filter_state, b"upstream_peer") {
             return self.side(&name, true);

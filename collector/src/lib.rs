@@ -1,6 +1,7 @@
 //! The collector: Envoy access logs in, per-pair windows out.
 //!
-//! `als` is the gRPC service Envoy streams to. Each entry is decoded from the lean `wire`
+//! `als` is the gRPC service Envoy streams to; `otlp` decodes the OpenTelemetry logs of
+//! Envoy's OpenTelemetry access logger into the same records. Each entry is decoded from the lean `wire`
 //! mirrors of Envoy's protobufs by `decode` into a `flow::FlowRecord`, whose sides are named
 //! and placed inside or outside the trust boundary by `identity`. Records queue (bounded) to
 //! the `pipeline` task, which aggregates them per pair in event-time `window`s and hands each
@@ -12,6 +13,7 @@ pub mod decode;
 pub mod flow;
 pub mod identity;
 pub mod metrics;
+pub mod otlp;
 pub mod pipeline;
 pub mod sketch;
 pub mod window;

@@ -1,0 +1,363 @@
+//! OpenTelemetry logs in: `opentelemetry.proto.collector.logs.v1.LogsService/Export`, as
+//! Envoy's OpenTelemetry access logger (`envoy.access_loggers.open_telemetry`) sends them.
+//!
+//! Each log record becomes a flow record through the same identity and direction rules as the
+//! gRPC access log: its attributes are read into the fields of an access-log entry (addresses,
+//! certificates' URI SANs, upstream cluster, response code and flags, duration, bytes) and
+//! decided by `decode::record`. The node comes from the resource attributes Envoy fills
+//! (`node_name`, `cluster_name`, `log_name`, and `meshwatch.identity` if configured). What a
+//! record lacks degrades to `unknown` (counted); a record without a time is rejected alone;
+//! a batch is never refused for its records.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::google::protobuf::{Struct, Value, value};
+use prost::Message;
+
+use crate::decode::{Outcome, Rejection, Specific, Tally, record};
+use crate::flow::{FlowRecord, Protocol, ResponseFlags};
+use crate::identity::{Interner, MeshConfig, NodeContext, Resolver};
+use crate::wire::{
+    AddressWire, CertificateWire, CommonWire, DurationWire, ResponseFlagsWire, SanWire, SocketAddressWire,
+    TimestampWire, TlsWire,
+};
+
+/// The full path of the method.
+pub const EXPORT_LOGS_PATH: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+
+/// The attributes meshwatch reads, with the Envoy command operator that fills each; README
+/// documents them as the recommended set. Other attributes are ignored.
+pub const ATTRIBUTES: [(&str, &str); 12] = [
+    ("downstream.peer.uri_san", "%DOWNSTREAM_PEER_URI_SAN%"),
+    ("downstream.local.uri_san", "%DOWNSTREAM_LOCAL_URI_SAN%"),
+    ("upstream.peer.uri_san", "%UPSTREAM_PEER_URI_SAN%"),
+    ("upstream.cluster", "%UPSTREAM_CLUSTER%"),
+    ("response.code", "%RESPONSE_CODE%"),
+    ("response.flags", "%RESPONSE_FLAGS%"),
+    ("duration_ms", "%DURATION%"),
+    ("bytes.received", "%BYTES_RECEIVED%"),
+    ("bytes.sent", "%BYTES_SENT%"),
+    ("downstream.remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
+    ("upstream.host", "%UPSTREAM_HOST%"),
+    ("authority", "%REQ(:AUTHORITY)%"),
+];
+
+/// Also read: `path` (`%REQ(:PATH)%`, for 404 scans) and `protocol` (`%PROTOCOL%`, which
+/// Envoy prints as `-` for TCP: without it, a record is taken for HTTP). Alternative names, as the OpenTelemetry semantic conventions spell them, are
+/// accepted for the response code and flags.
+const ALIASES: [(&str, &str); 2] =
+    [("http.response.status_code", "response.code"), ("response_flags", "response.flags")];
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ExportRequestWire {
+    #[prost(message, repeated, tag = "1")]
+    resource_logs: Vec<ResourceLogsWire>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceLogsWire {
+    #[prost(message, optional, tag = "1")]
+    resource: Option<ResourceWire>,
+    #[prost(message, repeated, tag = "2")]
+    scope_logs: Vec<ScopeLogsWire>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceWire {
+    #[prost(message, repeated, tag = "1")]
+    attributes: Vec<KeyValueWire>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ScopeLogsWire {
+    #[prost(message, repeated, tag = "2")]
+    log_records: Vec<LogRecordWire>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LogRecordWire {
+    #[prost(fixed64, tag = "1")]
+    time_unix_nano: u64,
+    #[prost(message, repeated, tag = "6")]
+    attributes: Vec<KeyValueWire>,
+    #[prost(fixed64, tag = "11")]
+    observed_time_unix_nano: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct KeyValueWire {
+    #[prost(bytes = "bytes", tag = "1")]
+    key: Bytes,
+    #[prost(message, optional, tag = "2")]
+    value: Option<AnyValueWire>,
+}
+
+/// `AnyValue`: the scalar cases; arrays and key-value lists are skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyValueWire {
+    #[prost(bytes = "bytes", optional, tag = "1")]
+    string_value: Option<Bytes>,
+    #[prost(bool, optional, tag = "2")]
+    bool_value: Option<bool>,
+    #[prost(int64, optional, tag = "3")]
+    int_value: Option<i64>,
+    #[prost(double, optional, tag = "4")]
+    double_value: Option<f64>,
+}
+
+impl AnyValueWire {
+    fn text(&self) -> Option<String> {
+        if let Some(s) = &self.string_value {
+            return Some(String::from_utf8_lossy(s).into_owned());
+        }
+        self.int_value.map(|i| i.to_string()).or_else(|| self.double_value.map(|d| d.to_string()))
+    }
+}
+
+/// Attribute values as text; Envoy's `-` (no value) counts as absent.
+fn attributes(kvs: &[KeyValueWire]) -> HashMap<String, String> {
+    let mut out = HashMap::with_capacity(kvs.len());
+    for kv in kvs {
+        let Some(v) = kv.value.as_ref().and_then(AnyValueWire::text) else { continue };
+        let key = String::from_utf8_lossy(&kv.key);
+        // `-` is Envoy's "no value", except for the protocol, where it means TCP.
+        if v.is_empty() || (v == "-" && key != "protocol") {
+            continue;
+        }
+        let key = ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key.as_ref(), |(_, k)| *k).to_string();
+        out.insert(key, v);
+    }
+    out
+}
+
+/// `10.0.0.1:8080` or `[::1]:8080` (a bare address is accepted).
+fn address(s: &str) -> Option<AddressWire> {
+    let (host, port) = match s.rsplit_once(':') {
+        // A bare IPv6 address has colons but no brackets: it has no port.
+        Some((h, p))
+            if !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (h.starts_with('[') || !h.contains(':')) =>
+        {
+            (h.trim_start_matches('[').trim_end_matches(']'), p.parse().unwrap_or(0))
+        }
+        _ => (s, 0),
+    };
+    host.parse::<std::net::IpAddr>().ok()?;
+    Some(AddressWire {
+        socket_address: Some(SocketAddressWire { address: Bytes::copy_from_slice(host.as_bytes()), port_value: port }),
+    })
+}
+
+/// A certificate known only by its URI SAN(s), comma-separated as Envoy prints them.
+fn certificate(uri_sans: &str) -> CertificateWire {
+    CertificateWire {
+        subject_alt_name: uri_sans
+            .split(',')
+            .map(|u| SanWire { uri: Bytes::copy_from_slice(u.trim().as_bytes()), dns: Bytes::new() })
+            .collect(),
+        subject: Bytes::new(),
+    }
+}
+
+/// Envoy's short response-flag names (`UF,URX`) as flag bits.
+fn flags(s: &str) -> u32 {
+    s.split(',')
+        .filter_map(|name| ResponseFlags::NAMES.iter().position(|n| *n == name.trim()))
+        .fold(0, |bits, i| bits | (1 << i))
+}
+
+/// The node of a resource: `node_name`, `cluster_name`, `log_name` as Envoy fills them, and
+/// `meshwatch.identity` as node metadata.
+fn node(resource: &HashMap<String, String>, mesh: &MeshConfig) -> NodeContext {
+    let mut n = core::Node {
+        id: resource.get("node_name").cloned().unwrap_or_default(),
+        cluster: resource.get("cluster_name").cloned().unwrap_or_default(),
+        ..Default::default()
+    };
+    if let Some(identity) = resource.get("meshwatch.identity") {
+        let mut fields = std::collections::BTreeMap::new();
+        fields
+            .insert("meshwatch_identity".to_string(), Value { kind: Some(value::Kind::StringValue(identity.clone())) });
+        n.metadata = Some(Struct { fields: fields.into_iter().collect() });
+    }
+    NodeContext::new(Some(&n), resource.get("log_name").map_or("", String::as_str), mesh)
+}
+
+fn number(a: &HashMap<String, String>, key: &str) -> Option<u64> {
+    a.get(key).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0).map(|v| v as u64)
+}
+
+/// One log record into an outcome, as an access-log entry of the node would be.
+fn log_record(rec: &LogRecordWire, node: &NodeContext, resolver: &mut Resolver<'_, '_>) -> (usize, Outcome) {
+    let a = attributes(&rec.attributes);
+    let nanos = if rec.time_unix_nano > 0 { rec.time_unix_nano } else { rec.observed_time_unix_nano };
+    let tcp = a.get("protocol").is_some_and(|p| p == "-" || p.eq_ignore_ascii_case("tcp"));
+    let protocol_index = usize::from(tcp);
+    if nanos == 0 {
+        return (protocol_index, Outcome::Rejected(Rejection::MissingTime));
+    }
+    let duration_ms = number(&a, "duration_ms");
+    let local = a.get("downstream.local.uri_san").map(|s| certificate(s));
+    let peer = a.get("downstream.peer.uri_san").map(|s| certificate(s));
+    let common = CommonWire {
+        downstream_remote_address: a.get("downstream.remote_address").and_then(|s| address(s)),
+        tls_properties: (local.is_some() || peer.is_some()).then(|| TlsWire {
+            local_certificate_properties: local,
+            peer_certificate_properties: peer,
+            ..Default::default()
+        }),
+        start_time: Some(TimestampWire {
+            seconds: i64::try_from(nanos / 1_000_000_000).unwrap_or(i64::MAX),
+            nanos: i32::try_from(nanos % 1_000_000_000).unwrap_or(0),
+        }),
+        upstream_remote_address: a.get("upstream.host").and_then(|s| address(s)),
+        upstream_cluster: a.get("upstream.cluster").map(|s| Bytes::copy_from_slice(s.as_bytes())).unwrap_or_default(),
+        response_flags: a.get("response.flags").map(|s| ResponseFlagsWire { bits: flags(s) }),
+        duration: duration_ms.map(|ms| DurationWire {
+            seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+            nanos: i32::try_from(ms % 1000 * 1_000_000).unwrap_or(0),
+        }),
+        ..Default::default()
+    };
+    let upstream_peer = a.get("upstream.peer.uri_san").map(|s| certificate(s));
+    let authority = a.get("authority").map_or(&b""[..], |s| s.as_bytes());
+    let path = a.get("path").map_or(&b""[..], |s| s.as_bytes());
+    let specific = Specific {
+        protocol: if tcp { Protocol::Tcp } else { Protocol::Http },
+        authority,
+        path,
+        code: number(&a, "response.code").and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
+        // Envoy's BYTES_RECEIVED came from the caller; BYTES_SENT went back to it.
+        bytes_sent: number(&a, "bytes.received").unwrap_or(0),
+        bytes_received: number(&a, "bytes.sent").unwrap_or(0),
+    };
+    (protocol_index, record(&common, specific, upstream_peer.as_ref(), node, resolver))
+}
+
+/// Decodes one `ExportLogsServiceRequest`: flow records, and what was counted (`received`,
+/// `decoded` and `rejected` by protocol as for the gRPC access log).
+pub fn export(bytes: Bytes, mesh: &MeshConfig, interner: &mut Interner) -> (Vec<FlowRecord>, Tally) {
+    let mut tally = Tally::default();
+    let Ok(request) = ExportRequestWire::decode(bytes) else {
+        tally.message_rejected = Some("malformed");
+        return (Vec::new(), tally);
+    };
+    let mut records = Vec::new();
+    let mut resolver = Resolver { mesh, interner };
+    for rl in &request.resource_logs {
+        let resource = attributes(rl.resource.as_ref().map_or(&[][..], |r| &r.attributes));
+        let node = node(&resource, mesh);
+        for rec in rl.scope_logs.iter().flat_map(|s| &s.log_records) {
+            let (p, outcome) = log_record(rec, &node, &mut resolver);
+            tally.received[p] += 1;
+            tally.count(p, outcome, &mut records);
+        }
+    }
+    (records, tally)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{Direction, Reporter};
+
+    fn kv(key: &str, v: &str) -> KeyValueWire {
+        KeyValueWire {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Some(AnyValueWire {
+                string_value: Some(Bytes::copy_from_slice(v.as_bytes())),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn request(resource: Vec<KeyValueWire>, records: Vec<Vec<KeyValueWire>>) -> Bytes {
+        ExportRequestWire {
+            resource_logs: vec![ResourceLogsWire {
+                resource: Some(ResourceWire { attributes: resource }),
+                scope_logs: vec![ScopeLogsWire {
+                    log_records: records
+                        .into_iter()
+                        .map(|attributes| LogRecordWire {
+                            time_unix_nano: 1_700_000_000_000_000_000,
+                            attributes,
+                            observed_time_unix_nano: 0,
+                        })
+                        .collect(),
+                }],
+            }],
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    fn mesh() -> MeshConfig {
+        MeshConfig { trust_domains: vec!["mesh.test".into()], ..MeshConfig::default() }
+    }
+
+    #[test]
+    fn client_side_records_name_the_callee_by_its_certificate() {
+        let resource = vec![kv("node_name", "web-1"), kv("cluster_name", "web"), kv("log_name", "outbound_otel")];
+        let rec = vec![
+            kv("upstream.peer.uri_san", "spiffe://mesh.test/ns/shop/sa/api"),
+            kv("upstream.cluster", "api_cluster"),
+            kv("http.response.status_code", "503"),
+            kv("response.flags", "UF,URX"),
+            kv("duration_ms", "12"),
+            kv("bytes.received", "300"),
+            kv("bytes.sent", "40"),
+            kv("upstream.host", "10.1.2.3:8443"),
+            kv("downstream.peer.uri_san", "-"),
+        ];
+        let (records, tally) = export(request(resource, vec![rec]), &mesh(), &mut Interner::new(16));
+        assert_eq!((tally.received, tally.decoded), ([1, 0], [1, 0]));
+        let r = &records[0];
+        assert_eq!((&*r.source, &*r.destination), ("web", "spiffe://mesh.test/ns/shop/sa/api"));
+        assert_eq!((r.reporter, r.direction, r.protocol), (Reporter::Source, Direction::EastWest, Protocol::Http));
+        assert_eq!((r.response_code, r.duration_us, r.bytes_sent, r.bytes_received), (503, Some(12_000), 300, 40));
+        assert!(r.response_flags.contains(ResponseFlags::UPSTREAM_CONNECTION_FAILURE));
+        assert_eq!(r.end_ms, 1_700_000_000_012);
+        assert!(!r.mtls);
+    }
+
+    #[test]
+    fn server_side_records_read_the_callers_certificate_and_missing_fields_degrade() {
+        let resource = vec![
+            kv("node_name", "api-1"),
+            kv("log_name", "inbound_otel"),
+            kv("meshwatch.identity", "spiffe://mesh.test/ns/shop/sa/api"),
+        ];
+        let full = vec![
+            kv("downstream.peer.uri_san", "spiffe://mesh.test/ns/shop/sa/web"),
+            kv("downstream.local.uri_san", "spiffe://mesh.test/ns/shop/sa/api"),
+            kv("response.code", "200"),
+        ];
+        let bare = vec![kv("response.code", "200")];
+        let (records, tally) = export(request(resource, vec![full, bare]), &mesh(), &mut Interner::new(16));
+        assert_eq!(tally.decoded, [2, 0]);
+        assert_eq!(
+            (&*records[0].source, &*records[0].destination, records[0].reporter, records[0].mtls),
+            ("spiffe://mesh.test/ns/shop/sa/web", "spiffe://mesh.test/ns/shop/sa/api", Reporter::Destination, true)
+        );
+        assert_eq!((&*records[1].source, records[1].mtls), ("unknown", false));
+        assert_eq!(tally.unresolved, [1, 0]);
+    }
+
+    #[test]
+    fn bad_input_is_counted_not_fatal() {
+        let (records, tally) = export(Bytes::from_static(b"\xff\xff\xff"), &mesh(), &mut Interner::new(4));
+        assert!(records.is_empty());
+        assert_eq!(tally.message_rejected, Some("malformed"));
+        let mut no_time = request(vec![], vec![vec![kv("response.code", "200")]]).to_vec();
+        // Zero the time: fixed64 field 1 follows its tag byte 0x09.
+        let at = no_time.windows(1).position(|w| w[0] == 0x09).expect("time field");
+        no_time[at + 1..at + 9].fill(0);
+        let (records, tally) = export(no_time.into(), &mesh(), &mut Interner::new(4));
+        assert!(records.is_empty());
+        assert_eq!(tally.rejected, vec![(Rejection::MissingTime, 1)]);
+        assert_eq!(address("[::1]:80").and_then(|a| a.socket_address).map(|s| s.port_value), Some(80));
+        assert!(address("not an address").is_none());
+        assert_eq!(flags("-,UF,NOPE"), 1 << ResponseFlags::NAMES.iter().position(|n| *n == "UF").unwrap_or(0));
+    }
+}
