@@ -270,6 +270,63 @@ async fn memory_per_pair(data: &std::path::Path) -> (f64, f64) {
     (after - before, (after - before) * 1024.0 * 1024.0 / PAIRS as f64)
 }
 
+/// The same requests as OTLP logs of Envoy's OpenTelemetry access logger (the attribute set
+/// README recommends), decoded to flow records on one thread; entries per second.
+fn otlp_decode_only(entries_per_message: usize, start_ms: i64, seconds: f64) -> f64 {
+    let mut messages = Vec::new();
+    for inbound in [false, true] {
+        for svc in 0..SERVICES {
+            let resource = vec![
+                ("node_name".to_string(), format!("svc-{svc:02}-0")),
+                ("cluster_name".to_string(), format!("svc-{svc:02}")),
+                ("log_name".to_string(), if inbound { "inbound_otel" } else { "outbound_otel" }.to_string()),
+                ("meshwatch.identity".to_string(), spiffe(svc)),
+            ];
+            let records: Vec<(u64, Vec<(String, String)>)> = (0..entries_per_message)
+                .map(|i| {
+                    let peer = (svc + 1 + i % FANOUT) % SERVICES;
+                    let (caller, callee) = if inbound { (peer, svc) } else { (svc, peer) };
+                    let a = |k: &str, v: String| (k.to_string(), v);
+                    let attrs = vec![
+                        a("downstream.peer.uri_san", if inbound { spiffe(caller) } else { "-".into() }),
+                        a("downstream.local.uri_san", if inbound { spiffe(callee) } else { "-".into() }),
+                        a("upstream.peer.uri_san", if inbound { "-".into() } else { spiffe(callee) }),
+                        a("upstream.cluster", format!("outbound|8080||svc-{callee:02}.shop.svc.cluster.local")),
+                        a("response.code", "200".into()),
+                        a("response.flags", "-".into()),
+                        a("duration_ms", (5 + i % 40).to_string()),
+                        a("bytes.received", "300".into()),
+                        a("bytes.sent", "2000".into()),
+                        a("downstream.remote_address", format!("{}:{}", ip(caller), 30_000 + i)),
+                        a("upstream.host", format!("{}:8080", ip(callee))),
+                        a("authority", format!("svc-{callee:02}.shop:8080")),
+                        a("path", "/api/items".into()),
+                        a("protocol", "HTTP/1.1".into()),
+                    ];
+                    ((start_ms as u64 + i as u64) * 1_000_000, attrs)
+                })
+                .collect();
+            messages.push(meshwatch_collector::otlp::encode_export(&[(resource, records)]));
+        }
+    }
+    let mesh = MeshConfig::default();
+    let mut interners: Vec<_> = messages.iter().map(|_| meshwatch_collector::identity::Interner::new(4096)).collect();
+    let t = Instant::now();
+    let mut entries = 0usize;
+    while t.elapsed().as_secs_f64() < seconds {
+        for (m, interner) in messages.iter().zip(&mut interners) {
+            let (records, _) = meshwatch_collector::otlp::export(m.clone(), &mesh, interner);
+            entries += records.len();
+        }
+    }
+    println!(
+        "  (OTLP workload: {} bytes per message of {entries_per_message} records, {} bytes per record)",
+        messages[0].len(),
+        messages[0].len() / entries_per_message
+    );
+    entries as f64 / t.elapsed().as_secs_f64()
+}
+
 fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let connections: usize = std::env::var("BENCH_CONNECTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
@@ -310,6 +367,8 @@ fn main() {
     let (prost_rate, meshwatch_rate) = decode_only(&streams, 3.0);
     println!("decode only, one thread, envoy-types (prost) full decode: {:>10.0} entries/s", prost_rate);
     println!("decode only, one thread, meshwatch decode to flow records: {:>8.0} entries/s", meshwatch_rate);
+    let otlp_rate = otlp_decode_only(entries_per_message, start_ms, 3.0);
+    println!("decode only, one thread, meshwatch OTLP logs to flow records: {:>6.0} entries/s", otlp_rate);
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async move {

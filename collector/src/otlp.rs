@@ -235,6 +235,47 @@ fn log_record(rec: &LogRecordWire, node: &NodeContext, resolver: &mut Resolver<'
     (protocol_index, record(&common, specific, upstream_peer.as_ref(), node, resolver))
 }
 
+/// String attributes, as (key, value).
+pub type Attributes = Vec<(String, String)>;
+
+/// Encodes an `ExportLogsServiceRequest` of string attributes: for each resource, its
+/// attributes and its records (time in Unix nanoseconds, attributes). For load generators
+/// and tests.
+pub fn encode_export(resources: &[(Attributes, Vec<(u64, Attributes)>)]) -> Bytes {
+    let kvs = |attrs: &[(String, String)]| -> Vec<KeyValueWire> {
+        attrs
+            .iter()
+            .map(|(k, v)| KeyValueWire {
+                key: Bytes::copy_from_slice(k.as_bytes()),
+                value: Some(AnyValueWire {
+                    string_value: Some(Bytes::copy_from_slice(v.as_bytes())),
+                    ..Default::default()
+                }),
+            })
+            .collect()
+    };
+    ExportRequestWire {
+        resource_logs: resources
+            .iter()
+            .map(|(resource, records)| ResourceLogsWire {
+                resource: Some(ResourceWire { attributes: kvs(resource) }),
+                scope_logs: vec![ScopeLogsWire {
+                    log_records: records
+                        .iter()
+                        .map(|(t, attrs)| LogRecordWire {
+                            time_unix_nano: *t,
+                            attributes: kvs(attrs),
+                            observed_time_unix_nano: 0,
+                        })
+                        .collect(),
+                }],
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+    .into()
+}
+
 /// Decodes one `ExportLogsServiceRequest`: flow records, and what was counted (`received`,
 /// `decoded` and `rejected` by protocol as for the gRPC access log).
 pub fn export(bytes: Bytes, mesh: &MeshConfig, interner: &mut Interner) -> (Vec<FlowRecord>, Tally) {
