@@ -39,7 +39,7 @@ pub fn compatible(kind: IncidentKind) -> &'static [&'static str] {
         IncidentKind::TrafficSurge => &["request_rate_high"],
         IncidentKind::NewEdge => &["new_edge", "new_principal", "policy_violation"],
         IncidentKind::NewEgress => &["new_egress_destination", "new_egress_volume", "new_edge", "policy_violation"],
-        IncidentKind::MtlsDowngrade => &["mtls_downgrade", "plaintext"],
+        IncidentKind::MtlsDowngrade => &["mtls_downgrade"],
         IncidentKind::DenialSurge => &["denial_ratio", "denial_surge"],
         IncidentKind::RateLimitSurge => &["rate_limit_ratio", "rate_limit_surge"],
         IncidentKind::FanOutScan => &["fan_out", "path_scan", "new_edge", "new_principal", "policy_violation"],
@@ -50,6 +50,7 @@ pub fn compatible(kind: IncidentKind) -> &'static [&'static str] {
             &["policy_violation", "new_edge", "new_principal", "new_egress_destination", "new_egress_volume"]
         }
         IncidentKind::DenialSpread => &["denial_surge", "denial_ratio"],
+        IncidentKind::PlaintextEdge => &["plaintext", "new_edge", "new_principal", "policy_violation"],
     }
 }
 

@@ -116,6 +116,12 @@ kind = "denial_spread"
 from = "frontend"
 start = "4h40m"
 duration = "10m"
+[[incidents]]
+kind = "plaintext_edge"
+from = "catalog"
+to = "cart"
+start = "4h45m"
+duration = "10m"
 "#;
 
 const POLICY: &str = r#"
@@ -133,8 +139,15 @@ to = "api.stripe.com"
 "#;
 
 /// Structural findings: found within two windows of 10 s.
-const STRUCTURAL: [&str; 6] =
-    ["new_edge", "new_egress", "mtls_downgrade", "new_principal", "foreign_principal", "policy_violation"];
+const STRUCTURAL: [&str; 7] = [
+    "new_edge",
+    "new_egress",
+    "mtls_downgrade",
+    "new_principal",
+    "foreign_principal",
+    "policy_violation",
+    "plaintext_edge",
+];
 
 #[test]
 fn every_finding_kind_is_found_and_nothing_else() {
@@ -146,7 +159,7 @@ fn every_finding_kind_is_found_and_nothing_else() {
     // Low thresholds for volume and path scans, so that this small mesh's incidents reach them.
     std::fs::write(
         &config,
-        "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"\nnew_egress_volume_bytes = 50000\nscan_min_paths = 8\n",
+        "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"\nnew_egress_volume_bytes = 50000\nscan_min_paths = 8\nrequire_mtls = true\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
@@ -174,5 +187,7 @@ fn every_finding_kind_is_found_and_nothing_else() {
     // makes; denials across the frontend's destinations as the source's surge.
     assert_eq!(get("fan_out_scan")["detections"], 2, "{}", get("fan_out_scan"));
     assert_eq!(get("denial_spread")["detections"], 1, "{}", get("denial_spread"));
+    // With mTLS required, the plaintext edge is found as plaintext, not only as new.
+    assert_eq!(get("plaintext_edge")["detections"], 1, "{}", get("plaintext_edge"));
     assert_eq!(quality["false_detections"], 0, "{:#}", quality["false_examples"]);
 }

@@ -242,7 +242,9 @@ impl Generator {
                 latency_sigma: 0.4,
                 request_bytes: 400.0,
                 response_bytes: 1500.0,
-                mtls: !scenario.services[inc.from].external && !scenario.services[to].external,
+                mtls: !scenario.services[inc.from].external
+                    && !scenario.services[to].external
+                    && inc.kind != IncidentKind::PlaintextEdge,
             };
             let mut add = |edge: Edge, scan: bool, label: String| {
                 edges.push(LiveEdge {
@@ -262,7 +264,8 @@ impl Generator {
                     | IncidentKind::NewEgress
                     | IncidentKind::NewPrincipal
                     | IncidentKind::ForeignPrincipal
-                    | IncidentKind::PolicyViolation,
+                    | IncidentKind::PolicyViolation
+                    | IncidentKind::PlaintextEdge,
                     Some(to),
                 ) => {
                     add(template(to, inc.magnitude), false, format!("incident {k}"));
@@ -443,7 +446,8 @@ impl Generator {
                 | IncidentKind::FanOutScan
                 | IncidentKind::NewPrincipal
                 | IncidentKind::ForeignPrincipal
-                | IncidentKind::PolicyViolation => {}
+                | IncidentKind::PolicyViolation
+                | IncidentKind::PlaintextEdge => {}
             }
         }
         let e = &mut self.edges[k];

@@ -185,13 +185,16 @@ pub enum IncidentKind {
     /// A new edge that the scenario's policy does not allow, at magnitude requests per
     /// second (default 0.5).
     PolicyViolation,
+    /// A new internal edge in plaintext (no mTLS), at magnitude requests per second (default
+    /// 0.5): a `plaintext` finding where mTLS is required.
+    PlaintextEdge,
     /// Share magnitude (default 0.3) of the requests of `from` to every destination denied
     /// with 403 (a workload whose permissions were revoked, or one probing).
     DenialSpread,
 }
 
 impl IncidentKind {
-    pub const ALL: [IncidentKind; 15] = [
+    pub const ALL: [IncidentKind; 16] = [
         IncidentKind::LatencyShift,
         IncidentKind::ErrorBurst,
         IncidentKind::TrafficDrop,
@@ -207,6 +210,7 @@ impl IncidentKind {
         IncidentKind::ForeignPrincipal,
         IncidentKind::PolicyViolation,
         IncidentKind::DenialSpread,
+        IncidentKind::PlaintextEdge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -226,6 +230,7 @@ impl IncidentKind {
             IncidentKind::ForeignPrincipal => "foreign_principal",
             IncidentKind::PolicyViolation => "policy_violation",
             IncidentKind::DenialSpread => "denial_spread",
+            IncidentKind::PlaintextEdge => "plaintext_edge",
         }
     }
 
@@ -240,7 +245,10 @@ impl IncidentKind {
             IncidentKind::TrafficDrop | IncidentKind::MtlsDowngrade => 0.0,
             IncidentKind::TrafficSurge => 3.0,
             IncidentKind::NewEdge | IncidentKind::NewPrincipal => 1.0,
-            IncidentKind::NewEgress | IncidentKind::ForeignPrincipal | IncidentKind::PolicyViolation => 0.5,
+            IncidentKind::NewEgress
+            | IncidentKind::ForeignPrincipal
+            | IncidentKind::PolicyViolation
+            | IncidentKind::PlaintextEdge => 0.5,
             IncidentKind::DenialSurge | IncidentKind::RateLimitSurge | IncidentKind::DenialSpread => 0.3,
             IncidentKind::FanOutScan => 40.0,
             IncidentKind::EgressBytesSurge => 20.0,
@@ -262,6 +270,7 @@ impl IncidentKind {
                 | IncidentKind::NewPrincipal
                 | IncidentKind::ForeignPrincipal
                 | IncidentKind::PolicyViolation
+                | IncidentKind::PlaintextEdge
         )
     }
 }
@@ -521,7 +530,8 @@ impl Scenario {
                     latency_sigma: e.latency_tail,
                     request_bytes: e.request_bytes,
                     response_bytes: e.response_bytes,
-                    mtls: e.mtls && !services[from].external && !services[to].external,
+                    // From the internet, the hop that can be mutual TLS is the gateway's.
+                    mtls: e.mtls && (from == 0 || !services[from].external) && !services[to].external,
                 });
             }
         }
@@ -569,7 +579,10 @@ impl Scenario {
                 let external_target = services[to].external;
                 let wants_external = match kind {
                     IncidentKind::NewEgress | IncidentKind::EgressBytesSurge => Some(true),
-                    IncidentKind::NewEdge | IncidentKind::NewPrincipal | IncidentKind::ForeignPrincipal => Some(false),
+                    IncidentKind::NewEdge
+                    | IncidentKind::NewPrincipal
+                    | IncidentKind::ForeignPrincipal
+                    | IncidentKind::PlaintextEdge => Some(false),
                     _ => None,
                 };
                 if wants_external.is_some_and(|w| w != external_target) {
