@@ -441,13 +441,8 @@ impl Generator {
                 IncidentKind::DenialSurge | IncidentKind::DenialSpread => denial = inc.magnitude,
                 IncidentKind::RateLimitSurge => rate_limit = inc.magnitude,
                 IncidentKind::EgressBytesSurge => request_bytes_factor *= inc.magnitude,
-                IncidentKind::NewEdge
-                | IncidentKind::NewEgress
-                | IncidentKind::FanOutScan
-                | IncidentKind::NewPrincipal
-                | IncidentKind::ForeignPrincipal
-                | IncidentKind::PolicyViolation
-                | IncidentKind::PlaintextEdge => {}
+                // The kinds that add edges (`IncidentKind::adds_edge`) act through those edges.
+                _ => {}
             }
         }
         let e = &mut self.edges[k];
