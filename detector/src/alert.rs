@@ -119,6 +119,25 @@ pub struct Matcher {
     pub is_regex: bool,
     #[serde(default = "yes", rename = "isEqual")]
     pub is_equal: bool,
+    /// The anchored regex, compiled once.
+    #[serde(skip)]
+    compiled: CompiledRegex,
+}
+
+/// A regex compiled on first use (not part of a matcher's identity).
+#[derive(Clone, Debug, Default)]
+struct CompiledRegex(std::sync::OnceLock<Option<regex::Regex>>);
+
+impl PartialEq for CompiledRegex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Matcher {
+    pub fn new(name: &str, value: &str, is_regex: bool, is_equal: bool) -> Matcher {
+        Matcher { name: name.into(), value: value.into(), is_regex, is_equal, compiled: CompiledRegex::default() }
+    }
 }
 
 fn yes() -> bool {
@@ -131,7 +150,8 @@ impl Matcher {
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         let value = labels.get(&self.name).map_or("", String::as_str);
         let hit = if self.is_regex {
-            regex::Regex::new(&format!("^(?:{})$", self.value)).is_ok_and(|r| r.is_match(value))
+            let re = self.compiled.0.get_or_init(|| regex::Regex::new(&format!("^(?:{})$", self.value)).ok());
+            re.as_ref().is_some_and(|r| r.is_match(value))
         } else {
             value == self.value
         };
@@ -432,8 +452,8 @@ mod tests {
         let silence = Silence {
             id: "s1".into(),
             matchers: vec![
-                Matcher { name: "source".into(), value: "we.*".into(), is_regex: true, is_equal: true },
-                Matcher { name: "severity".into(), value: "warning".into(), is_regex: false, is_equal: false },
+                Matcher::new("source", "we.*", true, true),
+                Matcher::new("severity", "warning", false, false),
             ],
             starts_at_ms: 0,
             ends_at_ms: 5_000,
