@@ -80,8 +80,10 @@ impl Store {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
         let db = loop {
             match sled::Config::new().path(dir).flush_every_ms(Some(1000)).open() {
+                // sled reports the lock as `Other`, with the OS error in its message.
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline =>
+                    if (e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("acquire lock"))
+                        && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
@@ -256,6 +258,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opening_waits_for_a_store_being_closed() {
+        let dir = std::env::temp_dir().join(format!("meshwatch-store-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = Store::open(&dir).expect("open");
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        // The directory is locked for a while; the second open waits instead of failing.
+        let second = Store::open(&dir).expect("opens once the first is closed");
+        closer.join().expect("closer");
+        drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn pairs_survive_reopening() {
