@@ -60,6 +60,34 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, Sock
     Ok((listener, local))
 }
 
+/// OTLP/HTTP logs: `POST /v1/logs` with a protobuf `ExportLogsServiceRequest` (JSON is not
+/// served: 415), answered with a protobuf `ExportLogsServiceResponse`.
+fn otlp_http_router(service: OtlpLogsService) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let limit = service.max_message_bytes();
+    let export = |axum::extract::State(s): axum::extract::State<OtlpLogsService>,
+                  headers: axum::http::HeaderMap,
+                  body: bytes::Bytes| async move {
+        let protobuf = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-protobuf"));
+        if !protobuf {
+            return (StatusCode::UNSUPPORTED_MEDIA_TYPE, "OTLP/HTTP logs must be application/x-protobuf\n")
+                .into_response();
+        }
+        match s.export(body).await {
+            Some(reply) => ([(header::CONTENT_TYPE, "application/x-protobuf")], reply).into_response(),
+            None => (StatusCode::BAD_REQUEST, "not an OTLP ExportLogsServiceRequest\n").into_response(),
+        }
+    };
+    axum::Router::new()
+        .route("/v1/logs", axum::routing::post(export))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(service)
+}
+
 /// Runs until `shutdown` is cancelled, then drains within `config.shutdown_grace`.
 /// `on_bound` is called once both listeners are up.
 pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnOnce(Bound)) -> Result<(), ServeError> {
@@ -143,6 +171,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     }
     let als =
         AlsService::new(Arc::new(config.mesh.clone()), als_config, records_tx, collector_metrics, shutdown.clone());
+    let otlp_http = otlp_http_router(als.otlp_logs());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AlsService>().await;
     health.set_serving::<OtlpLogsService>().await;
@@ -163,7 +192,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         ready: ready.clone(),
         store: Some(store),
         api_token: config.alerting.api_token.clone(),
-    });
+    })
+    .merge(otlp_http);
     let http = axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(async move { http.await.map_err(ServeError::Http) });

@@ -306,21 +306,56 @@ async fn export_logs(mw: &Meshwatch, body: Bytes) -> Result<Bytes, tonic::Status
     grpc.unary(tonic::Request::new(body), path, BytesCodec).await.map(|r| r.into_inner())
 }
 
+/// An ExportLogsServiceRequest with two records, one with a time (now) and one without;
+/// hand-encoded, so that the tests do not lean on meshwatch's own mirrors.
+fn two_log_records() -> Bytes {
+    let now_ns = (now_s() as u64) * 1_000_000_000;
+    let mut timed = vec![0x09];
+    timed.extend_from_slice(&now_ns.to_le_bytes());
+    let log_records = [vec![0x12, timed.len() as u8], timed, vec![0x12, 0x00]].concat();
+    let scope_logs = [vec![0x12, log_records.len() as u8], log_records].concat();
+    Bytes::from([vec![0x0a, scope_logs.len() as u8], scope_logs].concat())
+}
+
+/// POST to meshwatch's HTTP port with a content type; (status, body bytes).
+async fn post_raw(mw: &Meshwatch, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(mw.http).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: meshwatch\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n").map_or(out.len(), |p| p + 4);
+    (status, out[at..].to_vec())
+}
+
+#[tokio::test]
+async fn otlp_logs_over_http_protobuf() {
+    let (mw, _data) = start(&[]);
+    let (status, reply) = post_raw(&mw, "/v1/logs", "application/x-protobuf", &two_log_records()).await;
+    assert_eq!(status, 200);
+    assert!(reply.starts_with(&[0x0a]) && reply[2..4] == [0x08, 0x01], "partial success: {reply:?}");
+    assert_eq!(post_raw(&mw, "/v1/logs", "application/json", b"{}").await.0, 415);
+    assert_eq!(post_raw(&mw, "/v1/logs", "application/x-protobuf", &[0x0a, 0xff, 0xff]).await.0, 400);
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum(DECODED, &[]) >= 1.0).await;
+    assert_eq!(m.sum(DECODED, &[]), 1.0, "{}", m.text);
+    assert_eq!(m.get(REJECTED, &[("reason", "missing_time")]), Some(1.0));
+    assert!(mw.stop().success());
+}
+
 #[tokio::test]
 async fn otlp_logs_bad_bodies_and_records_without_time_are_refused_alone() {
     let (mw, _data) = start(&[]);
     let garbage = Bytes::from_static(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]);
     let refused = export_logs(&mw, garbage).await.expect_err("not OTLP");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-    // ExportLogsServiceRequest { resource_logs { scope_logs { log_records [ {time}, {} ] } } }:
-    // hand-encoded, so that the test does not lean on meshwatch's own mirrors.
-    let now_ns = (now_s() as u64) * 1_000_000_000;
-    let mut timed = vec![0x09];
-    timed.extend_from_slice(&now_ns.to_le_bytes());
-    let log_records = [vec![0x12, timed.len() as u8], timed, vec![0x12, 0x00]].concat();
-    let scope_logs = [vec![0x12, log_records.len() as u8], log_records].concat();
-    let body = Bytes::from([vec![0x0a, scope_logs.len() as u8], scope_logs].concat());
-    let reply = export_logs(&mw, body).await.expect("a batch is not refused for one record");
+    let reply = export_logs(&mw, two_log_records()).await.expect("a batch is not refused for one record");
     // partial_success { rejected_log_records: 1, error_message: … }
     assert!(reply.starts_with(&[0x0a]) && reply[2..4] == [0x08, 0x01], "{reply:?}");
     let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum(DECODED, &[]) >= 1.0).await;

@@ -223,34 +223,52 @@ impl UnaryService<Bytes> for ExportHandler {
     type Future = BoxFuture<Response<Bytes>, Status>;
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let shared = self.0.clone();
+        let service = OtlpLogsService { shared: self.0.clone() };
         Box::pin(async move {
-            let stream = shared.next_stream.fetch_add(1, Ordering::Relaxed);
-            let mut interner = Interner::new(shared.cfg.interner_capacity);
-            let (records, tally) = crate::otlp::export(request.into_inner(), &shared.mesh, &mut interner);
-            publish(&shared.metrics, &tally);
-            if tally.message_rejected.is_some() {
-                return Err(Status::invalid_argument("not an OTLP ExportLogsServiceRequest"));
+            match service.export(request.into_inner()).await {
+                Some(response) => Ok(Response::new(response)),
+                None => Err(Status::invalid_argument("not an OTLP ExportLogsServiceRequest")),
             }
-            if !records.is_empty() {
-                enqueue(&shared, Batch { stream, records, end_of_stream: false }).await;
-            }
-            let end = Batch { stream, records: Vec::new(), end_of_stream: true };
-            let _ = tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(end)).await;
-            // ExportLogsServiceResponse: partial_success (field 1) with rejected_log_records
-            // (field 1) and error_message (field 2) when records were rejected.
-            let rejected: u64 = tally.rejected.iter().map(|(_, n)| n).sum();
-            if rejected == 0 {
-                return Ok(Response::new(Bytes::new()));
-            }
-            let message = "log records without a time were rejected".to_string();
-            let mut inner = Vec::new();
-            prost::encoding::int64::encode(1, &i64::try_from(rejected).unwrap_or(i64::MAX), &mut inner);
-            prost::encoding::string::encode(2, &message, &mut inner);
-            let mut out = Vec::new();
-            prost::encoding::bytes::encode(1, &inner, &mut out);
-            Ok(Response::new(Bytes::from(out)))
         })
+    }
+}
+
+impl OtlpLogsService {
+    /// Takes one encoded `ExportLogsServiceRequest` (from gRPC or OTLP/HTTP) in: its records
+    /// go to the aggregator. Returns the encoded `ExportLogsServiceResponse`, with a
+    /// `partial_success` when records were rejected; `None` when the body is not a request.
+    pub async fn export(&self, body: Bytes) -> Option<Bytes> {
+        let shared = &self.shared;
+        let stream = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+        let mut interner = Interner::new(shared.cfg.interner_capacity);
+        let (records, tally) = crate::otlp::export(body, &shared.mesh, &mut interner);
+        publish(&shared.metrics, &tally);
+        if tally.message_rejected.is_some() {
+            return None;
+        }
+        if !records.is_empty() {
+            enqueue(shared, Batch { stream, records, end_of_stream: false }).await;
+        }
+        let end = Batch { stream, records: Vec::new(), end_of_stream: true };
+        let _ = tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(end)).await;
+        // ExportLogsServiceResponse: partial_success (field 1) with rejected_log_records
+        // (field 1) and error_message (field 2) when records were rejected.
+        let rejected: u64 = tally.rejected.iter().map(|(_, n)| n).sum();
+        if rejected == 0 {
+            return Some(Bytes::new());
+        }
+        let message = "log records without a time were rejected".to_string();
+        let mut inner = Vec::new();
+        prost::encoding::int64::encode(1, &i64::try_from(rejected).unwrap_or(i64::MAX), &mut inner);
+        prost::encoding::string::encode(2, &message, &mut inner);
+        let mut out = Vec::new();
+        prost::encoding::bytes::encode(1, &inner, &mut out);
+        Some(Bytes::from(out))
+    }
+
+    /// The largest request body accepted.
+    pub fn max_message_bytes(&self) -> usize {
+        self.shared.cfg.max_message_bytes
     }
 }
 
