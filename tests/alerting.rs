@@ -11,8 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use meshwatch::sim::generate::mesh_config_toml;
-use meshwatch::sim::scenario::Scenario;
 use meshwatch_detector::timefmt::format_ms;
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -59,15 +57,8 @@ fn now_ms() -> i64 {
 /// Writes the scenario and a meshwatch config with `receivers` (TOML tables) and more
 /// `[zero_trust]` settings into `dir`.
 fn setup(dir: &Path, scenario: &str, zero_trust: &str, receivers: &str) -> (PathBuf, PathBuf) {
-    let scenario_path = dir.join("scenario.toml");
-    std::fs::write(&scenario_path, scenario).unwrap();
-    let config = dir.join("meshwatch.toml");
-    let text = format!(
-        r#"[window]
-clock = "watermark"
-grace = "5m"
-
-[zero_trust]
+    let settings = format!(
+        r#"[zero_trust]
 learning = "10m"
 {zero_trust}
 
@@ -81,22 +72,13 @@ resend_interval = "1s"
 timeout = "1s"
 runbook_url = "https://runbooks.example/meshwatch/{{kind}}"
 external_url = "http://meshwatch.example:9978"
-{receivers}
-
-{}"#,
-        mesh_config_toml(&Scenario::parse(scenario).unwrap())
+{receivers}"#
     );
-    std::fs::write(&config, text).unwrap();
-    (scenario_path, config)
+    replay_files(dir, scenario, &settings)
 }
 
 fn simulate(scenario: &Path, mw: &Meshwatch, rate: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
-        .args(["simulate", scenario.to_str().unwrap(), "--rate", rate, "--clock", "simulated"])
-        .args(["--target", &mw.grpc.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    simulate_into(mw, scenario, &["--rate", rate, "--clock", "simulated"]);
 }
 
 /// (fingerprint, status) of webhook bodies.

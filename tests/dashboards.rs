@@ -13,8 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use meshwatch::sim::generate::mesh_config_toml;
-use meshwatch::sim::scenario::Scenario;
 
 const DASHBOARDS: [&str; 4] =
     ["meshwatch-overview.json", "meshwatch-pair.json", "meshwatch-zero-trust.json", "meshwatch-self.json"];
@@ -195,26 +193,15 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_and_rule_returns_data_from_a_real_prometheus() {
     let dir = TempDir::new("dashboards");
-    let scenario_path = dir.path().join("scenario.toml");
-    std::fs::write(&scenario_path, SCENARIO).unwrap();
     let hook = Recorder::start(Answer::Status(200, None)).await;
-    let config = dir.path().join("meshwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[window]\nclock = \"watermark\"\ngrace = \"5m\"\n\n[detector]\nwarmup = \"30m\"\n\n[zero_trust]\nlearning = \"10m\"\n\n[alerting]\n[[alerting.receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"{}/\"\nsecret = \"s\"\n\n{}",
-            hook.url(),
-            mesh_config_toml(&Scenario::parse(SCENARIO).unwrap())
-        ),
-    )
-    .unwrap();
+    let settings = format!(
+        "[detector]\nwarmup = \"30m\"\n\n[zero_trust]\nlearning = \"10m\"\n\n[alerting]\n[[alerting.receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"{}/\"\nsecret = \"s\"",
+        hook.url()
+    );
+    let (scenario_path, config) = replay_files(dir.path(), SCENARIO, &settings);
     let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
     let mw = Meshwatch::start(&config, &env);
-    let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
-        .args(["simulate", scenario_path.to_str().unwrap(), "--target", &mw.grpc.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    simulate_into(&mw, &scenario_path, &[]);
     let m = mw
         .metrics_until(Duration::from_secs(60), |m| {
             m.get("meshwatch_windows_open", &[]) == Some(0.0) && m.sum("meshwatch_notifications_sent_total", &[]) >= 2.0

@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use meshwatch::sim::generate::mesh_config_toml;
 use meshwatch::sim::scenario::Scenario;
 
 const SCENARIO: &str = r#"
@@ -45,22 +43,11 @@ magnitude = 2.5
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_latency_incident_is_flagged_on_its_pair_and_nothing_else_is() {
     let dir = TempDir::new("detect");
-    let scenario_path = dir.path().join("scenario.toml");
-    std::fs::write(&scenario_path, SCENARIO).unwrap();
     let scenario = Scenario::parse(SCENARIO).unwrap();
-    let config = dir.path().join("meshwatch.toml");
-    let text = format!(
-        "[window]\nclock = \"watermark\"\ngrace = \"5m\"\n\n[detector]\nwarmup = \"1h\"\n\n{}",
-        mesh_config_toml(&scenario)
-    );
-    std::fs::write(&config, text).unwrap();
+    let (scenario_path, config) = replay_files(dir.path(), SCENARIO, "[detector]\nwarmup = \"1h\"");
     let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
     let mw = Meshwatch::start(&config, &env);
-    let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
-        .args(["simulate", scenario_path.to_str().unwrap(), "--duration", "2h", "--target", &mw.grpc.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    simulate_into(&mw, &scenario_path, &["--duration", "2h"]);
 
     // Once the replay has ended, its windows close and are scored.
     let m = mw

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use meshwatch::sim::generate::{Generator, Truth, mesh_config_toml};
+use meshwatch::sim::generate::{Generator, Truth};
 use meshwatch::sim::scenario::{Scenario, parse_offset_ms};
 
 const SCENARIO: &str = r#"
@@ -59,25 +59,16 @@ magnitude = 0.5
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_forward_run_is_counted_exactly_and_matches_its_ground_truth() {
     let dir = TempDir::new("simulate");
-    let scenario_path = dir.path().join("scenario.toml");
-    std::fs::write(&scenario_path, SCENARIO).unwrap();
     let scenario = Scenario::parse(SCENARIO).unwrap();
-    let config = dir.path().join("meshwatch.toml");
-    std::fs::write(
-        &config,
-        format!("[window]\nclock = \"watermark\"\ngrace = \"5m\"\n\n{}", mesh_config_toml(&scenario)),
-    )
-    .unwrap();
+    let (scenario_path, config) = replay_files(dir.path(), SCENARIO, "");
     let mw = Meshwatch::start(&config, &[("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())]);
 
     let truth_path = dir.path().join("truth.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
-        .args(["simulate", scenario_path.to_str().unwrap(), "--duration", "2h", "--seed", "5", "--rate", "max"])
-        .args(["--target", &mw.grpc.to_string(), "--truth", truth_path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = simulate_into(
+        &mw,
+        &scenario_path,
+        &["--duration", "2h", "--seed", "5", "--rate", "max", "--truth", truth_path.to_str().unwrap()],
+    );
     let sent: f64 = stdout.split_whitespace().nth(1).unwrap().parse().unwrap();
 
     // What the generator makes of the same scenario, seed and duration.

@@ -645,6 +645,35 @@ pub fn gen_certs(dir: &Path) {
     assert!(status.success(), "gen-certs.sh failed");
 }
 
+/// Writes a scenario replay's files into `dir`: the scenario, and a meshwatch configuration
+/// that closes windows by watermark and knows the scenario's service names, with `settings`
+/// (more TOML sections) between the two. Returns (scenario, configuration).
+pub fn replay_files(dir: &Path, scenario: &str, settings: &str) -> (PathBuf, PathBuf) {
+    let scenario_path = dir.join("scenario.toml");
+    std::fs::write(&scenario_path, scenario).unwrap();
+    let mesh =
+        meshwatch::sim::generate::mesh_config_toml(&meshwatch::sim::scenario::Scenario::parse(scenario).unwrap());
+    let config = dir.join("meshwatch.toml");
+    std::fs::write(&config, format!("[window]\nclock = \"watermark\"\ngrace = \"5m\"\n\n{settings}\n\n{mesh}"))
+        .unwrap();
+    (scenario_path, config)
+}
+
+/// Plays `scenario` into `mw` with `meshwatch simulate` and `args`; asserts it succeeded and
+/// returns what it printed.
+pub fn simulate_into(mw: &Meshwatch, scenario: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
+        .arg("simulate")
+        .arg(scenario)
+        .args(["--target", &mw.grpc.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
 /// Asserts that `promtool check metrics` accepts an exposition.
 pub fn promtool_check_metrics(text: &str) {
     use std::io::Write;
