@@ -110,14 +110,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         .and_then(|b| Trust::from_bytes(config.trust.clone(), &b))
         .unwrap_or_else(|| Trust::new(config.trust.clone()));
     info!(pairs = restored.len(), models = models.len(), anomalies_active = anomalies.active_count(), data_dir = %config.data_dir.display(), "store opened");
-    let loader = store.clone();
-    let (alerts, silences) =
-        tokio::task::spawn_blocking(move || Ok::<_, StoreError>((loader.load_alerts()?, loader.load_silences()?)))
-            .await??;
     let mut detector =
         Detector::restore(config.detector, config.window.length_ms, models, anomalies, trust, last_start);
-    detector.alerts = alerts.and_then(|b| Alerts::from_bytes(&b)).unwrap_or_default();
-    detector.silences = silences;
+    detector.alerts = checkpoint.alerts.and_then(|b| Alerts::from_bytes(&b)).unwrap_or_default();
+    detector.silences = checkpoint.silences;
     detector.alert_cfg = config.alerting.rules.clone();
     let detector = Arc::new(Mutex::new(detector));
 

@@ -141,6 +141,15 @@ impl AlsService {
     }
 }
 
+/// The gRPC handling of raw messages, with the configured size limit.
+fn grpc(shared: &Shared) -> Grpc<BytesCodec> {
+    Grpc::new(BytesCodec).apply_max_message_size_config(Some(shared.cfg.max_message_bytes), None)
+}
+
+fn unknown_method() -> BoxFuture<http::Response<Body>, Infallible> {
+    Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) })
+}
+
 impl NamedService for AlsService {
     const NAME: &'static str = "envoy.service.accesslog.v3.AccessLogService";
 }
@@ -160,14 +169,10 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if req.uri().path() != STREAM_ACCESS_LOGS_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
+            return unknown_method();
         }
         let shared = self.shared.clone();
-        Box::pin(async move {
-            let max = shared.cfg.max_message_bytes;
-            let mut grpc = Grpc::new(BytesCodec).apply_max_message_size_config(Some(max), None);
-            Ok(grpc.client_streaming(StreamHandler(shared), req).await)
-        })
+        Box::pin(async move { Ok(grpc(&shared).client_streaming(StreamHandler(shared), req).await) })
     }
 }
 
@@ -205,14 +210,10 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if req.uri().path() != crate::otlp::EXPORT_LOGS_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
+            return unknown_method();
         }
         let shared = self.shared.clone();
-        Box::pin(async move {
-            let max = shared.cfg.max_message_bytes;
-            let mut grpc = Grpc::new(BytesCodec).apply_max_message_size_config(Some(max), None);
-            Ok(grpc.unary(ExportHandler(shared), req).await)
-        })
+        Box::pin(async move { Ok(grpc(&shared).unary(ExportHandler(shared), req).await) })
     }
 }
 

@@ -9,8 +9,6 @@
 //! record lacks degrades to `unknown` (counted); a record without a time is rejected alone;
 //! a batch is never refused for its records.
 
-use std::collections::HashMap;
-
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
@@ -108,32 +106,74 @@ struct AnyValueWire {
 }
 
 impl AnyValueWire {
-    fn text(&self) -> Option<String> {
+    /// The value as text: a string as received (no copy), a number formatted.
+    fn text(&self) -> Option<Bytes> {
         if let Some(s) = &self.string_value {
-            return Some(String::from_utf8_lossy(s).into_owned());
+            return Some(s.clone());
         }
-        self.int_value.map(|i| i.to_string()).or_else(|| self.double_value.map(|d| d.to_string()))
+        self.int_value.map(|i| i.to_string()).or_else(|| self.double_value.map(|d| d.to_string())).map(Bytes::from)
     }
 }
 
-/// Attribute values as text; Envoy's `-` (no value) counts as absent.
-fn attributes(kvs: &[KeyValueWire]) -> HashMap<String, String> {
-    let mut out = HashMap::with_capacity(kvs.len());
-    for kv in kvs {
-        let Some(v) = kv.value.as_ref().and_then(AnyValueWire::text) else { continue };
-        let key = String::from_utf8_lossy(&kv.key);
-        // `-` is Envoy's "no value", except for the protocol, where it means TCP.
-        if v.is_empty() || (v == "-" && key != "protocol") {
-            continue;
+/// The attribute keys meshwatch reads, in records and resources; others are skipped.
+const KNOWN: [&str; 18] = [
+    "downstream.peer.uri_san",
+    "downstream.local.uri_san",
+    "upstream.peer.uri_san",
+    "upstream.cluster",
+    "response.code",
+    "response.flags",
+    "duration_ms",
+    "bytes.received",
+    "bytes.sent",
+    "downstream.remote_address",
+    "upstream.host",
+    "authority",
+    "path",
+    "protocol",
+    "node_name",
+    "cluster_name",
+    "log_name",
+    "meshwatch.identity",
+];
+
+/// The attributes meshwatch reads, by their canonical key, as slices of the request.
+/// Envoy's `-` (no value) counts as absent, except for the protocol, where it means TCP.
+struct Attributes(Vec<(&'static str, Bytes)>);
+
+impl Attributes {
+    fn read(kvs: &[KeyValueWire]) -> Attributes {
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in kvs {
+            let key = &kv.key[..];
+            let alias = ALIASES.iter().find(|(a, _)| a.as_bytes() == key).map(|(_, k)| *k);
+            let Some(key) = alias.or_else(|| KNOWN.iter().find(|k| k.as_bytes() == key).copied()) else { continue };
+            let Some(v) = kv.value.as_ref().and_then(AnyValueWire::text) else { continue };
+            if v.is_empty() || (&v[..] == b"-" && key != "protocol") {
+                continue;
+            }
+            out.push((key, v));
         }
-        let key = ALIASES.iter().find(|(alias, _)| *alias == key).map_or(key.as_ref(), |(_, k)| *k).to_string();
-        out.insert(key, v);
+        Attributes(out)
     }
-    out
+
+    fn bytes(&self, key: &str) -> Option<&Bytes> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    fn text(&self, key: &str) -> Option<&str> {
+        self.bytes(key).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    fn number(&self, key: &str) -> Option<u64> {
+        self.text(key).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0).map(|v| v as u64)
+    }
 }
 
-/// `10.0.0.1:8080` or `[::1]:8080` (a bare address is accepted).
-fn address(s: &str) -> Option<AddressWire> {
+/// `10.0.0.1:8080` or `[::1]:8080` (a bare address is accepted); the address is a slice of
+/// `value`.
+fn address(value: &Bytes) -> Option<AddressWire> {
+    let s = std::str::from_utf8(value).ok()?;
     let (host, port) = match s.rsplit_once(':') {
         // A bare IPv6 address has colons but no brackets: it has no port.
         Some((h, p))
@@ -145,16 +185,17 @@ fn address(s: &str) -> Option<AddressWire> {
     };
     host.parse::<std::net::IpAddr>().ok()?;
     Some(AddressWire {
-        socket_address: Some(SocketAddressWire { address: Bytes::copy_from_slice(host.as_bytes()), port_value: port }),
+        socket_address: Some(SocketAddressWire { address: value.slice_ref(host.as_bytes()), port_value: port }),
     })
 }
 
-/// A certificate known only by its URI SAN(s), comma-separated as Envoy prints them.
-fn certificate(uri_sans: &str) -> CertificateWire {
+/// A certificate known only by its URI SAN(s), comma-separated as Envoy prints them; each a
+/// slice of `uri_sans`.
+fn certificate(uri_sans: &Bytes) -> CertificateWire {
     CertificateWire {
         subject_alt_name: uri_sans
-            .split(',')
-            .map(|u| SanWire { uri: Bytes::copy_from_slice(u.trim().as_bytes()), dns: Bytes::new() })
+            .split(|&b| b == b',')
+            .map(|u| SanWire { uri: uri_sans.slice_ref(u.trim_ascii()), dns: Bytes::new() })
             .collect(),
         subject: Bytes::new(),
     }
@@ -169,39 +210,33 @@ fn flags(s: &str) -> u32 {
 
 /// The node of a resource: `node_name`, `cluster_name`, `log_name` as Envoy fills them, and
 /// `meshwatch.identity` as node metadata.
-fn node(resource: &HashMap<String, String>, mesh: &MeshConfig) -> NodeContext {
-    let mut n = core::Node {
-        id: resource.get("node_name").cloned().unwrap_or_default(),
-        cluster: resource.get("cluster_name").cloned().unwrap_or_default(),
-        ..Default::default()
-    };
-    if let Some(identity) = resource.get("meshwatch.identity") {
+fn node(resource: &Attributes, mesh: &MeshConfig) -> NodeContext {
+    let text = |k: &str| resource.text(k).unwrap_or_default().to_string();
+    let mut n = core::Node { id: text("node_name"), cluster: text("cluster_name"), ..Default::default() };
+    if let Some(identity) = resource.text("meshwatch.identity") {
         let mut fields = std::collections::BTreeMap::new();
-        fields
-            .insert("meshwatch_identity".to_string(), Value { kind: Some(value::Kind::StringValue(identity.clone())) });
+        fields.insert(
+            "meshwatch_identity".to_string(),
+            Value { kind: Some(value::Kind::StringValue(identity.to_string())) },
+        );
         n.metadata = Some(Struct { fields: fields.into_iter().collect() });
     }
-    NodeContext::new(Some(&n), resource.get("log_name").map_or("", String::as_str), mesh)
-}
-
-fn number(a: &HashMap<String, String>, key: &str) -> Option<u64> {
-    a.get(key).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0).map(|v| v as u64)
+    NodeContext::new(Some(&n), resource.text("log_name").unwrap_or_default(), mesh)
 }
 
 /// One log record into an outcome, as an access-log entry of the node would be.
 fn log_record(rec: &LogRecordWire, node: &NodeContext, resolver: &mut Resolver<'_, '_>) -> (usize, Outcome) {
-    let a = attributes(&rec.attributes);
+    let a = Attributes::read(&rec.attributes);
     let nanos = if rec.time_unix_nano > 0 { rec.time_unix_nano } else { rec.observed_time_unix_nano };
-    let tcp = a.get("protocol").is_some_and(|p| p == "-" || p.eq_ignore_ascii_case("tcp"));
+    let tcp = a.text("protocol").is_some_and(|p| p == "-" || p.eq_ignore_ascii_case("tcp"));
     let protocol_index = usize::from(tcp);
     if nanos == 0 {
         return (protocol_index, Outcome::Rejected(Rejection::MissingTime));
     }
-    let duration_ms = number(&a, "duration_ms");
-    let local = a.get("downstream.local.uri_san").map(|s| certificate(s));
-    let peer = a.get("downstream.peer.uri_san").map(|s| certificate(s));
+    let local = a.bytes("downstream.local.uri_san").map(certificate);
+    let peer = a.bytes("downstream.peer.uri_san").map(certificate);
     let common = CommonWire {
-        downstream_remote_address: a.get("downstream.remote_address").and_then(|s| address(s)),
+        downstream_remote_address: a.bytes("downstream.remote_address").and_then(address),
         tls_properties: (local.is_some() || peer.is_some()).then(|| TlsWire {
             local_certificate_properties: local,
             peer_certificate_properties: peer,
@@ -211,37 +246,35 @@ fn log_record(rec: &LogRecordWire, node: &NodeContext, resolver: &mut Resolver<'
             seconds: i64::try_from(nanos / 1_000_000_000).unwrap_or(i64::MAX),
             nanos: i32::try_from(nanos % 1_000_000_000).unwrap_or(0),
         }),
-        upstream_remote_address: a.get("upstream.host").and_then(|s| address(s)),
-        upstream_cluster: a.get("upstream.cluster").map(|s| Bytes::copy_from_slice(s.as_bytes())).unwrap_or_default(),
-        response_flags: a.get("response.flags").map(|s| ResponseFlagsWire { bits: flags(s) }),
-        duration: duration_ms.map(|ms| DurationWire {
+        upstream_remote_address: a.bytes("upstream.host").and_then(address),
+        upstream_cluster: a.bytes("upstream.cluster").cloned().unwrap_or_default(),
+        response_flags: a.text("response.flags").map(|s| ResponseFlagsWire { bits: flags(s) }),
+        duration: a.number("duration_ms").map(|ms| DurationWire {
             seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
             nanos: i32::try_from(ms % 1000 * 1_000_000).unwrap_or(0),
         }),
         ..Default::default()
     };
-    let upstream_peer = a.get("upstream.peer.uri_san").map(|s| certificate(s));
-    let authority = a.get("authority").map_or(&b""[..], |s| s.as_bytes());
-    let path = a.get("path").map_or(&b""[..], |s| s.as_bytes());
+    let upstream_peer = a.bytes("upstream.peer.uri_san").map(certificate);
     let specific = Specific {
         protocol: if tcp { Protocol::Tcp } else { Protocol::Http },
-        authority,
-        path,
-        code: number(&a, "response.code").and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
+        authority: a.bytes("authority").map_or(&b""[..], |v| &v[..]),
+        path: a.bytes("path").map_or(&b""[..], |v| &v[..]),
+        code: a.number("response.code").and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
         // Envoy's BYTES_RECEIVED came from the caller; BYTES_SENT went back to it.
-        bytes_sent: number(&a, "bytes.received").unwrap_or(0),
-        bytes_received: number(&a, "bytes.sent").unwrap_or(0),
+        bytes_sent: a.number("bytes.received").unwrap_or(0),
+        bytes_received: a.number("bytes.sent").unwrap_or(0),
     };
     (protocol_index, record(&common, specific, upstream_peer.as_ref(), node, resolver))
 }
 
 /// String attributes, as (key, value).
-pub type Attributes = Vec<(String, String)>;
+pub type StringAttributes = Vec<(String, String)>;
 
 /// Encodes an `ExportLogsServiceRequest` of string attributes: for each resource, its
 /// attributes and its records (time in Unix nanoseconds, attributes). For load generators
 /// and tests.
-pub fn encode_export(resources: &[(Attributes, Vec<(u64, Attributes)>)]) -> Bytes {
+pub fn encode_export(resources: &[(StringAttributes, Vec<(u64, StringAttributes)>)]) -> Bytes {
     let kvs = |attrs: &[(String, String)]| -> Vec<KeyValueWire> {
         attrs
             .iter()
@@ -287,7 +320,7 @@ pub fn export(bytes: Bytes, mesh: &MeshConfig, interner: &mut Interner) -> (Vec<
     let mut records = Vec::new();
     let mut resolver = Resolver { mesh, interner };
     for rl in &request.resource_logs {
-        let resource = attributes(rl.resource.as_ref().map_or(&[][..], |r| &r.attributes));
+        let resource = Attributes::read(rl.resource.as_ref().map_or(&[][..], |r| &r.attributes));
         let node = node(&resource, mesh);
         for rec in rl.scope_logs.iter().flat_map(|s| &s.log_records) {
             let (p, outcome) = log_record(rec, &node, &mut resolver);
@@ -397,8 +430,12 @@ mod tests {
         let (records, tally) = export(no_time.into(), &mesh(), &mut Interner::new(4));
         assert!(records.is_empty());
         assert_eq!(tally.rejected, vec![(Rejection::MissingTime, 1)]);
-        assert_eq!(address("[::1]:80").and_then(|a| a.socket_address).map(|s| s.port_value), Some(80));
-        assert!(address("not an address").is_none());
+        let v6 = Bytes::from_static(b"[::1]:80");
+        assert_eq!(
+            address(&v6).and_then(|a| a.socket_address).map(|s| (s.port_value, s.address)),
+            Some((80, Bytes::from_static(b"::1")))
+        );
+        assert!(address(&Bytes::from_static(b"not an address")).is_none());
         assert_eq!(flags("-,UF,NOPE"), 1 << ResponseFlags::NAMES.iter().position(|n| *n == "UF").unwrap_or(0));
     }
 }

@@ -305,10 +305,14 @@ impl Alerts {
                     ..alert.clone()
                 };
             }
+            // A record's labels and annotations do not change while it lasts: built once per
+            // record, not at every update.
+            if alert.labels.is_empty() || alert.detection_id != a.id {
+                alert.labels = Self::labels(a);
+                alert.annotations = Self::annotations(a, cfg);
+            }
             alert.detection_id = a.id;
             alert.last_active_ms = event_ms;
-            alert.labels = Self::labels(a);
-            alert.annotations = Self::annotations(a, cfg);
         }
         for alert in self.alerts.values_mut() {
             let is_active = active.contains_key(&alert.fingerprint);

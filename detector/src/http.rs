@@ -20,6 +20,7 @@ use crate::pairs::PairTable;
 use crate::score::Detector;
 use crate::trust;
 use meshwatch_collector::flow::Direction;
+use meshwatch_collector::pipeline::wall_clock_ms;
 use meshwatch_collector::window::PairKey;
 
 /// What the handlers share.
@@ -272,12 +273,6 @@ struct NewSilence {
     comment: String,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn validate_silence(body: &[u8]) -> Result<crate::alert::Silence, String> {
     let new: NewSilence = serde_json::from_slice(body).map_err(|e| format!("not a silence: {e}"))?;
     let mut problems = Vec::new();
@@ -298,7 +293,7 @@ fn validate_silence(body: &[u8]) -> Result<crate::alert::Silence, String> {
     if new.comment.trim().is_empty() {
         problems.push("comment: empty".into());
     }
-    let now = now_ms();
+    let now = wall_clock_ms();
     let starts = match new.starts_at.as_deref().map(crate::timefmt::parse_ms) {
         None => now,
         Some(Ok(t)) => t,
@@ -375,7 +370,7 @@ async fn expire_silence(
     }
     let found = crate::lock(&state.detector).silences.iter().find(|s| s.id == id).cloned();
     let Some(mut silence) = found else { return not_found(format!("no silence with id {id}")) };
-    silence.ends_at_ms = silence.ends_at_ms.min(now_ms());
+    silence.ends_at_ms = silence.ends_at_ms.min(wall_clock_ms());
     match save_silence(&state, silence).await {
         None => axum::Json(serde_json::json!({ "expired": id })).into_response(),
         Some(r) => r,

@@ -23,6 +23,7 @@ pub mod trust;
 
 use std::sync::{Arc, Mutex};
 
+use meshwatch_collector::pipeline::wall_clock_ms;
 use meshwatch_collector::window::ClosedWindow;
 use tokio::sync::mpsc;
 use tracing::{debug, error};
@@ -63,17 +64,11 @@ pub struct Routes {
     pub receivers: Vec<(notify::Receiver, Arc<tokio::sync::Notify>)>,
 }
 
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// Brings the alerts up to date and queues what is due, durably, then wakes the senders.
 async fn alert(detector: &Mutex<Detector>, store: &Store, routes: &Routes) {
     let (items, state) = {
         let mut d = lock(detector);
-        let due = d.update_alerts(wall_ms());
+        let due = d.update_alerts(wall_clock_ms());
         if due.is_empty() {
             return;
         }

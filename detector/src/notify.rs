@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use meshwatch_collector::identity::Pattern;
+use meshwatch_collector::pipeline::wall_clock_ms;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde_json::json;
 use sha2::Sha256;
@@ -143,12 +144,6 @@ impl NotifyMetrics {
             oldest_age,
         })
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A factor in [0.5, 1.5) for backoff jitter, from the clock's nanoseconds.
@@ -292,7 +287,7 @@ async fn post(client: &reqwest::Client, target: &Target, body: &serde_json::Valu
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut req = client.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json");
     if let Target::Webhook { secret, .. } = target {
-        let ts = (now_ms() / 1000).to_string();
+        let ts = (wall_clock_ms() / 1000).to_string();
         req = req.header("X-Meshwatch-Timestamp", &ts).header("X-Meshwatch-Signature", signature(secret, &ts, &bytes));
     }
     match req.body(bytes).send().await {
@@ -360,14 +355,14 @@ impl Delivery {
         if let Some((depth, oldest)) = blocking(move || store.depth(&name)).await {
             let r = [self.receiver.name.as_str()];
             self.metrics.depth.with_label_values(&r).set(i64::try_from(depth).unwrap_or(i64::MAX));
-            let age = oldest.map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
+            let age = oldest.map_or(0.0, |t| (wall_clock_ms() - t).max(0) as f64 / 1000.0);
             self.metrics.oldest_age.with_label_values(&r).set(age);
         }
     }
 
     /// Firing alerts this receiver wants, for an Alertmanager re-send.
     fn firing(&self) -> Vec<Notification> {
-        let now = now_ms();
+        let now = wall_clock_ms();
         let d = crate::lock(&self.detector);
         d.alerts
             .iter()
@@ -386,11 +381,19 @@ impl Delivery {
         }
         let mut attempt: u32 = 0;
         let mut last_resend = tokio::time::Instant::now();
+        let mut gauges_at: Option<tokio::time::Instant> = None;
         loop {
-            self.refresh_gauges().await;
             let store = self.store.clone();
             let name = self.receiver.name.clone();
             let head = blocking(move || store.head(&name)).await.flatten();
+            // The queue's depth needs a scan of it: at most once a second while it drains.
+            if head.is_none() {
+                self.metrics.depth.with_label_values(&r).set(0);
+                self.metrics.oldest_age.with_label_values(&r).set(0.0);
+            } else if gauges_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                gauges_at = Some(tokio::time::Instant::now());
+                self.refresh_gauges().await;
+            }
             let Some(q) = head else {
                 attempt = 0;
                 let mut wait = Duration::from_secs(3600);
@@ -401,7 +404,7 @@ impl Delivery {
                         let alerts: Vec<_> = self
                             .firing()
                             .iter()
-                            .map(|n| alertmanager_alert(n, now_ms(), self.cfg.resend_interval))
+                            .map(|n| alertmanager_alert(n, wall_clock_ms(), self.cfg.resend_interval))
                             .collect();
                         if !alerts.is_empty() {
                             match post(&self.client, &self.receiver.target, &json!(alerts)).await {
@@ -425,7 +428,7 @@ impl Delivery {
                 }
                 continue;
             };
-            let now = now_ms();
+            let now = wall_clock_ms();
             let age = Duration::from_millis(u64::try_from(now - q.notification.created_ms).unwrap_or(0));
             if age > self.cfg.max_age {
                 self.give_up(&q, format!("not delivered within {:?} ({attempt} attempts)", self.cfg.max_age), attempt)
@@ -477,7 +480,7 @@ impl Delivery {
         let letter = DeadLetter {
             receiver: q.receiver.clone(),
             reason,
-            dead_at_ms: now_ms(),
+            dead_at_ms: wall_clock_ms(),
             attempts,
             notification: q.notification.clone(),
         };

@@ -68,6 +68,9 @@ pub struct StoredCheckpoint {
     pub anomalies: Option<Vec<u8>>,
     /// The zero-trust state (edge book, principals, open findings).
     pub trust: Option<Vec<u8>>,
+    /// The alerts, and the silences.
+    pub alerts: Option<Vec<u8>>,
+    pub silences: Vec<crate::alert::Silence>,
     pub last_start_ms: Option<i64>,
 }
 const LAST_WINDOW_KEY: &[u8] = b"last_window_start_ms";
@@ -125,7 +128,7 @@ impl Store {
     }
 
     /// Writes a detector checkpoint: every model, the anomalies, the zero-trust state, the
-    /// last window scored.
+    /// alerts, the last window scored.
     pub fn save_checkpoint(&self, c: &crate::score::Checkpoint) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (key, model) in &c.models {
@@ -141,7 +144,7 @@ impl Store {
         Ok(())
     }
 
-    /// The last checkpoint.
+    /// The last checkpoint, with the silences.
     pub fn load_checkpoint(&self) -> Result<StoredCheckpoint, StoreError> {
         let mut models = Vec::new();
         for item in self.models.iter() {
@@ -153,9 +156,11 @@ impl Store {
         }
         let anomalies = self.meta.get(ANOMALIES_KEY)?.map(|v| v.to_vec());
         let trust = self.meta.get(TRUST_KEY)?.map(|v| v.to_vec());
+        let alerts = self.meta.get(ALERTS_KEY)?.map(|v| v.to_vec());
+        let silences = self.load_silences()?;
         let last_start_ms =
             self.meta.get(LAST_WINDOW_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(i64::from_be_bytes);
-        Ok(StoredCheckpoint { models, anomalies, trust, last_start_ms })
+        Ok(StoredCheckpoint { models, anomalies, trust, alerts, silences, last_start_ms })
     }
 
     /// Queues notifications (receiver, notification) and saves the alert state with them,
@@ -170,11 +175,6 @@ impl Store {
         self.outbox.flush()?;
         self.meta.flush()?;
         Ok(())
-    }
-
-    /// The saved alert state.
-    pub fn load_alerts(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.meta.get(ALERTS_KEY)?.map(|v| v.to_vec()))
     }
 
     /// The oldest queued notification of a receiver.
@@ -238,7 +238,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn load_silences(&self) -> Result<Vec<crate::alert::Silence>, StoreError> {
+    fn load_silences(&self) -> Result<Vec<crate::alert::Silence>, StoreError> {
         Ok(self
             .silences
             .iter()

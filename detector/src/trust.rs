@@ -184,7 +184,7 @@ struct WindowEdge {
 struct Reach {
     /// Destination → start of the last window it was reached in, and when the edge appeared
     /// if that was after the learning period.
-    recent: HashMap<String, (i64, Option<i64>)>,
+    recent: HashMap<Arc<str>, (i64, Option<i64>)>,
     /// The most distinct destinations reached within one span, those first called within
     /// the span not counted.
     usual: u32,
@@ -232,7 +232,7 @@ pub struct Trust {
     edges: HashMap<EdgeKey, EdgeState>,
     /// SPIFFE IDs seen calling: first and last window.
     principals: HashMap<String, (i64, i64)>,
-    reach: HashMap<String, Reach>,
+    reach: HashMap<Arc<str>, Reach>,
     /// Active findings: (source, destination, direction, kind) → last evidence (window end).
     open: HashMap<(String, String, String, String), i64>,
     /// Findings raised, by (kind, direction), since the store was created.
@@ -269,6 +269,15 @@ fn spiffe_trust_domain(id: &str) -> Option<&str> {
 fn days(ms: i64) -> String {
     let d = ms as f64 / 86_400_000.0;
     if d >= 1.0 { format!("{d:.1} days") } else { format!("{:.1} h", ms as f64 / 3_600_000.0) }
+}
+
+/// "N requests or connections in S s", formatted only when a reason is written.
+struct FlowsText(u64, f64);
+
+impl std::fmt::Display for FlowsText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} requests or connections in {:.0} s", self.0, self.1)
+    }
 }
 
 /// A finding about a source across its destinations (`destination` is `*`).
@@ -395,13 +404,13 @@ impl Trust {
                 continue;
             }
             let (src, dst, dir) = (&*key.source, &*key.destination, key.direction.as_str());
-            let reporters: Vec<String> = we.reporters.iter().map(|r| r.as_str().to_string()).collect();
+            // Built only for a finding: most edges in most windows raise nothing.
             let record = |kind: &'static str, observed: f64, expected: f64, reason: String| FindingRecord {
                 kind,
                 source: src.to_string(),
                 destination: dst.to_string(),
                 direction: dir,
-                reporters: reporters.clone(),
+                reporters: we.reporters.iter().map(|r| r.as_str().to_string()).collect(),
                 severity: severity(kind),
                 observed,
                 expected,
@@ -409,7 +418,7 @@ impl Trust {
             };
             let prev = self.edges.get(key).cloned();
             let is_new = prev.as_ref().is_none_or(|p| w.start_ms - p.last_ms > self.cfg.forget_after_ms);
-            let flows_text = format!("{} requests or connections in {span_s:.0} s", we.flows);
+            let flows_text = FlowsText(we.flows, span_s);
 
             let foreign = !self.cfg.trust_domains.is_empty()
                 && spiffe_trust_domain(src).is_some_and(|td| !self.cfg.trust_domains.iter().any(|t| t == td));
@@ -527,8 +536,8 @@ impl Trust {
             }
             // Since when the source has called this destination, if that was after learning.
             let new_since = self.edges.get(k).map_or(Some(w.start_ms), |e| e.appeared_new.then_some(e.first_ms));
-            let reach = self.reach.entry(k.source.to_string()).or_default();
-            reach.recent.insert(k.destination.to_string(), (w.start_ms, new_since));
+            let reach = self.reach.entry(k.source.clone()).or_default();
+            reach.recent.insert(k.destination.clone(), (w.start_ms, new_since));
             *touched.entry(&k.source).or_default() |= k.direction == Direction::EastWest;
         }
         let mut sources: Vec<(&str, bool)> = touched.into_iter().collect();
@@ -573,7 +582,7 @@ impl Trust {
         step: &mut TrustStep,
     ) {
         let span_ms = self.cfg.fan_out_windows * (w.end_ms - w.start_ms);
-        let mut per_source: HashMap<&str, SourceWindow> = HashMap::new();
+        let mut per_source: HashMap<&Arc<str>, SourceWindow> = HashMap::new();
         for (k, e) in window {
             let t = per_source.entry(&k.source).or_default();
             t.requests += e.requests;
@@ -594,7 +603,7 @@ impl Trust {
         let mut found = Vec::new();
         for (source, mut sw) in sources {
             let direction = if sw.east_west { "east_west" } else { "egress" };
-            let reach = self.reach.entry(source.to_string()).or_default();
+            let reach = self.reach.entry(source.clone()).or_default();
             // Path scans.
             for h in std::mem::take(&mut sw.not_found_paths) {
                 if reach.paths.len() < MAX_PATHS_PER_SOURCE || reach.paths.contains_key(&h) {
@@ -701,7 +710,7 @@ impl Trust {
                 .map(|(k, e)| (k.source.to_string(), k.destination.to_string(), code(k.direction), e.clone()))
                 .collect(),
             principals: self.principals.iter().map(|(p, (a, b))| (p.clone(), *a, *b)).collect(),
-            reach: self.reach.iter().map(|(s, r)| (s.clone(), r.clone())).collect(),
+            reach: self.reach.iter().map(|(s, r)| (s.to_string(), r.clone())).collect(),
             open: self.open.iter().map(|(k, t)| (k.0.clone(), k.1.clone(), k.2.clone(), k.3.clone(), *t)).collect(),
             raised: self.raised.iter().map(|((k, d), n)| (k.clone(), d.clone(), *n)).collect(),
             edges_dropped: self.edges_dropped,
@@ -719,7 +728,7 @@ impl Trust {
             t.edges.insert(EdgeKey { source: Arc::from(s), destination: Arc::from(d), direction }, e);
         }
         t.principals = saved.principals.into_iter().map(|(p, a, b)| (p, (a, b))).collect();
-        t.reach = saved.reach.into_iter().collect();
+        t.reach = saved.reach.into_iter().map(|(s, r)| (Arc::from(s), r)).collect();
         t.open = saved.open.into_iter().map(|(a, b, c, d, t)| ((a, b, c, d), t)).collect();
         t.raised = saved.raised.into_iter().map(|(k, d, n)| ((k, d), n)).collect();
         t.edges_dropped = saved.edges_dropped;
