@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use meshwatch_collector::als::AlsConfig;
+use meshwatch_collector::envoy_stats::{CounterMode, StatsConfig};
 use meshwatch_collector::flow::Direction;
 use meshwatch_collector::identity::{MeshConfig, Pattern, ServiceMapping};
 use meshwatch_collector::pipeline::Clock;
@@ -308,6 +309,11 @@ pub struct RawIngest {
     pub max_message_bytes: Option<i64>,
     pub queue_batches: Option<i64>,
     pub enqueue_timeout: Option<String>,
+    /// How Envoys' stats sinks report counters: `cumulative` or `delta`.
+    pub stats_counters: Option<String>,
+    /// Clusters whose stats are not pairs.
+    pub stats_ignore_clusters: Option<Vec<String>>,
+    pub stats_max_tracked: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -359,6 +365,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub queue_batches: usize,
     pub als: AlsConfig,
+    pub stats: StatsConfig,
     pub window: WindowConfig,
     pub clock: Clock,
     pub mesh: MeshConfig,
@@ -565,6 +572,25 @@ impl RawConfig {
             als_defaults.enqueue_timeout,
             Duration::ZERO,
         );
+        let stats_defaults = StatsConfig::default();
+        let stats_counters = match self.ingest.stats_counters.as_deref() {
+            None => stats_defaults.counters,
+            Some(v) => CounterMode::parse(v).unwrap_or_else(|| {
+                c.0.push(format!("ingest.stats_counters: `{v}` (cumulative or delta)"));
+                stats_defaults.counters
+            }),
+        };
+        let stats_ignore_clusters = match &self.ingest.stats_ignore_clusters {
+            Some(v) => c.patterns("ingest.stats_ignore_clusters", v),
+            None => stats_defaults.ignore_clusters.clone(),
+        };
+        let stats_max_tracked = c.count(
+            "ingest.stats_max_tracked",
+            self.ingest.stats_max_tracked,
+            stats_defaults.max_tracked_clusters,
+            1,
+            10_000_000,
+        );
         let shutdown_grace =
             c.duration("shutdown_grace", self.shutdown_grace.as_deref(), Duration::from_secs(10), Duration::ZERO);
 
@@ -671,6 +697,11 @@ impl RawConfig {
             shutdown_grace,
             queue_batches,
             als: AlsConfig { max_message_bytes, enqueue_timeout, ..als_defaults },
+            stats: StatsConfig {
+                counters: stats_counters,
+                ignore_clusters: stats_ignore_clusters,
+                max_tracked_clusters: stats_max_tracked,
+            },
             window: WindowConfig {
                 length_ms: length.as_millis() as i64,
                 grace_ms: grace.as_millis() as i64,

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use meshwatch_collector::als::{AlsService, OtlpLogsService};
 use meshwatch_collector::metrics::CollectorMetrics;
 use meshwatch_collector::pipeline;
+use meshwatch_collector::stats_sink::StatsSinkService;
 use meshwatch_collector::window::Aggregator;
 use meshwatch_detector::Routes;
 use meshwatch_detector::alert::Alerts;
@@ -165,17 +166,27 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         // A replay has no Envoy to protect from a slow consumer: it waits instead of dropping.
         als_config.enqueue_timeout = std::time::Duration::from_secs(3600);
     }
-    let als =
-        AlsService::new(Arc::new(config.mesh.clone()), als_config, records_tx, collector_metrics, shutdown.clone());
+    let mesh = Arc::new(config.mesh.clone());
+    let stats_sink = StatsSinkService::new(
+        mesh.clone(),
+        als_config.clone(),
+        config.stats.clone(),
+        records_tx.clone(),
+        collector_metrics.clone(),
+        shutdown.clone(),
+    );
+    let als = AlsService::new(mesh, als_config, records_tx, collector_metrics, shutdown.clone());
     let otlp_http = otlp_http_router(als.otlp_logs());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AlsService>().await;
     health.set_serving::<OtlpLogsService>().await;
+    health.set_serving::<StatsSinkService>().await;
     let grpc = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(als.otlp_logs())
         .add_service(als)
+        .add_service(stats_sink)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),

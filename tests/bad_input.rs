@@ -364,3 +364,136 @@ async fn otlp_logs_bad_bodies_and_records_without_time_are_refused_alone() {
     assert_eq!(m.sum(DECODED, &[]), 1.0, "the record with a time is kept: {}", m.text);
     assert!(mw.stop().success());
 }
+
+/// Envoy stats sink messages: `StreamMetricsMessage`s of metric families.
+mod stats {
+    use super::*;
+    use envoy_types::pb::envoy::service::metrics::v3::{StreamMetricsMessage, stream_metrics_message};
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use envoy_types::pb::io::prometheus::client::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+    use meshwatch_collector::envoy_stats::STREAM_METRICS_PATH;
+
+    const REJECTED: &str = "meshwatch_envoy_stats_rejected_total";
+
+    pub async fn send(mw: &Meshwatch, messages: Vec<Bytes>) -> Result<(), tonic::Status> {
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{}", mw.grpc)).unwrap().connect().await.unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(STREAM_METRICS_PATH);
+        grpc.client_streaming(tonic::Request::new(tokio_stream::iter(messages)), path, BytesCodec).await.map(|_| ())
+    }
+
+    fn node(id: &str, counters: &str) -> Option<stream_metrics_message::Identifier> {
+        let mode = Value { kind: Some(Kind::StringValue(counters.into())) };
+        let metadata = Struct { fields: [("meshwatch_counters".to_string(), mode)].into_iter().collect() };
+        Some(stream_metrics_message::Identifier {
+            node: Some(core::Node {
+                id: id.into(),
+                cluster: "web".into(),
+                metadata: Some(metadata),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn family(name: &str, kind: i32, value: f64, labels: &[(&str, &str)]) -> MetricFamily {
+        let label =
+            labels.iter().map(|(n, v)| LabelPair { name: Some((*n).into()), value: Some((*v).into()) }).collect();
+        let mut metric = Metric { label, timestamp_ms: Some(now_s() * 1000), ..Default::default() };
+        if kind == MetricType::Gauge as i32 {
+            metric.gauge = Some(Gauge { value: Some(value) });
+        } else {
+            metric.counter = Some(Counter { value: Some(value), ..Default::default() });
+        }
+        MetricFamily { name: Some(name.into()), r#type: Some(kind), metric: vec![metric], ..Default::default() }
+    }
+
+    fn counter(name: &str, value: f64) -> MetricFamily {
+        family(name, MetricType::Counter as i32, value, &[])
+    }
+
+    fn message(id: Option<stream_metrics_message::Identifier>, families: Vec<MetricFamily>) -> Bytes {
+        StreamMetricsMessage { identifier: id, envoy_metrics: families }.encode_to_vec().into()
+    }
+
+    #[tokio::test]
+    async fn bad_samples_are_counted_and_the_good_ones_kept() {
+        let (mw, _data) = start(&[]);
+        let good = |v| counter("cluster.payments.upstream_rq_total", v);
+        let huge = format!("cluster.{}.upstream_rq_total", "x".repeat(1 << 20));
+        let messages = vec![
+            // Before the identifier: the node is unknown.
+            message(None, vec![good(1.0)]),
+            Bytes::from_static(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]),
+            message(
+                node("web-1", "delta"),
+                vec![
+                    family("cluster.payments.upstream_rq_total", 42, 1.0, &[]),
+                    counter("cluster.payments.upstream_rq_retry", f64::NAN),
+                    counter("cluster.payments.upstream_rq_timeout", -3.0),
+                    counter("cluster.payments.upstream_rq_5xx", f64::INFINITY),
+                    family("cluster.payments.upstream_cx_total", MetricType::Gauge as i32, 1.0, &[]),
+                    counter("cluster.upstream_rq_total", 1.0),
+                    counter("cluster..upstream_rq_total", 1.0),
+                    counter(&huge, 1.0),
+                    family("server.uptime", MetricType::Gauge as i32, 1.0, &[]),
+                    family("cluster.payments.upstream_rq_time", MetricType::Histogram as i32, 1.0, &[]),
+                    good(5.0),
+                ],
+            ),
+            message(None, vec![good(7.0)]),
+        ];
+        send(&mw, messages).await.expect("bad samples never end the stream");
+        let requests = [("source", "web"), ("destination", "payments")];
+        let m = mw
+            .metrics_until(Duration::from_secs(10), |m| {
+                m.get("meshwatch_pair_upstream_requests_total", &requests) == Some(12.0)
+            })
+            .await;
+        assert_eq!(m.get("meshwatch_pair_upstream_requests_total", &requests), Some(12.0), "{}", m.text);
+        for (reason, n) in
+            [("no_identifier", 1.0), ("unknown_type", 1.0), ("bad_value", 3.0), ("wrong_type", 1.0), ("bad_name", 3.0)]
+        {
+            assert_eq!(m.get(REJECTED, &[("reason", reason)]), Some(n), "{reason}");
+        }
+        assert_eq!(m.get("meshwatch_envoy_stats_messages_rejected_total", &[("reason", "malformed")]), Some(1.0));
+        assert_eq!(m.get("meshwatch_envoy_stats_samples_ignored_total", &[]), Some(2.0));
+        assert_eq!(m.get("meshwatch_envoy_stats_samples_used_total", &[]), Some(2.0));
+        assert!(mw.stop().success());
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_clusters_stays_within_the_caps() {
+        let (mw, _data) = start(&[
+            ("MESHWATCH_LIMITS__MAX_PAIRS", "1000"),
+            ("MESHWATCH_INGEST__STATS_MAX_TRACKED", "5000"),
+            ("MESHWATCH_WINDOW__GRACE", "10s"),
+        ]);
+        // 100,000 distinct clusters from one node, cumulative, twice over (in messages of
+        // 25,000, under the message size limit).
+        let part = |id, p: usize| {
+            let families = (p * 25_000..(p + 1) * 25_000)
+                .map(|i| counter(&format!("cluster.c{i:06}.upstream_rq_total"), 3.0))
+                .collect();
+            message(id, families)
+        };
+        let mut messages = vec![part(node("web-1", "cumulative"), 0)];
+        messages.extend((1..8).map(|p| part(None, p % 4)));
+        send(&mw, messages).await.unwrap();
+        let m = mw
+            .metrics_until(Duration::from_secs(20), |m| {
+                m.sum("meshwatch_envoy_stats_samples_received_total", &[]) >= 200_000.0
+            })
+            .await;
+        // The node and 4,999 of its clusters are remembered; the rest are refused.
+        assert_eq!(m.get("meshwatch_envoy_stats_tracked", &[]), Some(5000.0));
+        assert_eq!(m.get(REJECTED, &[("reason", "state_full")]), Some(2.0 * 95_001.0));
+        let m =
+            mw.metrics_until(Duration::from_secs(10), |m| m.get("meshwatch_pairs_tracked", &[]) == Some(1000.0)).await;
+        assert_eq!(m.get("meshwatch_pairs_tracked", &[]), Some(1000.0));
+        let rss_mib = rss_kib(mw.pid()) / 1024;
+        assert!(rss_mib < 256, "resident memory {rss_mib} MiB after the flood");
+        assert!(mw.stop().success());
+    }
+}

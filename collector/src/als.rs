@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -118,7 +117,6 @@ struct Shared {
     tx: mpsc::Sender<Batch>,
     metrics: Handles,
     shutdown: CancellationToken,
-    next_stream: AtomicU64,
 }
 
 /// The tonic service. Cloning is cheap (one `Arc`).
@@ -136,7 +134,7 @@ impl AlsService {
         metrics: CollectorMetrics,
         shutdown: CancellationToken,
     ) -> AlsService {
-        let shared = Shared { mesh, cfg, tx, metrics: Handles::new(metrics), shutdown, next_stream: AtomicU64::new(0) };
+        let shared = Shared { mesh, cfg, tx, metrics: Handles::new(metrics), shutdown };
         AlsService { shared: Arc::new(shared) }
     }
 }
@@ -146,7 +144,7 @@ fn grpc(shared: &Shared) -> Grpc<BytesCodec> {
     Grpc::new(BytesCodec).apply_max_message_size_config(Some(shared.cfg.max_message_bytes), None)
 }
 
-fn unknown_method() -> BoxFuture<http::Response<Body>, Infallible> {
+pub(crate) fn unknown_method() -> BoxFuture<http::Response<Body>, Infallible> {
     Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) })
 }
 
@@ -240,7 +238,7 @@ impl OtlpLogsService {
     /// `partial_success` when records were rejected; `None` when the body is not a request.
     pub async fn export(&self, body: Bytes) -> Option<Bytes> {
         let shared = &self.shared;
-        let stream = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+        let stream = crate::pipeline::next_stream_id();
         let mut interner = Interner::new(shared.cfg.interner_capacity);
         let (records, tally) = crate::otlp::export(body, &shared.mesh, &mut interner);
         publish(&shared.metrics, &tally);
@@ -248,9 +246,9 @@ impl OtlpLogsService {
             return None;
         }
         if !records.is_empty() {
-            enqueue(shared, Batch { stream, records, end_of_stream: false }).await;
+            enqueue(shared, Batch { stream, records, ..Batch::default() }).await;
         }
-        let end = Batch { stream, records: Vec::new(), end_of_stream: true };
+        let end = Batch::end(stream);
         let _ = tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(end)).await;
         // ExportLogsServiceResponse: partial_success (field 1) with rejected_log_records
         // (field 1) and error_message (field 2) when records were rejected.
@@ -282,10 +280,10 @@ impl ClientStreamingService<Bytes> for StreamHandler {
     fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
         let shared = self.0.clone();
         Box::pin(async move {
-            let stream = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+            let stream = crate::pipeline::next_stream_id();
             let result = run_stream(&shared, stream, request.into_inner()).await;
             // Tell the aggregator this stream's event time no longer holds anything back.
-            let end = Batch { stream, records: Vec::new(), end_of_stream: true };
+            let end = Batch::end(stream);
             let _ = tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(end)).await;
             result?;
             // StreamAccessLogsResponse is empty; Envoy never reads it.
@@ -295,7 +293,7 @@ impl ClientStreamingService<Bytes> for StreamHandler {
 }
 
 /// Decrements the open-streams gauge however the stream ends.
-struct OpenStream<'a>(&'a prometheus::IntGauge);
+pub(crate) struct OpenStream<'a>(pub(crate) &'a prometheus::IntGauge);
 
 impl Drop for OpenStream<'_> {
     fn drop(&mut self) {
@@ -322,7 +320,7 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
                 let (records, tally) = decoder.message(&shared.mesh, bytes);
                 publish(m, &tally);
                 if !records.is_empty() {
-                    enqueue(shared, Batch { stream: id, records, end_of_stream: false }).await;
+                    enqueue(shared, Batch { stream: id, records, ..Batch::default() }).await;
                 }
             }
             Ok(None) => return Ok(()),
@@ -362,19 +360,25 @@ fn publish(m: &Handles, t: &Tally) {
 /// one slow consumer stall every Envoy.
 async fn enqueue(shared: &Shared, batch: Batch) {
     let n = batch.records.len() as u64;
-    let batch = match shared.tx.try_send(batch) {
-        Ok(()) => return,
+    if !send_or_drop(&shared.tx, shared.cfg.enqueue_timeout, batch).await {
+        shared.metrics.all.reject(Rejection::QueueFull, n);
+    }
+}
+
+/// Sends a batch, waiting at most `timeout` for room; false when it was dropped (a warning at
+/// most once a minute).
+pub(crate) async fn send_or_drop(tx: &mpsc::Sender<Batch>, timeout: Duration, batch: Batch) -> bool {
+    let n = (batch.records.len() + batch.upstream.len()) as u64;
+    let batch = match tx.try_send(batch) {
+        Ok(()) => return true,
         Err(mpsc::error::TrySendError::Full(batch)) => batch,
-        Err(mpsc::error::TrySendError::Closed(_)) => {
-            shared.metrics.all.reject(Rejection::QueueFull, n);
-            return;
-        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return false,
     };
-    match tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(batch)).await {
-        Ok(Ok(())) => {}
+    match tokio::time::timeout(timeout, tx.send(batch)).await {
+        Ok(Ok(())) => true,
         Ok(Err(_)) | Err(_) => {
-            shared.metrics.all.reject(Rejection::QueueFull, n);
             warn_rate_limited(n);
+            false
         }
     }
 }
@@ -388,7 +392,7 @@ fn warn_rate_limited(dropped: u64) {
     if now - last >= 60 && LAST_WARN_S.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
         warn!(
             dropped,
-            "pipeline queue full, dropping access-log entries (see meshwatch_als_entries_rejected_total{{reason=\"queue_full\"}})"
+            "pipeline queue full, dropping records (see the rejected_total counters, reason=\"queue_full\")"
         );
     }
 }

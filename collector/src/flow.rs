@@ -208,3 +208,81 @@ impl FlowRecord {
         StatusClass::from_code(u32::from(self.response_code))
     }
 }
+
+/// Upstream counters of one cluster, as deltas over a stats flush (or a window), from Envoy's
+/// `cluster.<name>.*` stats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamCounts {
+    /// `upstream_rq_total`.
+    pub requests: u64,
+    /// `upstream_rq_5xx`.
+    pub errors: u64,
+    /// `upstream_rq_timeout`.
+    pub timeouts: u64,
+    /// `upstream_rq_retry`.
+    pub retries: u64,
+    /// `upstream_cx_total`.
+    pub connections: u64,
+    /// `upstream_cx_connect_fail`.
+    pub connect_failures: u64,
+    /// `upstream_rq_pending_overflow` (the circuit breaker's pending-request limit).
+    pub pending_overflows: u64,
+    /// `outlier_detection.ejections_enforced_total`.
+    pub ejections: u64,
+}
+
+impl UpstreamCounts {
+    /// Every counter with its name as the `meshwatch_pair_upstream_*` families use it.
+    pub fn fields(&self) -> [(&'static str, u64); 8] {
+        [
+            ("requests", self.requests),
+            ("errors", self.errors),
+            ("timeouts", self.timeouts),
+            ("retries", self.retries),
+            ("connections", self.connections),
+            ("connect_failures", self.connect_failures),
+            ("pending_overflows", self.pending_overflows),
+            ("ejections", self.ejections),
+        ]
+    }
+
+    pub fn fields_mut(&mut self) -> [&mut u64; 8] {
+        [
+            &mut self.requests,
+            &mut self.errors,
+            &mut self.timeouts,
+            &mut self.retries,
+            &mut self.connections,
+            &mut self.connect_failures,
+            &mut self.pending_overflows,
+            &mut self.ejections,
+        ]
+    }
+
+    pub fn merge(&mut self, o: &UpstreamCounts) {
+        for (a, (_, b)) in self.fields_mut().into_iter().zip(o.fields()) {
+            *a = a.saturating_add(b);
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.fields().iter().all(|(_, v)| *v == 0)
+    }
+}
+
+/// What one Envoy's stats said about one upstream cluster at one flush: the pair is the
+/// reporting node (source) and the cluster's service (destination).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpstreamRecord {
+    /// Envoy's snapshot time, Unix milliseconds.
+    pub time_ms: i64,
+    pub reporter: Reporter,
+    pub source: Identity,
+    pub destination: Identity,
+    pub direction: Direction,
+    /// Increments since the previous flush.
+    pub counts: UpstreamCounts,
+    /// Hosts of the cluster (`membership_total`) and how many are healthy
+    /// (`membership_healthy`), when the flush had both gauges.
+    pub hosts: Option<(u64, u64)>,
+}

@@ -5,16 +5,20 @@
 //! mirrors of Envoy's protobufs by `decode` into a `flow::FlowRecord`, whose sides are named
 //! and placed inside or outside the trust boundary by `identity`. Records queue (bounded) to
 //! the `pipeline` task, which aggregates them per pair in event-time `window`s and hands each
-//! closed window to the detector, with request durations in a `sketch`. `metrics` are the
+//! closed window to the detector, with request durations in a `sketch`. `stats_sink` is the
+//! gRPC service of Envoy's stats sink; `envoy_stats` turns its cluster stats into upstream
+//! records of the same pairs, which join the flow records in the windows. `metrics` are the
 //! collector's own.
 
 pub mod als;
 pub mod decode;
+pub mod envoy_stats;
 pub mod flow;
 pub mod identity;
 pub mod metrics;
 pub mod otlp;
 pub mod pipeline;
 pub mod sketch;
+pub mod stats_sink;
 pub mod window;
 pub mod wire;

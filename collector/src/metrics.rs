@@ -23,6 +23,83 @@ pub struct CollectorMetrics {
     pub windows_open: IntGauge,
     pub windows_closed: IntCounter,
     pub window_close_lag: prometheus::Gauge,
+    pub stats: StatsMetrics,
+}
+
+/// The Envoy stats sink's own metrics (`meshwatch_envoy_stats_*`).
+#[derive(Clone, Debug)]
+pub struct StatsMetrics {
+    pub streams_open: IntGauge,
+    pub messages_received: IntCounter,
+    pub messages_rejected: IntCounterVec,
+    pub samples_received: IntCounter,
+    pub samples_used: IntCounter,
+    pub samples_ignored: IntCounter,
+    pub rejected: IntCounterVec,
+    pub counter_resets: IntCounter,
+    pub tracked: IntGauge,
+}
+
+impl StatsMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<StatsMetrics> {
+        let m = StatsMetrics {
+            streams_open: gauge(
+                registry,
+                "meshwatch_envoy_stats_streams_open",
+                "Envoy stats sink streams currently open.",
+            )?,
+            messages_received: counter(
+                registry,
+                "meshwatch_envoy_stats_messages_received_total",
+                "Envoy stats sink messages received.",
+            )?,
+            messages_rejected: counter_vec(
+                registry,
+                "meshwatch_envoy_stats_messages_rejected_total",
+                "Envoy stats sink messages rejected whole, by reason.",
+                &["reason"],
+            )?,
+            samples_received: counter(
+                registry,
+                "meshwatch_envoy_stats_samples_received_total",
+                "Envoy stats samples (metrics of metric families) received.",
+            )?,
+            samples_used: counter(
+                registry,
+                "meshwatch_envoy_stats_samples_used_total",
+                "Envoy stats samples read into per-pair upstream signals.",
+            )?,
+            samples_ignored: counter(
+                registry,
+                "meshwatch_envoy_stats_samples_ignored_total",
+                "Envoy stats samples of stats meshwatch does not read, or of ignored clusters.",
+            )?,
+            rejected: counter_vec(
+                registry,
+                "meshwatch_envoy_stats_rejected_total",
+                "Envoy stats samples, or the per-cluster records made of them (late, future, queue_full), not counted, by reason.",
+                &["reason"],
+            )?,
+            counter_resets: counter(
+                registry,
+                "meshwatch_envoy_stats_resets_total",
+                "Cumulative Envoy counters that went down (an Envoy restart), read as starting again from zero.",
+            )?,
+            tracked: gauge(
+                registry,
+                "meshwatch_envoy_stats_tracked",
+                "Nodes and (node, cluster) pairs whose cumulative counters are remembered.",
+            )?,
+        };
+        for r in crate::envoy_stats::StatsRejection::ALL {
+            m.rejected.with_label_values(&[r.as_str()]);
+        }
+        for r in [Rejection::Late, Rejection::Future, Rejection::QueueFull] {
+            m.rejected.with_label_values(&[r.as_str()]);
+        }
+        m.messages_rejected.with_label_values(&["malformed"]);
+        Ok(m)
+    }
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
@@ -124,6 +201,7 @@ impl CollectorMetrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            stats: StatsMetrics::new(registry)?,
         };
         // Make every reason and protocol visible at zero from the start.
         for r in Rejection::ALL {
@@ -143,5 +221,10 @@ impl CollectorMetrics {
 
     pub fn reject(&self, reason: Rejection, n: u64) {
         self.entries_rejected.with_label_values(&[reason.as_str()]).inc_by(n);
+    }
+
+    /// Counts Envoy stats samples or records not counted.
+    pub fn reject_stats(&self, reason: &str, n: u64) {
+        self.stats.rejected.with_label_values(&[reason]).inc_by(n);
     }
 }

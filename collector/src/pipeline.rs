@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::flow::FlowRecord;
+use crate::decode::Rejection;
+use crate::flow::{FlowRecord, UpstreamRecord};
 use crate::metrics::CollectorMetrics;
 use crate::window::{Added, Aggregator, ClosedWindow};
 
@@ -30,8 +31,24 @@ pub struct Batch {
     /// Which stream (numbered by the service, unique in the process).
     pub stream: u64,
     pub records: Vec<FlowRecord>,
+    /// Upstream stats of a metrics stream.
+    pub upstream: Vec<UpstreamRecord>,
     /// The stream has ended; nothing more will come from it.
     pub end_of_stream: bool,
+}
+
+impl Batch {
+    /// The last message of a stream.
+    pub fn end(stream: u64) -> Batch {
+        Batch { stream, end_of_stream: true, ..Batch::default() }
+    }
+}
+
+/// A number for a new stream, unique in the process (every service draws from it, so that the
+/// watermark never mixes up two streams).
+pub fn next_stream_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A stream that sent nothing for this long no longer holds the watermark back.
@@ -53,7 +70,8 @@ impl Watermarks {
             self.streams.remove(&b.stream);
             return;
         }
-        let Some(newest) = b.records.iter().map(|r| r.end_ms).max() else { return };
+        let times = b.records.iter().map(|r| r.end_ms).chain(b.upstream.iter().map(|r| r.time_ms));
+        let Some(newest) = times.max() else { return };
         let slot = self.streams.entry(b.stream).or_insert((newest, now));
         *slot = (slot.0.max(newest), now);
         self.max_ms = Some(self.max_ms.map_or(newest, |m| m.max(newest)));
@@ -118,7 +136,7 @@ pub async fn run_aggregator(
                 rx.close();
                 while let Some(batch) = rx.recv().await {
                     marks.observe(&batch, Instant::now());
-                    add_batch(&mut agg, &batch.records, now(&marks), &metrics);
+                    add_batch(&mut agg, &batch, now(&marks), &metrics);
                 }
                 break;
             }
@@ -126,7 +144,7 @@ pub async fn run_aggregator(
                 let Some(batch) = batch else { break };
                 last_batch = Instant::now();
                 marks.observe(&batch, last_batch);
-                add_batch(&mut agg, &batch.records, now(&marks), &metrics);
+                add_batch(&mut agg, &batch, now(&marks), &metrics);
                 metrics.queue_depth.set(i64::try_from(rx.len()).unwrap_or(i64::MAX));
                 if clock == Clock::Watermark && !emit(agg.close_due(marks.current(last_batch)), &out, &metrics, None).await {
                     return;
@@ -158,15 +176,22 @@ pub async fn run_aggregator(
     debug!("window aggregator finished");
 }
 
-fn add_batch(agg: &mut Aggregator, batch: &[FlowRecord], now_ms: i64, metrics: &CollectorMetrics) {
+fn add_batch(agg: &mut Aggregator, batch: &Batch, now_ms: i64, metrics: &CollectorMetrics) {
     let mut overflowed = 0;
-    for r in batch {
-        match agg.add(r, now_ms) {
-            Ok(Added::Counted) => {}
-            Ok(Added::NewPair) => metrics.pairs_tracked.set(i64::try_from(agg.pair_count()).unwrap_or(i64::MAX)),
-            Ok(Added::Overflowed) => overflowed += 1,
-            Err(reason) => metrics.reject(reason, 1),
-        }
+    let mut count = |added: Result<Added, Rejection>, stats: bool, pairs: usize| match added {
+        Ok(Added::Counted) => {}
+        Ok(Added::NewPair) => metrics.pairs_tracked.set(i64::try_from(pairs).unwrap_or(i64::MAX)),
+        Ok(Added::Overflowed) => overflowed += 1,
+        Err(reason) if stats => metrics.reject_stats(reason.as_str(), 1),
+        Err(reason) => metrics.reject(reason, 1),
+    };
+    for r in &batch.records {
+        let added = agg.add(r, now_ms);
+        count(added, false, agg.pair_count());
+    }
+    for r in &batch.upstream {
+        let added = agg.add_upstream(r, now_ms);
+        count(added, true, agg.pair_count());
     }
     if overflowed > 0 {
         metrics.overflow_entries.inc_by(overflowed);

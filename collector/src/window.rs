@@ -5,11 +5,14 @@
 //! time seen), so weeks of traffic can go through in minutes. The set of pairs is capped:
 //! a pair beyond the cap is counted under one `__overflow__` pair per direction and reporter.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::decode::Rejection;
-use crate::flow::{Direction, FlowRecord, Identity, Protocol, Reporter, ResponseFlags, StatusClass};
+use crate::flow::{
+    Direction, FlowRecord, Identity, Protocol, Reporter, ResponseFlags, StatusClass, UpstreamCounts, UpstreamRecord,
+};
 use crate::sketch::LatencySketch;
 
 /// The identity both sides of the overflow pair carry.
@@ -69,6 +72,38 @@ pub struct PairStats {
     pub latency: LatencySketch,
     /// Distinct paths answered 404 (hashes, at most `MAX_NOT_FOUND_PATHS`).
     pub not_found_paths: Vec<u64>,
+    /// What the source's Envoy stats said about the upstream cluster.
+    pub upstream: UpstreamStats,
+}
+
+/// Upstream stats of a pair in a window: counter increments, and the host gauges of the
+/// latest flush.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamStats {
+    pub counts: UpstreamCounts,
+    /// (hosts, healthy hosts) at the latest flush that had them.
+    pub hosts: Option<(u64, u64)>,
+    /// Stats flushes that reported on the pair.
+    pub flushes: u64,
+}
+
+impl UpstreamStats {
+    pub fn add(&mut self, r: &UpstreamRecord) {
+        self.counts.merge(&r.counts);
+        if r.hosts.is_some() {
+            self.hosts = r.hosts;
+        }
+        self.flushes += 1;
+    }
+
+    /// Folds a later window in.
+    pub fn merge(&mut self, o: &UpstreamStats) {
+        self.counts.merge(&o.counts);
+        if o.hosts.is_some() {
+            self.hosts = o.hosts;
+        }
+        self.flushes = self.flushes.saturating_add(o.flushes);
+    }
 }
 
 /// Distinct 404 paths kept per pair and window (enough to tell a scan).
@@ -142,6 +177,7 @@ impl PairStats {
         for &h in &o.not_found_paths {
             add_path(&mut self.not_found_paths, h);
         }
+        self.upstream.merge(&o.upstream);
     }
 
     pub fn total_requests(&self) -> u64 {
@@ -222,35 +258,65 @@ impl Aggregator {
 
     /// Adds one record at clock time `now_ms`.
     pub fn add(&mut self, r: &FlowRecord, now_ms: i64) -> Result<Added, Rejection> {
-        if r.end_ms > now_ms.saturating_add(self.cfg.max_future_ms) {
-            return Err(Rejection::Future);
-        }
-        let start = self.window_start(r.end_ms);
-        if start < self.closed_until_ms {
-            return Err(Rejection::Late);
-        }
         let key = PairKey {
             source: r.source.clone(),
             destination: r.destination.clone(),
             direction: r.direction,
             reporter: r.reporter,
         };
-        let window = self.open.entry(start).or_default();
-        // Fast path: the pair already has a slot in this window.
-        if let Some(stats) = window.get_mut(&key) {
-            stats.add(r);
-            return Ok(if key.is_overflow() { Added::Overflowed } else { Added::Counted });
-        }
-        let (key, added) = if self.pairs.contains(&key) {
-            (key, Added::Counted)
-        } else if self.pairs.len() < self.cfg.max_pairs {
-            self.pairs.insert(key.clone());
-            (key, Added::NewPair)
-        } else {
-            (PairKey::overflow(r.direction, r.reporter), Added::Overflowed)
-        };
-        window.entry(key).or_default().add(r);
+        let (stats, added) = self.slot(key, r.end_ms, now_ms)?;
+        stats.add(r);
         Ok(added)
+    }
+
+    /// Adds one upstream stats record at clock time `now_ms`, in the pair and window its
+    /// snapshot time falls in, under the same cap as flow records.
+    pub fn add_upstream(&mut self, r: &UpstreamRecord, now_ms: i64) -> Result<Added, Rejection> {
+        let key = PairKey {
+            source: r.source.clone(),
+            destination: r.destination.clone(),
+            direction: r.direction,
+            reporter: r.reporter,
+        };
+        let (stats, added) = self.slot(key, r.time_ms, now_ms)?;
+        stats.upstream.add(r);
+        Ok(added)
+    }
+
+    /// The stats of `key` in the window that holds `t_ms`: the overflow pair's when the pair
+    /// is new and the cap is reached.
+    fn slot(&mut self, key: PairKey, t_ms: i64, now_ms: i64) -> Result<(&mut PairStats, Added), Rejection> {
+        if t_ms > now_ms.saturating_add(self.cfg.max_future_ms) {
+            return Err(Rejection::Future);
+        }
+        let start = self.window_start(t_ms);
+        if start < self.closed_until_ms {
+            return Err(Rejection::Late);
+        }
+        // At the cap, a pair not admitted before counts under the overflow pair.
+        let key = if self.pairs.len() >= self.cfg.max_pairs && !key.is_overflow() && !self.pairs.contains(&key) {
+            PairKey::overflow(key.direction, key.reporter)
+        } else {
+            key
+        };
+        let window = self.open.entry(start).or_default();
+        match window.entry(key) {
+            Entry::Occupied(e) => {
+                let added = if e.key().is_overflow() { Added::Overflowed } else { Added::Counted };
+                Ok((e.into_mut(), added))
+            }
+            Entry::Vacant(v) => {
+                let added = if v.key().is_overflow() {
+                    Added::Overflowed
+                } else if self.pairs.contains(v.key()) {
+                    Added::Counted
+                } else {
+                    self.pairs.insert(v.key().clone());
+                    Added::NewPair
+                };
+                Ok((v.insert(PairStats::default()), added))
+            }
+        }
     }
 
     /// Closes every window whose end plus grace has passed at `now_ms`, oldest first.

@@ -160,7 +160,7 @@ pub struct PairCollector {
 }
 
 /// (name, help, type) of every family the collector emits.
-const FAMILIES: [(&str, &str, MetricType); 11] = [
+const FAMILIES: [(&str, &str, MetricType); 21] = [
     ("meshwatch_pair_requests_total", "HTTP requests per pair, by response status class.", MetricType::COUNTER),
     ("meshwatch_pair_request_duration_seconds", "Duration of HTTP requests per pair.", MetricType::HISTOGRAM),
     (
@@ -196,7 +196,61 @@ const FAMILIES: [(&str, &str, MetricType); 11] = [
         "Event time of the first window in which the pair had traffic.",
         MetricType::GAUGE,
     ),
+    // From the source's Envoy stats (the stats sink), in `UpstreamCounts::fields` order.
+    (
+        "meshwatch_pair_upstream_requests_total",
+        "Upstream requests per pair, from the source Envoy's cluster stats (upstream_rq_total).",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_upstream_errors_total",
+        "Upstream requests answered 5xx per pair, from the source Envoy's cluster stats (upstream_rq_5xx).",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_upstream_timeouts_total",
+        "Upstream requests timed out per pair, from the source Envoy's cluster stats (upstream_rq_timeout).",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_upstream_retries_total",
+        "Upstream request retries per pair, from the source Envoy's cluster stats (upstream_rq_retry).",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_upstream_connections_total",
+        "Upstream connections per pair, from the source Envoy's cluster stats (upstream_cx_total).",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_upstream_connect_failures_total",
+        "Upstream connection failures per pair, from the source Envoy's cluster stats (upstream_cx_connect_fail).",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_upstream_pending_overflows_total",
+        "Requests refused by the circuit breaker per pair, from the source Envoy's cluster stats (upstream_rq_pending_overflow).",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_upstream_ejections_total",
+        "Outlier-detection ejections per pair, from the source Envoy's cluster stats (outlier_detection.ejections_enforced_total).",
+        MetricType::COUNTER,
+    ),
+    (
+        "meshwatch_pair_upstream_hosts",
+        "Hosts of the upstream cluster per pair at the last stats flush (membership_total).",
+        MetricType::GAUGE,
+    ),
+    (
+        "meshwatch_pair_upstream_healthy_hosts",
+        "Healthy hosts of the upstream cluster per pair at the last stats flush (membership_healthy).",
+        MetricType::GAUGE,
+    ),
 ];
+
+/// Index in `FAMILIES` of the first upstream family.
+const UPSTREAM: usize = 11;
 
 const PAIR_LABELS: [&str; 4] = ["source", "destination", "direction", "reporter"];
 
@@ -243,6 +297,14 @@ fn counter(mut labels: Vec<proto::LabelPair>, extra: Option<(&str, &str)>, value
     c.set_value(value as f64);
     let mut m = proto::Metric::from_label(labels);
     m.set_counter(c);
+    m
+}
+
+fn gauge(labels: Vec<proto::LabelPair>, value: f64) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(value);
+    let mut m = proto::Metric::from_label(labels);
+    m.set_gauge(g);
     m
 }
 
@@ -305,11 +367,17 @@ impl Collector for PairCollector {
                 metrics[8].push(counter(labels.clone(), None, s.mtls));
                 metrics[9].push(counter(labels.clone(), None, flows(s).saturating_sub(s.mtls)));
             }
-            let mut g = proto::Gauge::default();
-            g.set_value(e.first_seen_ms as f64 / 1000.0);
-            let mut m = proto::Metric::from_label(labels);
-            m.set_gauge(g);
-            metrics[10].push(m);
+            let up = &s.upstream;
+            if up.flushes > 0 {
+                for (i, (_, n)) in up.counts.fields().into_iter().enumerate() {
+                    metrics[UPSTREAM + i].push(counter(labels.clone(), None, n));
+                }
+            }
+            if let Some((hosts, healthy)) = up.hosts {
+                metrics[UPSTREAM + 8].push(gauge(labels.clone(), hosts as f64));
+                metrics[UPSTREAM + 9].push(gauge(labels.clone(), healthy as f64));
+            }
+            metrics[10].push(gauge(labels, e.first_seen_ms as f64 / 1000.0));
         }
         FAMILIES
             .iter()

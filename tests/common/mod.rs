@@ -562,10 +562,15 @@ impl Envoy {
     /// given as 0 get ephemeral ports), in `workdir` (which holds `certs/`).
     pub async fn start(name: &str, ports: &HashMap<&str, u16>, workdir: &Path) -> Envoy {
         let template = std::fs::read_to_string(repo_root().join(format!("deploy/envoy/{name}.yaml"))).unwrap();
+        Envoy::start_config(name, &template, ports, workdir).await
+    }
+
+    /// Starts Envoy from the config `template` (ports marked as in `deploy/envoy/`).
+    pub async fn start_config(name: &str, template: &str, ports: &HashMap<&str, u16>, workdir: &Path) -> Envoy {
         let mut all = ports.clone();
         all.insert("admin", 0);
         let config = workdir.join(format!("{name}.yaml"));
-        std::fs::write(&config, render_ports(&template, &all)).unwrap();
+        std::fs::write(&config, render_ports(template, &all)).unwrap();
         let admin_file = workdir.join(format!("{name}.admin"));
         // A previous Envoy of the same name left its admin address there.
         let _ = std::fs::remove_file(&admin_file);

@@ -1,0 +1,168 @@
+//! The gRPC stats sink (`envoy.service.metrics.v3.MetricsService`): Envoy's
+//! `envoy.stat_sinks.metrics_service` streams its stats here every flush; `envoy_stats` turns
+//! the cluster stats into upstream records that join the access logs' pairs in the windows.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, StdError, http};
+use tonic::server::{ClientStreamingService, Grpc, NamedService};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use crate::als::{AlsConfig, BytesCodec, OpenStream, send_or_drop, unknown_method};
+use crate::decode::Rejection;
+use crate::envoy_stats::{CounterBook, STREAM_METRICS_PATH, StatsConfig, StatsStream, StatsTally};
+use crate::identity::MeshConfig;
+use crate::metrics::{CollectorMetrics, StatsMetrics};
+use crate::pipeline::{Batch, next_stream_id, wall_clock_ms};
+
+#[derive(Debug)]
+struct Shared {
+    mesh: Arc<MeshConfig>,
+    als: AlsConfig,
+    cfg: StatsConfig,
+    tx: mpsc::Sender<Batch>,
+    metrics: CollectorMetrics,
+    book: Mutex<CounterBook>,
+    shutdown: CancellationToken,
+}
+
+/// The tonic service. Cloning is cheap (one `Arc`).
+#[derive(Clone, Debug)]
+pub struct StatsSinkService {
+    shared: Arc<Shared>,
+}
+
+impl StatsSinkService {
+    /// `tx` is the aggregator queue (shared with the access-log service, as are its message
+    /// size limit and enqueue timeout); `shutdown` ends every open stream when cancelled.
+    pub fn new(
+        mesh: Arc<MeshConfig>,
+        als: AlsConfig,
+        cfg: StatsConfig,
+        tx: mpsc::Sender<Batch>,
+        metrics: CollectorMetrics,
+        shutdown: CancellationToken,
+    ) -> StatsSinkService {
+        let book = Mutex::new(CounterBook::default());
+        StatsSinkService { shared: Arc::new(Shared { mesh, als, cfg, tx, metrics, book, shutdown }) }
+    }
+}
+
+impl NamedService for StatsSinkService {
+    const NAME: &'static str = "envoy.service.metrics.v3.MetricsService";
+}
+
+impl<B> tonic::codegen::Service<http::Request<B>> for StatsSinkService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != STREAM_METRICS_PATH {
+            return unknown_method();
+        }
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let mut grpc =
+                Grpc::new(BytesCodec).apply_max_message_size_config(Some(shared.als.max_message_bytes), None);
+            Ok(grpc.client_streaming(StreamHandler(shared), req).await)
+        })
+    }
+}
+
+struct StreamHandler(Arc<Shared>);
+
+impl ClientStreamingService<Bytes> for StreamHandler {
+    type Response = Bytes;
+    type Future = BoxFuture<Response<Bytes>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<Bytes>>) -> Self::Future {
+        let shared = self.0.clone();
+        Box::pin(async move {
+            let id = next_stream_id();
+            let result = run_stream(&shared, id, request.into_inner()).await;
+            let _ = tokio::time::timeout(shared.als.enqueue_timeout, shared.tx.send(Batch::end(id))).await;
+            result?;
+            // StreamMetricsResponse is empty.
+            Ok(Response::new(Bytes::new()))
+        })
+    }
+}
+
+async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> Result<(), Status> {
+    let m = &shared.metrics.stats;
+    m.streams_open.inc();
+    let _open = OpenStream(&m.streams_open);
+    let mut state = StatsStream::new(shared.als.interner_capacity);
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = shared.shutdown.cancelled() => return Ok(()),
+            next = stream.message() => next,
+        };
+        let bytes = match next {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(()),
+            Err(status) => {
+                let reason = match status.code() {
+                    tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "too_large",
+                    _ => "stream_error",
+                };
+                m.messages_rejected.with_label_values(&[reason]).inc();
+                debug!(%status, reason, "stats stream ended with an error");
+                return Err(status);
+            }
+        };
+        m.messages_received.inc();
+        let Ok(message) = StreamMetricsMessage::decode(bytes) else {
+            m.messages_rejected.with_label_values(&["malformed"]).inc();
+            continue;
+        };
+        if let Some(identifier) = &message.identifier {
+            state.identify(identifier.node.as_ref(), &shared.mesh, &shared.cfg);
+        }
+        let now_ms = wall_clock_ms();
+        let (upstream, tally) = {
+            let mut book = shared.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            book.forget_idle(now_ms);
+            let out = state.families(&message.envoy_metrics, &mut book, &shared.mesh, &shared.cfg, now_ms);
+            m.tracked.set(i64::try_from(book.tracked()).unwrap_or(i64::MAX));
+            out
+        };
+        publish(m, &tally);
+        if !upstream.is_empty() {
+            let n = upstream.len() as u64;
+            let batch = Batch { stream: id, upstream, ..Batch::default() };
+            if !send_or_drop(&shared.tx, shared.als.enqueue_timeout, batch).await {
+                shared.metrics.reject_stats(Rejection::QueueFull.as_str(), n);
+            }
+        }
+    }
+}
+
+fn publish(m: &StatsMetrics, t: &StatsTally) {
+    m.samples_received.inc_by(t.received);
+    m.samples_used.inc_by(t.used);
+    m.samples_ignored.inc_by(t.ignored);
+    m.counter_resets.inc_by(t.resets);
+    for (reason, n) in &t.rejected {
+        m.rejected.with_label_values(&[reason.as_str()]).inc_by(*n);
+    }
+}
