@@ -43,9 +43,22 @@ pub fn in_units(v: &Verdict, window_ms: i64) -> (f64, f64, f64, f64) {
     let a = &v.assessment;
     let seconds = v.scale as f64 * window_ms as f64 / 1000.0;
     let f = match v.signal {
-        Signal::RequestRate | Signal::ConnectionRate | Signal::BytesOut | Signal::BytesIn => 1.0 / seconds,
+        Signal::RequestRate
+        | Signal::ConnectionRate
+        | Signal::BytesOut
+        | Signal::BytesIn
+        | Signal::UpstreamRequestRate
+        | Signal::OutlierEjections => 1.0 / seconds,
         Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => 1e-6,
-        Signal::ErrorRatio | Signal::DenialRatio | Signal::RateLimitRatio => 1.0,
+        Signal::ErrorRatio
+        | Signal::DenialRatio
+        | Signal::RateLimitRatio
+        | Signal::UpstreamErrorRatio
+        | Signal::UpstreamTimeoutRatio
+        | Signal::UpstreamRetryRatio
+        | Signal::ConnectFailureRatio
+        | Signal::PendingOverflowRatio
+        | Signal::UnhealthyHostShare => 1.0,
     };
     (a.observed * f, a.expected * f, a.lower * f, a.upper * f)
 }
@@ -74,9 +87,13 @@ pub fn reason(v: &Verdict, window_ms: i64) -> String {
     let span = duration_text(v.scale as f64 * window_ms as f64 / 1000.0);
     let times = |o: f64, e: f64| if e > 0.0 { format!("{:.1}×", o / e) } else { "far above".into() };
     match v.signal {
-        Signal::RequestRate | Signal::ConnectionRate => {
-            let what = if v.signal == Signal::RequestRate { "requests" } else { "connections" };
-            if v.kind == "vanished" {
+        Signal::RequestRate | Signal::ConnectionRate | Signal::UpstreamRequestRate => {
+            let what = match v.signal {
+                Signal::RequestRate => "requests",
+                Signal::ConnectionRate => "connections",
+                _ => "upstream requests (Envoy stats)",
+            };
+            if a.observed == 0.0 && !a.high {
                 format!("no {what} in {span}; {:.0} expected", a.expected)
             } else {
                 format!(
@@ -89,11 +106,28 @@ pub fn reason(v: &Verdict, window_ms: i64) -> String {
                 )
             }
         }
-        Signal::ErrorRatio | Signal::DenialRatio | Signal::RateLimitRatio => {
+        Signal::OutlierEjections => {
+            format!("{:.0} outlier ejections in {span} (Envoy stats), {:.1} expected", a.observed, a.expected)
+        }
+        Signal::ErrorRatio
+        | Signal::DenialRatio
+        | Signal::RateLimitRatio
+        | Signal::UpstreamErrorRatio
+        | Signal::UpstreamTimeoutRatio
+        | Signal::UpstreamRetryRatio
+        | Signal::ConnectFailureRatio
+        | Signal::PendingOverflowRatio
+        | Signal::UnhealthyHostShare => {
             let what = match v.signal {
                 Signal::ErrorRatio => "error ratio",
                 Signal::DenialRatio => "denial ratio",
-                _ => "rate-limited ratio",
+                Signal::RateLimitRatio => "rate-limited ratio",
+                Signal::UpstreamErrorRatio => "upstream 5xx ratio (Envoy stats)",
+                Signal::UpstreamTimeoutRatio => "upstream timeout ratio (Envoy stats)",
+                Signal::UpstreamRetryRatio => "retries per upstream request (Envoy stats)",
+                Signal::ConnectFailureRatio => "connection failure ratio (Envoy stats)",
+                Signal::PendingOverflowRatio => "circuit-breaker overflow ratio (Envoy stats)",
+                _ => "unhealthy host share (Envoy stats)",
             };
             format!(
                 "{what} {:.2} % over {span}, {:.2} % expected (normal up to {:.2} %)",
@@ -126,9 +160,15 @@ pub fn reason(v: &Verdict, window_ms: i64) -> String {
 
 fn severity(kind: &str) -> &'static str {
     match kind {
-        "error_ratio" | "vanished" | "request_rate_low" | "connection_rate_low" | "denial_ratio" | "bytes_out_high" => {
-            "critical"
-        }
+        "error_ratio"
+        | "vanished"
+        | "request_rate_low"
+        | "connection_rate_low"
+        | "denial_ratio"
+        | "bytes_out_high"
+        | "upstream_error_ratio"
+        | "upstream_vanished"
+        | "connect_failure_ratio" => "critical",
         _ => "warning",
     }
 }

@@ -20,6 +20,7 @@ pub mod stats;
 pub mod store;
 pub mod timefmt;
 pub mod trust;
+pub mod upstream;
 
 use std::sync::{Arc, Mutex};
 

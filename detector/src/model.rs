@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use meshwatch_collector::window::PairStats;
 
 use crate::baseline::{Assessment, BytesBaseline, CountBaseline, LatencyBaseline, RatioBaseline};
+use crate::upstream::{UpstreamModel, UpstreamObs};
 
 /// Scales (in windows) at which every signal is scored; the ring keeps the largest.
 pub const SCALES: [usize; 3] = [1, 6, 30];
@@ -48,10 +49,19 @@ pub enum Signal {
     LatencyP99,
     BytesOut,
     BytesIn,
+    // From the source Envoy's stats of the upstream cluster (`UpstreamModel`).
+    UpstreamRequestRate,
+    UpstreamErrorRatio,
+    UpstreamTimeoutRatio,
+    UpstreamRetryRatio,
+    ConnectFailureRatio,
+    PendingOverflowRatio,
+    OutlierEjections,
+    UnhealthyHostShare,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 10] = [
+    pub const ALL: [Signal; 18] = [
         Signal::RequestRate,
         Signal::ConnectionRate,
         Signal::ErrorRatio,
@@ -62,7 +72,18 @@ impl Signal {
         Signal::LatencyP99,
         Signal::BytesOut,
         Signal::BytesIn,
+        Signal::UpstreamRequestRate,
+        Signal::UpstreamErrorRatio,
+        Signal::UpstreamTimeoutRatio,
+        Signal::UpstreamRetryRatio,
+        Signal::ConnectFailureRatio,
+        Signal::PendingOverflowRatio,
+        Signal::OutlierEjections,
+        Signal::UnhealthyHostShare,
     ];
+
+    /// The signals of the access logs, and of the stats sink.
+    pub const CORE: usize = 10;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -76,6 +97,14 @@ impl Signal {
             Signal::LatencyP99 => "latency_p99",
             Signal::BytesOut => "bytes_out",
             Signal::BytesIn => "bytes_in",
+            Signal::UpstreamRequestRate => "upstream_request_rate",
+            Signal::UpstreamErrorRatio => "upstream_error_ratio",
+            Signal::UpstreamTimeoutRatio => "upstream_timeout_ratio",
+            Signal::UpstreamRetryRatio => "upstream_retry_ratio",
+            Signal::ConnectFailureRatio => "connect_failure_ratio",
+            Signal::PendingOverflowRatio => "pending_overflow_ratio",
+            Signal::OutlierEjections => "outlier_ejections",
+            Signal::UnhealthyHostShare => "unhealthy_host_share",
         }
     }
 
@@ -85,6 +114,11 @@ impl Signal {
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    /// Whether the signal comes from Envoy's stats (the stats sink) rather than access logs.
+    pub fn is_upstream(self) -> bool {
+        self.index() >= Signal::CORE
     }
 
     fn quantile(self) -> Option<(usize, f64, f64)> {
@@ -194,6 +228,38 @@ pub struct PairModel {
     /// For the API and metrics only: not persisted, and not read by scoring or learning.
     #[serde(skip)]
     last: [Option<Verdict>; 10],
+    /// The signals of the source Envoy's stats, once a stats flush reported on the pair.
+    /// Stored after the rest (see `to_bytes`).
+    #[serde(skip)]
+    pub upstream: Option<Box<UpstreamModel>>,
+}
+
+/// Folds one window's verdict of a signal into its k-of-n detection: the hot flags of the
+/// last windows (bit 0 the latest) and whether a detection is active.
+pub(crate) fn track(
+    signal: Signal,
+    verdict: Option<Verdict>,
+    history: &mut u32,
+    active: &mut bool,
+    ready: bool,
+    cfg: &DetectorConfig,
+    step: &mut Step,
+) {
+    let hot = verdict.is_some_and(|v| v.hot);
+    *history = (*history << 1) | u32::from(hot);
+    let mask = (1u32 << cfg.n.min(31)) - 1;
+    let recent = (*history & mask).count_ones();
+    if let Some(v) = verdict {
+        if ready && !*active && recent >= cfg.k {
+            *active = true;
+            step.fired.push(v);
+        }
+        step.verdicts.push(v);
+    }
+    if *active && recent == 0 {
+        *active = false;
+        step.cleared.push(signal);
+    }
 }
 
 impl Default for PairModel {
@@ -212,6 +278,7 @@ impl Default for PairModel {
             history: [0; 10],
             active: [false; 10],
             last: [None; 10],
+            upstream: None,
         }
     }
 }
@@ -223,13 +290,22 @@ fn window_sum(ring: &VecDeque<Slot>, scale: usize, f: impl Fn(&Slot) -> f64) -> 
 
 impl PairModel {
     /// The model as bytes, for the store; `from_bytes` gives back a model that scores and
-    /// learns exactly as this one.
+    /// learns exactly as this one. The upstream model follows the rest, so that bytes written
+    /// before it existed still read (as a model without one).
     pub fn to_bytes(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).unwrap_or_default()
+        let mut bytes = postcard::to_stdvec(self).unwrap_or_default();
+        if let Some(u) = &self.upstream {
+            bytes.extend(postcard::to_stdvec(u.as_ref()).unwrap_or_default());
+        }
+        bytes
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<PairModel> {
-        postcard::from_bytes(bytes).ok()
+        let (mut model, rest): (PairModel, _) = postcard::take_from_bytes(bytes).ok()?;
+        if !rest.is_empty() {
+            model.upstream = Some(Box::new(postcard::from_bytes(rest).ok()?));
+        }
+        Some(model)
     }
 
     pub fn learning(&self, cfg: &DetectorConfig) -> bool {
@@ -238,11 +314,21 @@ impl PairModel {
 
     /// The last verdict of every signal that had one.
     pub fn last_verdicts(&self) -> impl Iterator<Item = &Verdict> {
-        self.last.iter().flatten()
+        self.last.iter().flatten().chain(self.upstream.iter().flat_map(|u| u.last_verdicts()))
     }
 
     pub fn is_active(&self, s: Signal) -> bool {
+        if s.is_upstream() {
+            return self.upstream.as_ref().is_some_and(|u| u.is_active(s));
+        }
         self.active[s.index()]
+    }
+
+    /// Scores a window's upstream stats (a window with a stats flush), learns from them, and
+    /// returns what changed. Call after `observe` of the same window.
+    pub fn observe_upstream(&mut self, obs: &UpstreamObs, t_ms: i64, cfg: &DetectorConfig) -> Step {
+        let logged_requests = self.requests.level > 0.0;
+        self.upstream.get_or_insert_default().observe(obs, t_ms, logged_requests, cfg)
     }
 
     /// Expected requests (or connections) in a window at `t_ms`.
@@ -267,24 +353,10 @@ impl PairModel {
             self.history = [0; 10];
         }
         let mut step = Step::default();
-        for signal in Signal::ALL {
-            let verdict = self.assess(signal, cfg);
+        for signal in &Signal::ALL[..Signal::CORE] {
+            let verdict = self.assess(*signal, cfg);
             let i = signal.index();
-            let hot = verdict.is_some_and(|v| v.hot);
-            self.history[i] = (self.history[i] << 1) | u32::from(hot);
-            let mask = (1u32 << cfg.n.min(31)) - 1;
-            let recent = (self.history[i] & mask).count_ones();
-            if let Some(v) = verdict {
-                if ready && !self.active[i] && recent >= cfg.k {
-                    self.active[i] = true;
-                    step.fired.push(v);
-                }
-                step.verdicts.push(v);
-            }
-            if self.active[i] && recent == 0 {
-                self.active[i] = false;
-                step.cleared.push(signal);
-            }
+            track(*signal, verdict, &mut self.history[i], &mut self.active[i], ready, cfg, &mut step);
             self.last[i] = verdict;
         }
         self.learn(obs, t_ms, cfg);
@@ -443,6 +515,8 @@ impl PairModel {
                 let kind = if signal == Signal::BytesOut { "bytes_out_high" } else { "bytes_in_high" };
                 Some(verdict(a, hot, kind))
             }
+            // Scored by the pair's `UpstreamModel`.
+            _ => None,
         }
     }
 }
@@ -554,6 +628,28 @@ mod tests {
         for i in 2_001..2_010 {
             assert!(m.observe(&steady(i), i * W, &cfg).fired.is_empty());
         }
+    }
+
+    #[test]
+    fn the_upstream_model_is_stored_after_the_rest() {
+        let cfg = test_config();
+        let mut m = PairModel::default();
+        for i in 0..50 {
+            m.observe(&steady(i), i * W, &cfg);
+        }
+        // Bytes from before a stats flush ever reported on the pair (or before upstream
+        // signals existed) read as a model without them.
+        let core = m.to_bytes();
+        assert_eq!(PairModel::from_bytes(&core).expect("decodes").upstream, None);
+        let up = UpstreamObs { requests: 10.0, hosts: 2.0, ..UpstreamObs::default() };
+        for i in 50..100 {
+            m.observe(&steady(i), i * W, &cfg);
+            m.observe_upstream(&up, i * W, &cfg);
+        }
+        let restored = PairModel::from_bytes(&m.to_bytes()).expect("decodes");
+        assert_eq!(restored.upstream.as_ref().map(|u| u.windows), Some(50));
+        assert_eq!(restored.to_bytes(), m.to_bytes());
+        assert_eq!(PairModel::from_bytes(&m.to_bytes()[..m.to_bytes().len() - 1]), None);
     }
 
     #[test]

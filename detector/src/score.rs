@@ -10,6 +10,7 @@ use crate::alert::{AlertConfig, Alerts, Silence};
 use crate::anomaly::Anomalies;
 use crate::model::{DetectorConfig, Obs, PairModel};
 use crate::trust::{Trust, TrustConfig};
+use crate::upstream::UpstreamObs;
 
 /// A gap longer than this (a restart, a stalled collector) is not filled with zeros: the
 /// pairs were not observed, which is not the same as silent.
@@ -121,8 +122,14 @@ impl Detector {
     fn score_window(&mut self, start_ms: i64, stats: &HashMap<&PairKey, &PairStats>, done: &mut Processed) {
         let end_ms = start_ms + self.window_ms;
         for (key, model) in &mut self.models {
-            let obs = stats.get(key).map_or_else(Obs::zero, |s| Obs::from_stats(s));
-            let step = model.observe(&obs, start_ms, &self.cfg);
+            let stats = stats.get(key);
+            let obs = stats.map_or_else(Obs::zero, |s| Obs::from_stats(s));
+            let mut step = model.observe(&obs, start_ms, &self.cfg);
+            if let Some(up) = stats.and_then(|s| UpstreamObs::from_stats(&s.upstream)) {
+                let more = model.observe_upstream(&up, start_ms, &self.cfg);
+                step.fired.extend(more.fired);
+                step.cleared.extend(more.cleared);
+            }
             for v in &step.fired {
                 done.anomalies_started += u32::from(self.anomalies.fire(key, v, end_ms, self.window_ms));
             }
