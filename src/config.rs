@@ -40,6 +40,7 @@ pub struct RawConfig {
     pub detector: RawDetector,
     pub zero_trust: RawZeroTrust,
     pub alerting: RawAlerting,
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -303,6 +304,25 @@ pub struct RawListen {
     pub http: Option<String>,
 }
 
+/// meshwatch's own traces.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    /// OTLP/gRPC endpoint (`http://collector:4317`); traces are off without one.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    /// Share of traces kept, in (0, 1].
+    pub sample_ratio: Option<f64>,
+}
+
+/// Where meshwatch's traces go, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TracesConfig {
+    pub endpoint: String,
+    pub service_name: String,
+    pub sample_ratio: f64,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawIngest {
@@ -372,6 +392,8 @@ pub struct Config {
     pub detector: DetectorConfig,
     pub trust: TrustConfig,
     pub alerting: Alerting,
+    /// meshwatch's own traces over OTLP; `None` (the default) turns them off.
+    pub traces: Option<TracesConfig>,
 }
 
 /// Every problem found, one per line.
@@ -644,6 +666,21 @@ impl RawConfig {
             }
         });
         let alerting = self.alerting.validate(&mut c);
+        let t = &self.telemetry;
+        let sample_ratio = t.sample_ratio.unwrap_or(1.0);
+        if !(sample_ratio > 0.0 && sample_ratio <= 1.0) {
+            c.0.push(format!("telemetry.sample_ratio: {sample_ratio} is not in (0, 1]"));
+        }
+        let traces = t.otlp_endpoint.as_ref().map(|endpoint| {
+            if !endpoint.starts_with("http://") && !endpoint.starts_with("https://") {
+                c.0.push(format!("telemetry.otlp_endpoint: `{endpoint}` is not an http:// or https:// URL"));
+            }
+            TracesConfig {
+                endpoint: endpoint.clone(),
+                service_name: t.service_name.clone().unwrap_or_else(|| "meshwatch".into()),
+                sample_ratio,
+            }
+        });
         let m = self.mesh;
         let trust_domains = m.trust_domains.unwrap_or(defaults.trust_domains.clone());
         for td in &trust_domains {
@@ -711,6 +748,7 @@ impl RawConfig {
             clock,
             detector,
             alerting,
+            traces,
             trust: TrustConfig {
                 learning_ms: ms(learning),
                 forget_after_ms: ms(forget_after),

@@ -11,4 +11,5 @@ pub mod config;
 pub mod eval;
 pub mod serve;
 pub mod sim;
+pub mod telemetry;
 pub mod univariate;

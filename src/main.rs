@@ -1,16 +1,16 @@
 //! The `meshwatch` command line: parses arguments, starts logging, calls the library.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use meshwatch::config::{self, ENV_LOG};
+use meshwatch::config;
 use meshwatch::sim::generate::{Generator, mesh_config, mesh_config_toml};
 use meshwatch::sim::play::{Pace, PlayOptions, Stamp, play};
 use meshwatch::sim::scenario::{Scenario, parse_offset_ms};
+use meshwatch::telemetry;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -113,16 +113,6 @@ enum Command {
     },
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env(ENV_LOG)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Score { input, model } = &cli.command {
@@ -149,12 +139,28 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_tracing();
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")
-        .and_then(|rt| rt.block_on(run(cli.command)));
+    // Where meshwatch's own traces go (configuration problems are reported by `run`).
+    let traces = match &cli.command {
+        Command::Serve { config } => config::load(config.as_deref(), std::env::vars()).ok().and_then(|c| c.traces),
+        Command::Demo { .. } => config::load(None, std::env::vars()).ok().and_then(|c| c.traces),
+        _ => None,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshwatch: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = match rt.block_on(async { telemetry::init(traces.as_ref()) }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("meshwatch: cannot set up traces: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(run(cli.command));
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -240,7 +240,16 @@ impl OtlpLogsService {
         let shared = &self.shared;
         let stream = crate::pipeline::next_stream_id();
         let mut interner = Interner::new(shared.cfg.interner_capacity);
-        let (records, tally) = crate::otlp::export(body, &shared.mesh, &mut interner);
+        let span = tracing::debug_span!(
+            target: crate::TRACE_TARGET,
+            "otlp.export",
+            bytes = body.len(),
+            records = tracing::field::Empty,
+            rejected = tracing::field::Empty,
+        );
+        let (records, tally) = span.in_scope(|| crate::otlp::export(body, &shared.mesh, &mut interner));
+        span.record("records", records.len());
+        span.record("rejected", tally.rejected.iter().map(|(_, n)| n).sum::<u64>());
         publish(&shared.metrics, &tally);
         if tally.message_rejected.is_some() {
             return None;
@@ -317,7 +326,21 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
         };
         match next {
             Ok(Some(bytes)) => {
-                let (records, tally) = decoder.message(&shared.mesh, bytes);
+                let (records, tally) = {
+                    let span = tracing::debug_span!(
+                        target: crate::TRACE_TARGET,
+                        "als.message",
+                        stream = id,
+                        bytes = bytes.len(),
+                        records = tracing::field::Empty,
+                        rejected = tracing::field::Empty,
+                    );
+                    let _entered = span.enter();
+                    let (records, tally) = decoder.message(&shared.mesh, bytes);
+                    span.record("records", records.len());
+                    span.record("rejected", tally.rejected.iter().map(|(_, n)| n).sum::<u64>());
+                    (records, tally)
+                };
                 publish(m, &tally);
                 if !records.is_empty() {
                     enqueue(shared, Batch { stream: id, records, ..Batch::default() }).await;

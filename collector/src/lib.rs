@@ -22,3 +22,7 @@ pub mod sketch;
 pub mod stats_sink;
 pub mod window;
 pub mod wire;
+
+/// The target of the spans meshwatch exports as traces of its own work (when an OTLP
+/// endpoint is configured); at debug level, so that they cost nothing otherwise.
+pub const TRACE_TARGET: &str = "meshwatch::trace";

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::decode::Rejection;
 use crate::flow::{FlowRecord, UpstreamRecord};
@@ -207,11 +207,20 @@ async fn emit(
     horizon_ms: Option<i64>,
 ) -> bool {
     for w in windows {
-        if let Some(h) = horizon_ms {
-            metrics.window_close_lag.set((h - w.end_ms).max(0) as f64 / 1000.0);
+        let lag_s = horizon_ms.map(|h| (h - w.end_ms).max(0) as f64 / 1000.0);
+        if let Some(lag) = lag_s {
+            metrics.window_close_lag.set(lag);
         }
         metrics.windows_closed.inc();
-        if out.send(w).await.is_err() {
+        let span = tracing::debug_span!(
+            target: crate::TRACE_TARGET,
+            "window.close",
+            window.start_ms = w.start_ms,
+            window.end_ms = w.end_ms,
+            pairs = w.pairs.len(),
+            lag_s,
+        );
+        if out.send(w).instrument(span).await.is_err() {
             return false;
         }
     }

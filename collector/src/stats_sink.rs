@@ -139,6 +139,14 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
             state.identify(identifier.node.as_ref(), &shared.mesh, &shared.cfg);
         }
         let now_ms = wall_clock_ms();
+        let span = tracing::debug_span!(
+            target: crate::TRACE_TARGET,
+            "stats.message",
+            stream = id,
+            samples = tracing::field::Empty,
+            records = tracing::field::Empty,
+        );
+        let _entered = span.enter();
         let (upstream, tally) = {
             let mut book = shared.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             book.forget_idle(now_ms);
@@ -146,6 +154,9 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
             m.tracked.set(i64::try_from(book.tracked()).unwrap_or(i64::MAX));
             out
         };
+        span.record("samples", tally.received);
+        span.record("records", upstream.len());
+        drop(_entered);
         publish(m, &tally);
         if !upstream.is_empty() {
             let n = upstream.len() as u64;

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use meshwatch_collector::pipeline::wall_clock_ms;
 use meshwatch_collector::window::ClosedWindow;
 use tokio::sync::mpsc;
-use tracing::{debug, error};
+use tracing::{Instrument, debug, error};
 
 use crate::pairs::PairTable;
 use crate::score::{Checkpoint, Detector};
@@ -117,10 +117,22 @@ pub async fn run(
                 continue;
             }
         };
+        let span = tracing::debug_span!(
+            target: meshwatch_collector::TRACE_TARGET,
+            "detector.window",
+            window.start_ms = window.start_ms,
+            pairs = window.pairs.len(),
+            anomalies_started = tracing::field::Empty,
+            anomalies_ended = tracing::field::Empty,
+            checkpoint = tracing::field::Empty,
+        );
+        let entered = span.enter();
         let changed = table.apply(&window);
         let checkpoint = {
             let mut d = lock(&detector);
             let done = d.process(&window);
+            span.record("anomalies_started", done.anomalies_started);
+            span.record("anomalies_ended", done.anomalies_ended);
             // Due by windows or by a change of anomalies, but not more often than every few
             // seconds: a replay closes windows thousands of times faster than real time.
             let wanted = done.checkpoint_due || done.anomalies_started > 0 || done.anomalies_ended > 0;
@@ -130,10 +142,16 @@ pub async fn run(
                 d.checkpoint()
             })
         };
-        alert(&detector, &store, &routes).await;
-        if !changed.is_empty() || checkpoint.is_some() {
-            persist(&store, changed, checkpoint).await;
+        span.record("checkpoint", checkpoint.is_some());
+        drop(entered);
+        async {
+            alert(&detector, &store, &routes).await;
+            if !changed.is_empty() || checkpoint.is_some() {
+                persist(&store, changed, checkpoint).await;
+            }
         }
+        .instrument(span)
+        .await;
     }
     alert(&detector, &store, &routes).await;
     let last = lock(&detector).checkpoint();

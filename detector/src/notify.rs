@@ -19,7 +19,7 @@ use serde_json::json;
 use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::alert::{Notification, State};
 use crate::score::Detector;
@@ -279,7 +279,25 @@ fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-async fn post(client: &reqwest::Client, target: &Target, body: &serde_json::Value) -> Outcome {
+/// Sends one body to a receiver, traced as `notify.deliver`.
+async fn post(client: &reqwest::Client, receiver: &Receiver, body: &serde_json::Value) -> Outcome {
+    let span = tracing::debug_span!(
+        target: meshwatch_collector::TRACE_TARGET,
+        "notify.deliver",
+        receiver = %receiver.name,
+        outcome = tracing::field::Empty,
+    );
+    let outcome = send(client, &receiver.target, body).instrument(span.clone()).await;
+    let what = match &outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Refused { .. } => "refused",
+    };
+    span.record("outcome", what);
+    outcome
+}
+
+async fn send(client: &reqwest::Client, target: &Target, body: &serde_json::Value) -> Outcome {
     let url = match target {
         Target::Alertmanager { url } => format!("{}/api/v2/alerts", url.trim_end_matches('/')),
         Target::PagerDuty { url, .. } | Target::Slack { url } | Target::Webhook { url, .. } => url.clone(),
@@ -407,7 +425,7 @@ impl Delivery {
                             .map(|n| alertmanager_alert(n, wall_clock_ms(), self.cfg.resend_interval))
                             .collect();
                         if !alerts.is_empty() {
-                            match post(&self.client, &self.receiver.target, &json!(alerts)).await {
+                            match post(&self.client, &self.receiver, &json!(alerts)).await {
                                 Outcome::Delivered => {
                                     debug!(receiver = r[0], n = alerts.len(), "firing alerts re-sent")
                                 }
@@ -442,7 +460,7 @@ impl Delivery {
             }
             let outcome = tokio::select! {
                 () = shutdown.cancelled() => return,
-                o = post(&self.client, &self.receiver.target, &body) => o,
+                o = post(&self.client, &self.receiver, &body) => o,
             };
             match outcome {
                 Outcome::Delivered => {
