@@ -926,6 +926,37 @@ mod tests {
     }
 
     #[test]
+    fn stats_sink_and_telemetry_settings() {
+        let c = load(None, env(&[])).expect("defaults");
+        assert_eq!((c.stats.counters, c.traces.clone()), (CounterMode::Cumulative, None));
+        let c = load(
+            None,
+            env(&[
+                ("MESHWATCH_INGEST__STATS_COUNTERS", "delta"),
+                ("MESHWATCH_TELEMETRY__OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+                ("MESHWATCH_TELEMETRY__SAMPLE_RATIO", "0.25"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.stats.counters, CounterMode::Delta);
+        let t = c.traces.expect("traces on");
+        assert_eq!(
+            (t.endpoint.as_str(), t.service_name.as_str(), t.sample_ratio),
+            ("http://127.0.0.1:4317", "meshwatch", 0.25)
+        );
+        let err = load(
+            None,
+            env(&[
+                ("MESHWATCH_INGEST__STATS_COUNTERS", "sometimes"),
+                ("MESHWATCH_TELEMETRY__OTLP_ENDPOINT", "127.0.0.1:4317"),
+                ("MESHWATCH_TELEMETRY__SAMPLE_RATIO", "0"),
+            ]),
+        )
+        .expect_err("three problems");
+        assert_eq!(err.problems.len(), 3, "{err}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
