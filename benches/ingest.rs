@@ -271,8 +271,8 @@ async fn memory_per_pair(data: &std::path::Path) -> (f64, f64) {
 }
 
 /// The same requests as OTLP logs of Envoy's OpenTelemetry access logger (the attribute set
-/// README recommends), decoded to flow records on one thread; entries per second.
-fn otlp_decode_only(entries_per_message: usize, start_ms: i64, seconds: f64) -> f64 {
+/// README recommends): one Export request per sidecar and direction.
+fn otlp_messages(entries_per_message: usize, start_ms: i64) -> Vec<Bytes> {
     let mut messages = Vec::new();
     for inbound in [false, true] {
         for svc in 0..SERVICES {
@@ -309,6 +309,11 @@ fn otlp_decode_only(entries_per_message: usize, start_ms: i64, seconds: f64) -> 
             messages.push(meshwatch_collector::otlp::encode_export(&[(resource, records)]));
         }
     }
+    messages
+}
+
+/// The OTLP messages decoded to flow records on one thread; entries per second.
+fn otlp_decode_only(messages: &[Bytes], entries_per_message: usize, seconds: f64) -> f64 {
     let mesh = MeshConfig::default();
     let mut interners: Vec<_> = messages.iter().map(|_| meshwatch_collector::identity::Interner::new(4096)).collect();
     let t = Instant::now();
@@ -367,7 +372,8 @@ fn main() {
     let (prost_rate, meshwatch_rate) = decode_only(&streams, 3.0);
     println!("decode only, one thread, envoy-types (prost) full decode: {:>10.0} entries/s", prost_rate);
     println!("decode only, one thread, meshwatch decode to flow records: {:>8.0} entries/s", meshwatch_rate);
-    let otlp_rate = otlp_decode_only(entries_per_message, start_ms, 3.0);
+    let otlp = otlp_messages(entries_per_message, start_ms);
+    let otlp_rate = otlp_decode_only(&otlp, entries_per_message, 3.0);
     println!("decode only, one thread, meshwatch OTLP logs to flow records: {:>6.0} entries/s", otlp_rate);
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -451,10 +457,80 @@ fn main() {
         );
         let _ = std::fs::remove_dir_all(&data);
 
+        otlp_pipeline(Arc::new(otlp), entries_per_message as u64, connections, seconds, otlp_rate).await;
+
         let mem_data = std::env::temp_dir().join(format!("meshwatch-bench-mem-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&mem_data);
         let (delta_mib, bytes_per_pair) = memory_per_pair(&mem_data).await;
         println!("memory: 100000 tracked pairs add {delta_mib:.1} MiB resident, {bytes_per_pair:.0} bytes per pair");
         let _ = std::fs::remove_dir_all(&mem_data);
     });
+}
+
+/// The same method with OTLP logs: Export calls (four in flight per connection) into a fresh
+/// `meshwatch serve` for `seconds`, counting what it decoded.
+async fn otlp_pipeline(
+    messages: Arc<Vec<Bytes>>,
+    per_message: u64,
+    connections: usize,
+    seconds: u64,
+    decode_rate: f64,
+) {
+    let data = std::env::temp_dir().join(format!("meshwatch-bench-otlp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let server = Server::start(&data, &[("MESHWATCH_WINDOW__GRACE", "120s")]);
+    let pid = server.child.id();
+    let decoded_before = scrape(&server.http, "meshwatch_als_entries_decoded_total").await;
+    let cpu_before = cpu_seconds(pid);
+    let sent = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{}", server.grpc)).unwrap().connect().await.unwrap();
+        for k in 0..4 {
+            let (channel, messages, sent) = (channel.clone(), messages.clone(), sent.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut grpc = tonic::client::Grpc::new(channel);
+                let path =
+                    tonic::codegen::http::uri::PathAndQuery::from_static(meshwatch_collector::otlp::EXPORT_LOGS_PATH);
+                let mut i = c * 4 + k;
+                while Instant::now() < until {
+                    grpc.ready().await.unwrap();
+                    let m = messages[i % messages.len()].clone();
+                    grpc.unary(tonic::Request::new(m), path.clone(), BytesCodec).await.unwrap();
+                    sent.fetch_add(per_message, Ordering::Relaxed);
+                    i += connections * 4;
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut decoded = scrape(&server.http, "meshwatch_als_entries_decoded_total").await - decoded_before;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = scrape(&server.http, "meshwatch_als_entries_decoded_total").await - decoded_before;
+        if now == decoded {
+            break;
+        }
+        decoded = now;
+    }
+    let elapsed = t0.elapsed().as_secs_f64() - 0.1;
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let rejected = scrape(&server.http, "meshwatch_als_entries_rejected_total").await;
+    server.stop();
+    let _ = std::fs::remove_dir_all(&data);
+    println!("pipeline, OTLP logs over gRPC ({connections} connections, 4 calls in flight each, {seconds} s of load):");
+    println!("  records sent            {:>12.0}", sent.load(Ordering::Relaxed) as f64);
+    println!("  records decoded         {decoded:>12.0}   rejected {rejected:.0}");
+    println!("  throughput              {:>12.0} records/s", decoded / elapsed);
+    println!(
+        "  meshwatch CPU           {cpu:>12.2} s ({:.2} cores), {:.2} us per record",
+        cpu / elapsed,
+        cpu / decoded * 1e6
+    );
+    println!("  vs decode-only (OTLP, one thread): {:.0} %", 100.0 * decoded / elapsed / decode_rate);
 }
