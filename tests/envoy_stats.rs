@@ -4,7 +4,8 @@
 //! failures go through it: an upstream that refuses connections, a route that retries a
 //! failing upstream, a route that times out, outlier detection ejecting a host. Each pair's
 //! `meshwatch_pair_upstream_*` series must equal what Envoy itself counted for the cluster,
-//! and an Envoy restart (counters from zero) must not lose or double a count.
+//! and an Envoy restart (counters from zero) must not lose or double a count. Replayed stats
+//! with a retry storm must become an anomaly of the pair, and nothing else.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -172,4 +173,107 @@ async fn cumulative_counters_with_raw_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_counters_with_tags_as_labels() {
     upstream_signals_equal_envoys_own(true).await;
+}
+
+/// Envoy stats messages as the sink sends them, with deltas, replayed fast: three hours of a
+/// checkout sidecar's flushes every 10 s, then a retry storm against payments.
+mod detection {
+    use super::*;
+    use bytes::Bytes;
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::metrics::v3::{StreamMetricsMessage, stream_metrics_message};
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use envoy_types::pb::io::prometheus::client::{Counter, Gauge, Metric, MetricFamily, MetricType};
+    use meshwatch_collector::als::BytesCodec;
+    use meshwatch_collector::envoy_stats::STREAM_METRICS_PATH;
+    use prost::Message;
+
+    fn family(name: &str, gauge: bool, value: f64, t_ms: i64) -> MetricFamily {
+        let mut metric = Metric { timestamp_ms: Some(t_ms), ..Metric::default() };
+        if gauge {
+            metric.gauge = Some(Gauge { value: Some(value) });
+        } else {
+            metric.counter = Some(Counter { value: Some(value), ..Counter::default() });
+        }
+        let kind = if gauge { MetricType::Gauge } else { MetricType::Counter };
+        MetricFamily { name: Some(name.into()), r#type: Some(kind as i32), metric: vec![metric], ..Default::default() }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_storm_in_envoy_stats_is_an_anomaly_of_the_pair() {
+        let dir = TempDir::new("stats-detect");
+        let config = dir.path().join("meshwatch.toml");
+        std::fs::write(&config, "[window]\nclock = \"watermark\"\ngrace = \"10s\"\n\n[detector]\nwarmup = \"1h\"\n")
+            .unwrap();
+        let mw = Meshwatch::start(&config, &[("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())]);
+        let start_ms = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+            / 10_000
+            - 3 * 360)
+            * 10_000;
+        let node = Node {
+            id: "checkout-1".into(),
+            cluster: "checkout".into(),
+            metadata: Some(Struct {
+                fields: [("meshwatch_counters".to_string(), Value { kind: Some(Kind::StringValue("delta".into())) })]
+                    .into_iter()
+                    .collect(),
+            }),
+            ..Node::default()
+        };
+        // Three hours of flushes; from 2 h 50 min, three in ten upstream requests are retries.
+        let storm = 3 * 360 - 60;
+        let requests = |i: i64| 100.0 + ((i * 7919) % 11) as f64;
+        let retries = |i: i64| if i >= storm { (requests(i) * 0.3).round() } else { 0.0 };
+        let messages: Vec<Bytes> = (0..3 * 360)
+            .map(|i: i64| {
+                let t = start_ms + i * 10_000 + 5_000;
+                let families = vec![
+                    family("cluster.payments.upstream_rq_total", false, requests(i), t),
+                    family("cluster.payments.upstream_rq_retry", false, retries(i), t),
+                    family("cluster.payments.membership_total", true, 3.0, t),
+                    family("cluster.payments.membership_healthy", true, 3.0, t),
+                ];
+                let identifier = (i == 0).then(|| stream_metrics_message::Identifier { node: Some(node.clone()) });
+                Bytes::from(StreamMetricsMessage { identifier, envoy_metrics: families }.encode_to_vec())
+            })
+            .collect();
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{}", mw.grpc)).unwrap().connect().await.unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(STREAM_METRICS_PATH);
+        grpc.client_streaming(tonic::Request::new(tokio_stream::iter(messages)), path, BytesCodec).await.unwrap();
+
+        let pair = [("source", "checkout"), ("destination", "payments"), ("direction", "east_west")];
+        let sum = |f: &dyn Fn(i64) -> f64| (0..3 * 360).map(f).sum::<f64>();
+        let m = mw
+            .metrics_until(Duration::from_secs(20), |m| {
+                m.get("meshwatch_pair_upstream_requests_total", &pair) == Some(sum(&requests))
+            })
+            .await;
+        assert_eq!(m.get("meshwatch_pair_upstream_requests_total", &pair), Some(sum(&requests)));
+        assert_eq!(m.get("meshwatch_pair_upstream_retries_total", &pair), Some(sum(&retries)));
+        let (status, body) = http_get(mw.http, "/api/v1/anomalies").await;
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let anomalies = v["anomalies"].as_array().unwrap();
+        assert_eq!(anomalies.len(), 1, "{body}");
+        let a = &anomalies[0];
+        assert_eq!(
+            (a["signal"].as_str(), a["source"].as_str(), a["destination"].as_str()),
+            (Some("upstream_retry_ratio"), Some("checkout"), Some("payments")),
+            "{a}"
+        );
+        assert!(a["reason"].as_str().unwrap().starts_with("retries per upstream request (Envoy stats) "), "{a}");
+        assert!(a["observed"].as_f64().unwrap() > 0.05 && a["expected"].as_f64().unwrap() < 0.001, "{a}");
+        // Detected within three windows of the storm's start.
+        let storm_ms = start_ms + storm * 10_000;
+        let started = a["started_ms"].as_i64().unwrap();
+        assert!(
+            (storm_ms..=storm_ms + 30_000).contains(&started),
+            "started {} s after the storm",
+            (started - storm_ms) / 1000
+        );
+        assert!(mw.stop().success());
+    }
 }
