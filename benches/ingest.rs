@@ -168,6 +168,19 @@ async fn scrape(http: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Waits for the pipeline to drain what was sent; returns the entries decoded since `before`.
+async fn drained(http: &str, before: f64) -> f64 {
+    let mut decoded = scrape(http, "meshwatch_als_entries_decoded_total").await - before;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = scrape(http, "meshwatch_als_entries_decoded_total").await - before;
+        if now == decoded {
+            return decoded;
+        }
+        decoded = now;
+    }
+}
+
 async fn stream_for(channel: tonic::transport::Channel, stream: Arc<Stream>, until: Instant, sent: Arc<AtomicU64>) {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
@@ -407,16 +420,7 @@ fn main() {
         for t in tasks {
             t.await.unwrap();
         }
-        // Wait for the pipeline to drain what was sent.
-        let mut decoded = scrape(&server.http, "meshwatch_als_entries_decoded_total").await - decoded_before;
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = scrape(&server.http, "meshwatch_als_entries_decoded_total").await - decoded_before;
-            if now == decoded {
-                break;
-            }
-            decoded = now;
-        }
+        let decoded = drained(&server.http, decoded_before).await;
         let elapsed = t0.elapsed().as_secs_f64() - 0.1;
         let cpu = cpu_seconds(pid) - cpu_before;
         let own_cpu = cpu_seconds(std::process::id()) - own_cpu_before;
@@ -509,15 +513,7 @@ async fn otlp_pipeline(
     for t in tasks {
         t.await.unwrap();
     }
-    let mut decoded = scrape(&server.http, "meshwatch_als_entries_decoded_total").await - decoded_before;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = scrape(&server.http, "meshwatch_als_entries_decoded_total").await - decoded_before;
-        if now == decoded {
-            break;
-        }
-        decoded = now;
-    }
+    let decoded = drained(&server.http, decoded_before).await;
     let elapsed = t0.elapsed().as_secs_f64() - 0.1;
     let cpu = cpu_seconds(pid) - cpu_before;
     let rejected = scrape(&server.http, "meshwatch_als_entries_rejected_total").await;

@@ -283,6 +283,21 @@ impl Default for PairModel {
     }
 }
 
+/// A count of requests or connections (`x`, summed over a scale) against what its baseline
+/// expected: the assessment, and whether it is hot (significant, and at least double or down
+/// to under a third, five apart). `None` before the baseline has 30 windows, and for silence
+/// where less than one was expected.
+pub(crate) fn rate_verdict(baseline: &CountBaseline, x: f64, expected: f64, p: f64) -> Option<(Assessment, bool)> {
+    if baseline.windows < 30 || (x == 0.0 && expected < 0.5) {
+        return None;
+    }
+    let a = baseline.assess(x, expected, p);
+    let significant = a.p_value < p;
+    let high = significant && a.high && x >= 2.0 * expected && x - expected >= 5.0;
+    let low = significant && !a.high && x <= 0.3 * expected && expected - x >= 5.0;
+    Some((a, high || low))
+}
+
 /// Sums over the last `scale` slots.
 fn window_sum(ring: &VecDeque<Slot>, scale: usize, f: impl Fn(&Slot) -> f64) -> f64 {
     ring.iter().rev().take(scale).map(f).sum()
@@ -438,13 +453,7 @@ impl PairModel {
                 } else {
                     (&self.connections, sum(|s| s.obs.connections), sum(|s| s.connections_expected))
                 };
-                if baseline.windows < 30 || (x == 0.0 && expected < 0.5) {
-                    return None;
-                }
-                let a = baseline.assess(x, expected, p);
-                let significant = a.p_value < p;
-                let high = significant && a.high && x >= 2.0 * expected && x - expected >= 5.0;
-                let low = significant && !a.high && x <= 0.3 * expected && expected - x >= 5.0;
+                let (a, hot) = rate_verdict(baseline, x, expected, p)?;
                 let rate = if signal == Signal::RequestRate { "request_rate" } else { "connection_rate" };
                 let kind = match (a.high, x == 0.0) {
                     (true, _) => {
@@ -463,7 +472,7 @@ impl PairModel {
                         }
                     }
                 };
-                Some(verdict(a, high || low, kind))
+                Some(verdict(a, hot, kind))
             }
             Signal::ErrorRatio | Signal::DenialRatio | Signal::RateLimitRatio => {
                 let (baseline, events) = match signal {

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use meshwatch_collector::window::UpstreamStats;
 
 use crate::baseline::{Assessment, CountBaseline, RatioBaseline};
-use crate::model::{DetectorConfig, SCALES, Signal, Step, Verdict, track};
+use crate::model::{DetectorConfig, SCALES, Signal, Step, Verdict, rate_verdict, track};
 use crate::stats::poisson_upper_tail;
 
 const RING: usize = 30;
@@ -195,22 +195,15 @@ impl UpstreamModel {
                 Some(verdict(a, hot, "outlier_ejections"))
             }
             Signal::UpstreamRequestRate => {
-                let baseline = &self.requests;
                 let x = recent().map(|s| s.obs.requests).sum();
                 let expected = recent().map(|s| s.requests_expected).sum();
-                if baseline.windows < 30 || (x == 0.0 && expected < 0.5) {
-                    return None;
-                }
-                let a = baseline.assess(x, expected, p);
-                let significant = a.p_value < p;
-                let high = significant && a.high && x >= 2.0 * expected && x - expected >= 5.0;
-                let low = significant && !a.high && x <= 0.3 * expected && expected - x >= 5.0;
+                let (a, hot) = rate_verdict(&self.requests, x, expected, p)?;
                 let kind = match (a.high, x == 0.0) {
                     (true, _) => "upstream_request_rate_high",
                     (false, true) => "upstream_vanished",
                     (false, false) => "upstream_request_rate_low",
                 };
-                Some(verdict(a, high || low, kind))
+                Some(verdict(a, hot, kind))
             }
             _ => {
                 let k = RATIOS.iter().position(|s| *s == signal)?;
