@@ -28,6 +28,9 @@ pub struct Detection {
     pub destination: String,
     pub direction: String,
     pub start_ms: i64,
+    /// The detector's one-line reason, to look at.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// The detection kinds that count for each incident kind; the first is the kind's home.
@@ -352,6 +355,7 @@ async fn stored_detections(data_dir: PathBuf) -> Result<Vec<Detection>, EvalErro
             destination: a.destination.clone(),
             direction: a.direction.clone(),
             start_ms: a.started_ms,
+            reason: a.reason.clone(),
         })
         .collect())
 }
@@ -393,6 +397,7 @@ mod tests {
             destination: dst.into(),
             direction: "east_west".into(),
             start_ms: start,
+            reason: String::new(),
         }
     }
 

@@ -5,12 +5,12 @@
 //! clipped at 3 standard deviations), and adapts to a lasting shift: after `adapt_after`
 //! anomalous windows in a row it takes the level of those windows as the new normal.
 //!
-//! Tails: counts are Poisson with overdispersion, through the variance-stabilising Anscombe
-//! transform; ratios are binomial given the number of requests; latency quantiles are compared
+//! Tails: counts are negative binomial (Poisson with overdispersion, around an expectation
+//! that is itself uncertain), with the variance-stabilising Anscombe transform as a guard; ratios are binomial given the number of requests; latency quantiles are compared
 //! in log space against their learned level, with the sampling error of a quantile of `n`
 //! values added to the learned variation between windows.
 
-use crate::stats::{binomial_upper_tail, normal_sf, poisson_lower_tail, poisson_upper_tail};
+use crate::stats::{binomial_upper_tail, nb_lower_tail, nb_upper_tail, normal_sf};
 
 /// Learning rates, as windows (the reciprocal is the weight of one new window).
 pub const LEVEL_WINDOWS: f64 = 180.0;
@@ -218,24 +218,33 @@ impl CountBaseline {
         self.short = 1.0;
     }
 
-    /// How surprising `x` observed against `expected` (summed over the same windows) is: the
-    /// larger (more cautious) of the exact Poisson tail of the counts scaled by the
-    /// overdispersion (quasi-Poisson) and the Anscombe normal approximation. The exact tail
-    /// alone is too sure of itself above small means (the rate itself is uncertain), the
-    /// approximation alone far too sure below them.
+    /// How surprising `x` observed against `expected` (summed over the same windows) is.
+    /// Counts are Poisson with the learnt overdispersion (quasi-Poisson), and the expectation
+    /// itself is uncertain — the daily and weekly shapes and the level are estimates, wrong
+    /// together for minutes at a time — by `MODEL_ERROR` relative: a negative binomial, whose
+    /// tails are heavier than Poisson's once the expectation is more than a few counts. The
+    /// p-value is the larger (more cautious) of that exact tail and the normal approximation
+    /// through the variance-stabilising Anscombe transform; the exact tail alone is too sure
+    /// of itself above small means, the approximation alone far too sure below them.
     pub fn assess(&self, x: f64, expected: f64, threshold_p: f64) -> Assessment {
         let phi = self.dispersion.max(1.0);
+        // Variance over mean of the count: the dispersion, plus the expectation's error.
+        let spread = phi + MODEL_ERROR * MODEL_ERROR * expected.max(0.0);
         let anscombe = |v: f64| (v.max(0.0) + 0.375).sqrt();
         let zt = z_for_p(threshold_p);
-        let half = zt * phi.sqrt() / 2.0;
+        let half = zt * spread.sqrt() / 2.0;
         let lower = ((anscombe(expected) - half).max(0.0).powi(2) - 0.375).max(0.0);
         let upper = (anscombe(expected) + half).powi(2) - 0.375;
         let high = x > expected;
         let (xs, ls) = (x.max(0.0) / phi, expected.max(0.0) / phi);
-        let approx = normal_sf((2.0 * (anscombe(x) - anscombe(expected)) / phi.sqrt()).abs());
+        let approx = normal_sf((2.0 * (anscombe(x) - anscombe(expected)) / spread.sqrt()).abs());
+        let shape = 1.0 / (MODEL_ERROR * MODEL_ERROR);
         let p_value = if ls < 1_000.0 {
-            let exact =
-                if high { poisson_upper_tail(xs.ceil() as u64, ls) } else { poisson_lower_tail(xs.floor() as u64, ls) };
+            let exact = if high {
+                nb_upper_tail(xs.ceil() as u64, ls, shape)
+            } else {
+                nb_lower_tail(xs.floor() as u64, ls, shape)
+            };
             exact.max(approx)
         } else {
             approx
@@ -243,6 +252,10 @@ impl CountBaseline {
         Assessment { p_value: p_value.clamp(0.0, 1.0), high, observed: x, expected, lower, upper }
     }
 }
+
+/// Relative error of a count's expectation (the standard deviation of the true rate around
+/// it, as a share of it).
+pub const MODEL_ERROR: f64 = 0.15;
 
 fn normalize<const N: usize>(v: &mut [f64; N]) {
     let mean = v.iter().sum::<f64>() / N as f64;

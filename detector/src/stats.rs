@@ -114,6 +114,65 @@ pub fn poisson_lower_tail(k: u64, lambda: f64) -> f64 {
     sum.min(1.0)
 }
 
+/// ln P(X = k) for X ~ negative binomial with mean μ and shape r (variance μ + μ²/r): a
+/// Poisson whose rate is itself uncertain (Gamma with relative variance 1/r).
+fn ln_nb_pmf(k: u64, mu: f64, r: f64) -> f64 {
+    let k = k as f64;
+    ln_gamma(k + r) - ln_gamma(r) - ln_gamma(k + 1.0) + r * (r / (r + mu)).ln() + k * (mu / (r + mu)).ln()
+}
+
+/// P(X ≥ k) for X ~ negative binomial (mean μ, shape r), summed from k upward (or the
+/// complement below the mean).
+pub fn nb_upper_tail(k: u64, mu: f64, r: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if mu <= 0.0 {
+        return 0.0;
+    }
+    if (k as f64) <= mu {
+        return (1.0 - nb_lower_tail(k - 1, mu, r)).clamp(0.0, 1.0);
+    }
+    let q = mu / (r + mu);
+    let mut term = ln_nb_pmf(k, mu, r).exp();
+    let mut sum = 0.0;
+    let mut i = k as f64;
+    loop {
+        sum += term;
+        term *= (i + r) / (i + 1.0) * q;
+        i += 1.0;
+        if term < sum * 1e-12 || i > k as f64 + 100_000.0 {
+            break;
+        }
+    }
+    sum.min(1.0)
+}
+
+/// P(X ≤ k) for X ~ negative binomial (mean μ, shape r), summed from k downward (or the
+/// complement above the mean).
+pub fn nb_lower_tail(k: u64, mu: f64, r: f64) -> f64 {
+    if mu <= 0.0 {
+        return 1.0;
+    }
+    if k as f64 >= mu {
+        return (1.0 - nb_upper_tail(k + 1, mu, r)).clamp(0.0, 1.0);
+    }
+    let q = mu / (r + mu);
+    let mut term = ln_nb_pmf(k, mu, r).exp();
+    let mut sum = 0.0;
+    let mut i = k as f64;
+    loop {
+        sum += term;
+        if i == 0.0 || term < sum * 1e-12 {
+            break;
+        }
+        // pmf(i − 1) = pmf(i) · i / ((i − 1 + r) q)
+        term *= i / ((i - 1.0 + r) * q);
+        i -= 1.0;
+    }
+    sum.min(1.0)
+}
+
 /// P(X ≥ k) for X ~ Binomial(n, p), in log space.
 pub fn binomial_upper_tail(k: u64, n: u64, p: f64) -> f64 {
     if k == 0 {
@@ -169,5 +228,20 @@ mod tests {
         assert!(close(binomial_upper_tail(3, 4, 0.001), 3.996e-9, 1e-3));
         assert!(close(binomial_upper_tail(1, 1, 0.5), 0.5, 1e-12));
         assert_eq!(binomial_upper_tail(0, 10, 0.1), 1.0);
+    }
+
+    #[test]
+    fn negative_binomial_tails_known_values() {
+        // Shape 1 is geometric: P(X ≥ k) = q^k with q = μ / (1 + μ).
+        assert!(close(nb_upper_tail(10, 3.0, 1.0), 0.75f64.powi(10), 1e-9));
+        assert!(close(nb_lower_tail(2, 3.0, 1.0), 1.0 - 0.75f64.powi(3), 1e-9));
+        assert!(close(nb_lower_tail(0, 40.0, 25.0), (25.0f64 / 65.0).powi(25), 1e-9));
+        // A very large shape is Poisson.
+        assert!(close(nb_lower_tail(15, 50.0, 1e7), 6.358e-9, 1e-2));
+        assert!(close(nb_upper_tail(10, 3.0, 1e7), 0.001_102_488, 1e-3));
+        // The uncertain rate makes both tails heavier than Poisson's.
+        assert!(nb_lower_tail(12, 40.0, 44.0) > 100.0 * poisson_lower_tail(12, 40.0));
+        assert!(nb_upper_tail(70, 40.0, 44.0) > 100.0 * poisson_upper_tail(70, 40.0));
+        assert_eq!(nb_upper_tail(0, 5.0, 2.0), 1.0);
     }
 }
