@@ -3,6 +3,9 @@
 //! then open, load and decode every model).
 //!
 //!     cargo bench --bench detector
+//!
+//! With `BENCH_UPSTREAM=1` every pair also has Envoy stats of its upstream (the signals of
+//! the stats sink), the most a pair holds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,8 +13,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Instant;
 
+use meshwatch_collector::flow::UpstreamCounts;
 use meshwatch_collector::flow::{Direction, Reporter};
-use meshwatch_collector::window::{ClosedWindow, PairKey, PairStats};
+use meshwatch_collector::window::{ClosedWindow, PairKey, PairStats, UpstreamStats};
 use meshwatch_detector::anomaly::Anomalies;
 use meshwatch_detector::model::{DetectorConfig, PairModel};
 use meshwatch_detector::pairs::key_from_proto;
@@ -22,7 +26,7 @@ use meshwatch_detector::trust::{Trust, TrustConfig};
 const PAIRS: usize = 100_000;
 const WINDOW_MS: i64 = 10_000;
 
-fn window(keys: &[PairKey], start_ms: i64, round: u64) -> ClosedWindow {
+fn window(keys: &[PairKey], start_ms: i64, round: u64, upstream: bool) -> ClosedWindow {
     let pairs = keys
         .iter()
         .enumerate()
@@ -35,6 +39,13 @@ fn window(keys: &[PairKey], start_ms: i64, round: u64) -> ClosedWindow {
             for j in 0..n {
                 s.latency.add(10_000 + (j * 997 + i as u64) % 20_000);
             }
+            if upstream {
+                s.upstream = UpstreamStats {
+                    counts: UpstreamCounts { requests: n, connections: 1, ..UpstreamCounts::default() },
+                    hosts: Some((3, 3)),
+                    flushes: 2,
+                };
+            }
             (k.clone(), s)
         })
         .collect();
@@ -42,6 +53,10 @@ fn window(keys: &[PairKey], start_ms: i64, round: u64) -> ClosedWindow {
 }
 
 fn main() {
+    let upstream = std::env::var_os("BENCH_UPSTREAM").is_some_and(|v| v == "1");
+    if upstream {
+        println!("every pair with Envoy stats of its upstream too");
+    }
     println!(
         "PairModel: {} bytes inline, {} bytes encoded when fresh",
         std::mem::size_of::<PairModel>(),
@@ -61,7 +76,7 @@ fn main() {
     // 35 windows: every ring full, every baseline past its first 30 windows.
     let mut scoring = Vec::new();
     for w in 0..35 {
-        let win = window(&keys, w * WINDOW_MS, w as u64);
+        let win = window(&keys, w * WINDOW_MS, w as u64, upstream);
         let t = Instant::now();
         detector.process(&win);
         scoring.push(t.elapsed().as_secs_f64());

@@ -72,7 +72,9 @@ async fn a_latency_incident_is_flagged_on_its_pair_and_nothing_else_is() {
         assert!((incident_start..incident_start + 15 * 60_000).contains(&started), "{a}");
         let reason = a["reason"].as_str().unwrap();
         assert!(reason.starts_with("latency p") && reason.contains("expected"), "{reason}");
-        assert!(a["observed"].as_f64().unwrap() > 1.8 * a["expected"].as_f64().unwrap(), "{a}");
+        // At least the ×1.4 a latency detection needs (the first windows of the shift can
+        // share their scale with windows before it).
+        assert!(a["observed"].as_f64().unwrap() >= 1.4 * a["expected"].as_f64().unwrap(), "{a}");
     }
     let p50 = anomalies.iter().find(|a| a["kind"] == "latency_p50").expect("the median moved 2.5×");
     assert!(p50["started_ms"].as_i64().unwrap() <= incident_start + 30_000, "detected within 3 windows: {p50}");

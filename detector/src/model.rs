@@ -12,7 +12,7 @@ use crate::baseline::{Assessment, BytesBaseline, CountBaseline, LatencyBaseline,
 use crate::upstream::{UpstreamModel, UpstreamObs};
 
 /// Scales (in windows) at which every signal is scored; the ring keeps the largest.
-pub const SCALES: [usize; 3] = [1, 6, 30];
+pub const SCALES: [usize; 4] = [1, 3, 6, 30];
 const RING: usize = 30;
 
 /// Detection settings, validated.
@@ -429,7 +429,18 @@ impl PairModel {
             if scale > self.ring.len() {
                 break;
             }
-            let Some(v) = self.assess_at(signal, scale, cfg) else { continue };
+            let Some(mut v) = self.assess_at(signal, scale, cfg) else { continue };
+            // Over several windows, a deviation starts a detection only while the latest
+            // window shares it: one odd window must not stay hot for as long as it is in a
+            // sum. Once a detection is active, the sum alone keeps it (a quiet pair's single
+            // windows are too noisy to end it).
+            if scale > 1
+                && v.hot
+                && !self.active[signal.index()]
+                && self.latest_above(signal, &v.assessment).is_some_and(|up| up != v.assessment.high)
+            {
+                v.hot = false;
+            }
             let better = match &best {
                 None => true,
                 Some(b) => (v.hot && !b.hot) || (v.hot == b.hot && v.assessment.p_value < b.assessment.p_value),
@@ -439,6 +450,23 @@ impl PairModel {
             }
         }
         best
+    }
+
+    /// Whether the latest window alone is above what was expected of it, for the signals
+    /// whose single windows say so (rates and latency); `None` when it cannot tell (no
+    /// requests, or a ratio whose windows mostly hold no event at all).
+    fn latest_above(&self, signal: Signal, a: &Assessment) -> Option<bool> {
+        let last = self.ring.back()?;
+        match signal {
+            Signal::RequestRate => Some(last.obs.requests > last.requests_expected),
+            Signal::ConnectionRate => Some(last.obs.connections > last.connections_expected),
+            Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
+                let (slot, _, _) = signal.quantile()?;
+                let l = last.obs.latency[slot];
+                l.is_finite().then(|| l.exp() > a.expected)
+            }
+            _ => None,
+        }
     }
 
     fn assess_at(&self, signal: Signal, scale: usize, cfg: &DetectorConfig) -> Option<Verdict> {
@@ -588,7 +616,7 @@ mod tests {
             let step = m.observe(&o, i * W, &cfg);
             if let Some(v) = step.fired.iter().find(|v| v.signal == Signal::LatencyP50) {
                 fired_at = Some(i - 2_000);
-                assert!(v.assessment.observed > 1.8 * v.assessment.expected, "{v:?}");
+                assert!(v.assessment.observed >= 1.4 * v.assessment.expected, "{v:?}");
                 break;
             }
         }
