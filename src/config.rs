@@ -295,6 +295,7 @@ pub struct RawDetector {
     pub k: Option<i64>,
     pub n: Option<i64>,
     pub adapt_after: Option<String>,
+    pub clear_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -622,6 +623,8 @@ impl RawConfig {
             c.duration("detector.warmup", self.detector.warmup.as_deref(), Duration::from_secs(86_400), Duration::ZERO);
         let adapt_after =
             c.duration("detector.adapt_after", self.detector.adapt_after.as_deref(), Duration::from_secs(3600), length);
+        let clear_after =
+            c.duration("detector.clear_after", self.detector.clear_after.as_deref(), Duration::from_secs(300), length);
         let threshold = self.detector.threshold.unwrap_or(det_defaults.threshold_p);
         if !(threshold > 0.0 && threshold < 0.01) {
             c.0.push(format!("detector.threshold: {threshold} is not a p-value in (0, 0.01)"));
@@ -637,6 +640,7 @@ impl RawConfig {
             k: k as u32,
             n: n as u32,
             adapt_after: u32::try_from(windows_of(adapt_after)).unwrap_or(u32::MAX),
+            clear_after: u32::try_from(windows_of(clear_after)).unwrap_or(u32::MAX),
         };
         let z = &self.zero_trust;
         let zt = TrustConfig::default();

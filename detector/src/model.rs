@@ -28,11 +28,14 @@ pub struct DetectorConfig {
     pub n: u32,
     /// Anomalous windows in a row after which a baseline adopts the new level.
     pub adapt_after: u32,
+    /// A detection ends after this many windows in a row without a hot one (at least `n`,
+    /// at most 32): an incident on a quiet pair, hot only now and then, stays one anomaly.
+    pub clear_after: u32,
 }
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        DetectorConfig { warmup_windows: 8_640, threshold_p: 1e-6, k: 2, n: 3, adapt_after: 360 }
+        DetectorConfig { warmup_windows: 8_640, threshold_p: 1e-6, k: 2, n: 3, adapt_after: 360, clear_after: 30 }
     }
 }
 
@@ -256,7 +259,9 @@ pub(crate) fn track(
         }
         step.verdicts.push(v);
     }
-    if *active && recent == 0 {
+    let quiet = cfg.clear_after.clamp(cfg.n, 32);
+    let quiet_mask = if quiet >= 32 { u32::MAX } else { (1u32 << quiet) - 1 };
+    if *active && *history & quiet_mask == 0 {
         *active = false;
         step.cleared.push(signal);
     }
@@ -687,6 +692,26 @@ mod tests {
         assert_eq!(restored.upstream.as_ref().map(|u| u.windows), Some(50));
         assert_eq!(restored.to_bytes(), m.to_bytes());
         assert_eq!(PairModel::from_bytes(&m.to_bytes()[..m.to_bytes().len() - 1]), None);
+    }
+
+    #[test]
+    fn a_detection_hot_now_and_then_stays_one_until_quiet_for_clear_after() {
+        let cfg = DetectorConfig { clear_after: 30, ..test_config() };
+        let a = Assessment { p_value: 1e-9, high: true, observed: 2.0, expected: 1.0, lower: 0.0, upper: 1.5 };
+        let (mut history, mut active) = (0u32, false);
+        let (mut fired, mut cleared) = (0, Vec::new());
+        for i in 0..200 {
+            // Two hot windows, then one every 20 windows until 100, then none.
+            let hot = i < 2 || (i < 100 && i % 20 == 0);
+            let v = Verdict { signal: Signal::ErrorRatio, assessment: a, scale: 1, hot, kind: "error_ratio" };
+            let mut step = Step::default();
+            track(Signal::ErrorRatio, Some(v), &mut history, &mut active, true, &cfg, &mut step);
+            fired += step.fired.len();
+            cleared.extend(step.cleared.iter().map(|_| i));
+        }
+        assert_eq!(fired, 1);
+        // The last hot window was 80: the detection ends 30 windows later.
+        assert_eq!(cleared, vec![110]);
     }
 
     #[test]
