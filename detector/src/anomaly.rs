@@ -43,24 +43,28 @@ pub fn in_units(v: &Verdict, window_ms: i64) -> (f64, f64, f64, f64) {
     let a = &v.assessment;
     let seconds = v.scale as f64 * window_ms as f64 / 1000.0;
     let f = match v.signal {
-        Signal::RequestRate
-        | Signal::ConnectionRate
-        | Signal::BytesOut
-        | Signal::BytesIn
-        | Signal::UpstreamRequestRate
-        | Signal::OutlierEjections => 1.0 / seconds,
         Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => 1e-6,
-        Signal::ErrorRatio
-        | Signal::DenialRatio
-        | Signal::RateLimitRatio
-        | Signal::UpstreamErrorRatio
-        | Signal::UpstreamTimeoutRatio
-        | Signal::UpstreamRetryRatio
-        | Signal::ConnectFailureRatio
-        | Signal::PendingOverflowRatio
-        | Signal::UnhealthyHostShare => 1.0,
+        s if ratio_name(s).is_some() => 1.0,
+        // Counts and bytes, per second.
+        _ => 1.0 / seconds,
     };
     (a.observed * f, a.expected * f, a.lower * f, a.upper * f)
+}
+
+/// What a ratio signal is called in a reason; `None` for the other signals.
+fn ratio_name(s: Signal) -> Option<&'static str> {
+    Some(match s {
+        Signal::ErrorRatio => "error ratio",
+        Signal::DenialRatio => "denial ratio",
+        Signal::RateLimitRatio => "rate-limited ratio",
+        Signal::UpstreamErrorRatio => "upstream 5xx ratio (Envoy stats)",
+        Signal::UpstreamTimeoutRatio => "upstream timeout ratio (Envoy stats)",
+        Signal::UpstreamRetryRatio => "retries per upstream request (Envoy stats)",
+        Signal::ConnectFailureRatio => "connection failure ratio (Envoy stats)",
+        Signal::PendingOverflowRatio => "circuit-breaker overflow ratio (Envoy stats)",
+        Signal::UnhealthyHostShare => "unhealthy host share (Envoy stats)",
+        _ => return None,
+    })
 }
 
 fn duration_text(seconds: f64) -> String {
@@ -109,33 +113,6 @@ pub fn reason(v: &Verdict, window_ms: i64) -> String {
         Signal::OutlierEjections => {
             format!("{:.0} outlier ejections in {span} (Envoy stats), {:.1} expected", a.observed, a.expected)
         }
-        Signal::ErrorRatio
-        | Signal::DenialRatio
-        | Signal::RateLimitRatio
-        | Signal::UpstreamErrorRatio
-        | Signal::UpstreamTimeoutRatio
-        | Signal::UpstreamRetryRatio
-        | Signal::ConnectFailureRatio
-        | Signal::PendingOverflowRatio
-        | Signal::UnhealthyHostShare => {
-            let what = match v.signal {
-                Signal::ErrorRatio => "error ratio",
-                Signal::DenialRatio => "denial ratio",
-                Signal::RateLimitRatio => "rate-limited ratio",
-                Signal::UpstreamErrorRatio => "upstream 5xx ratio (Envoy stats)",
-                Signal::UpstreamTimeoutRatio => "upstream timeout ratio (Envoy stats)",
-                Signal::UpstreamRetryRatio => "retries per upstream request (Envoy stats)",
-                Signal::ConnectFailureRatio => "connection failure ratio (Envoy stats)",
-                Signal::PendingOverflowRatio => "circuit-breaker overflow ratio (Envoy stats)",
-                _ => "unhealthy host share (Envoy stats)",
-            };
-            format!(
-                "{what} {:.2} % over {span}, {:.2} % expected (normal up to {:.2} %)",
-                a.observed * 100.0,
-                a.expected * 100.0,
-                a.upper * 100.0
-            )
-        }
         Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
             let q = &v.signal.as_str()["latency_".len()..];
             format!(
@@ -155,6 +132,14 @@ pub fn reason(v: &Verdict, window_ms: i64) -> String {
                 bytes_text(a.expected)
             )
         }
+        // The ratios.
+        s => format!(
+            "{} {:.2} % over {span}, {:.2} % expected (normal up to {:.2} %)",
+            ratio_name(s).unwrap_or("ratio"),
+            a.observed * 100.0,
+            a.expected * 100.0,
+            a.upper * 100.0
+        ),
     }
 }
 
