@@ -139,12 +139,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    // Where meshwatch's own traces go (configuration problems are reported by `run`).
-    let traces = match &cli.command {
-        Command::Serve { config } => config::load(config.as_deref(), std::env::vars()).ok().and_then(|c| c.traces),
-        Command::Demo { .. } => config::load(None, std::env::vars()).ok().and_then(|c| c.traces),
+    // The configuration of the commands that serve, loaded once: it says where meshwatch's
+    // own traces go, before anything logs (its problems are reported by `run`).
+    let loaded = match &cli.command {
+        Command::Serve { config } => Some(config::load(config.as_deref(), std::env::vars())),
+        Command::Demo { .. } => Some(config::load(None, std::env::vars())),
         _ => None,
     };
+    let traces = loaded.as_ref().and_then(|r| r.as_ref().ok()).and_then(|c| c.traces.clone());
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -159,7 +161,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(run(cli.command));
+    let result = rt.block_on(run(cli.command, loaded));
     telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -170,13 +172,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// Runs a command; `loaded` is the configuration of `serve` and `demo`.
+async fn run(command: Command, loaded: Option<Result<config::Config, config::ConfigError>>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     match command {
         Command::CheckConfig { .. } | Command::Score { .. } => Ok(()),
-        Command::Serve { config } => {
-            let config = config::load(config.as_deref(), std::env::vars()).context("invalid configuration")?;
+        Command::Serve { .. } => {
+            let config = loaded.context("no configuration")?.context("invalid configuration")?;
             meshwatch::serve::run(config, shutdown, |_| {}).await.context("meshwatch serve failed")
         }
         Command::Simulate { scenario, target, rate, clock, seed, duration, truth, connections, print_mesh_config } => {
@@ -235,7 +238,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Demo { scenario, http, grpc } => demo(scenario, http, grpc, shutdown).await,
+        Command::Demo { scenario, http, grpc } => {
+            let config = loaded.context("no configuration")?.context("invalid configuration")?;
+            demo(config, scenario, http, grpc, shutdown).await
+        }
     }
 }
 
@@ -266,6 +272,7 @@ fn parse_rate(rate: &str) -> anyhow::Result<Pace> {
 /// `serve` on its live clock, with the demo mesh configured, and the demo scenario played
 /// into it in real time.
 async fn demo(
+    mut config: config::Config,
     scenario: Option<PathBuf>,
     http: SocketAddr,
     grpc: SocketAddr,
@@ -275,7 +282,6 @@ async fn demo(
         Some(path) => Scenario::load(&path)?,
         None => Scenario::parse(DEMO_SCENARIO)?,
     };
-    let mut config = config::load(None, std::env::vars()).context("invalid configuration")?;
     config.grpc_listen = grpc;
     config.http_listen = http;
     config.mesh = mesh_config(&scenario);

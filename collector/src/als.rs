@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
@@ -15,8 +14,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::{BoxFuture, StdError, http};
-use tonic::server::{ClientStreamingService, Grpc, NamedService, UnaryService};
+use tonic::codegen::{BoxFuture, http};
+use tonic::server::{ClientStreamingService, Grpc, UnaryService};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -139,40 +138,63 @@ impl AlsService {
     }
 }
 
-/// The gRPC handling of raw messages, with the configured size limit.
-fn grpc(shared: &Shared) -> Grpc<BytesCodec> {
-    Grpc::new(BytesCodec).apply_max_message_size_config(Some(shared.cfg.max_message_bytes), None)
+/// The gRPC handling of raw messages, with a message size limit.
+pub(crate) fn raw_grpc(max_message_bytes: usize) -> Grpc<BytesCodec> {
+    Grpc::new(BytesCodec).apply_max_message_size_config(Some(max_message_bytes), None)
 }
 
 pub(crate) fn unknown_method() -> BoxFuture<http::Response<Body>, Infallible> {
     Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) })
 }
 
-impl NamedService for AlsService {
-    const NAME: &'static str = "envoy.service.accesslog.v3.AccessLogService";
+/// How a stream that ended with an error is counted: `too_large` (a message over the size
+/// limit) or `stream_error`.
+pub(crate) fn stream_error_reason(status: &Status) -> &'static str {
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "too_large",
+        _ => "stream_error",
+    }
 }
 
-impl<B> tonic::codegen::Service<http::Request<B>> for AlsService
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != STREAM_ACCESS_LOGS_PATH {
-            return unknown_method();
+/// Implements tonic's `NamedService` and `Service` for a service (with a `shared` field) of
+/// one method over raw message bytes: a request to `$path` is answered by `$serve`, awaited
+/// with `$shared` (a clone of the service's `shared`) and `$req`; anything else is
+/// `UNIMPLEMENTED`.
+macro_rules! raw_grpc_service {
+    ($ty:ty, $name:expr, $path:expr, |$shared:ident, $req:ident| $serve:expr) => {
+        impl tonic::server::NamedService for $ty {
+            const NAME: &'static str = $name;
         }
-        let shared = self.shared.clone();
-        Box::pin(async move { Ok(grpc(&shared).client_streaming(StreamHandler(shared), req).await) })
-    }
+
+        impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for $ty
+        where
+            B: tonic::codegen::Body + Send + 'static,
+            B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+        {
+            type Response = tonic::codegen::http::Response<tonic::body::Body>;
+            type Error = std::convert::Infallible;
+            type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+            fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, $req: tonic::codegen::http::Request<B>) -> Self::Future {
+                if $req.uri().path() != $path {
+                    return $crate::als::unknown_method();
+                }
+                let $shared = self.shared.clone();
+                Box::pin(async move { Ok($serve) })
+            }
+        }
+    };
 }
+pub(crate) use raw_grpc_service;
+
+raw_grpc_service!(AlsService, "envoy.service.accesslog.v3.AccessLogService", STREAM_ACCESS_LOGS_PATH, |shared, req| {
+    let mut grpc = raw_grpc(shared.cfg.max_message_bytes);
+    grpc.client_streaming(StreamHandler(shared), req).await
+});
 
 impl AlsService {
     /// The OpenTelemetry logs service, sharing this service's queue, settings and counters.
@@ -189,31 +211,15 @@ pub struct OtlpLogsService {
     shared: Arc<Shared>,
 }
 
-impl NamedService for OtlpLogsService {
-    const NAME: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
-}
-
-impl<B> tonic::codegen::Service<http::Request<B>> for OtlpLogsService
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+raw_grpc_service!(
+    OtlpLogsService,
+    "opentelemetry.proto.collector.logs.v1.LogsService",
+    crate::otlp::EXPORT_LOGS_PATH,
+    |shared, req| {
+        let mut grpc = raw_grpc(shared.cfg.max_message_bytes);
+        grpc.unary(ExportHandler(shared), req).await
     }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != crate::otlp::EXPORT_LOGS_PATH {
-            return unknown_method();
-        }
-        let shared = self.shared.clone();
-        Box::pin(async move { Ok(grpc(&shared).unary(ExportHandler(shared), req).await) })
-    }
-}
+);
 
 struct ExportHandler(Arc<Shared>);
 
@@ -348,10 +354,7 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
             }
             Ok(None) => return Ok(()),
             Err(status) => {
-                let reason = match status.code() {
-                    tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "too_large",
-                    _ => "stream_error",
-                };
+                let reason = stream_error_reason(&status);
                 m.all.messages_rejected.with_label_values(&[reason]).inc();
                 debug!(%status, reason, "access-log stream ended with an error");
                 return Err(status);

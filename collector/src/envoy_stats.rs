@@ -251,6 +251,8 @@ struct NodeState {
 pub struct CounterBook {
     nodes: HashMap<Box<str>, NodeState>,
     tracked: usize,
+    /// When idle nodes were last looked for.
+    swept_ms: i64,
 }
 
 /// A node not heard from for this long is forgotten.
@@ -262,8 +264,13 @@ impl CounterBook {
         self.tracked
     }
 
-    /// Forgets nodes idle since before `now_ms - NODE_IDLE_MS`.
+    /// Forgets nodes idle since before `now_ms - NODE_IDLE_MS`; looks at most once a minute
+    /// (every message of every stream asks).
     pub fn forget_idle(&mut self, now_ms: i64) {
+        if now_ms.saturating_sub(self.swept_ms) < 60_000 {
+            return;
+        }
+        self.swept_ms = now_ms;
         let before = now_ms.saturating_sub(NODE_IDLE_MS);
         let mut forgotten = 0;
         self.nodes.retain(|_, n| {

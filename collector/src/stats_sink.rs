@@ -2,22 +2,19 @@
 //! `envoy.stat_sinks.metrics_service` streams its stats here every flush; `envoy_stats` turns
 //! the cluster stats into upstream records that join the access logs' pairs in the windows.
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::body::Body;
-use tonic::codegen::{BoxFuture, StdError, http};
-use tonic::server::{ClientStreamingService, Grpc, NamedService};
+use tonic::codegen::BoxFuture;
+use tonic::server::ClientStreamingService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
-use crate::als::{AlsConfig, BytesCodec, OpenStream, send_or_drop, unknown_method};
+use crate::als::{AlsConfig, OpenStream, raw_grpc, raw_grpc_service, send_or_drop, stream_error_reason};
 use crate::decode::Rejection;
 use crate::envoy_stats::{CounterBook, STREAM_METRICS_PATH, StatsConfig, StatsStream, StatsTally};
 use crate::identity::MeshConfig;
@@ -57,35 +54,10 @@ impl StatsSinkService {
     }
 }
 
-impl NamedService for StatsSinkService {
-    const NAME: &'static str = "envoy.service.metrics.v3.MetricsService";
-}
-
-impl<B> tonic::codegen::Service<http::Request<B>> for StatsSinkService
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != STREAM_METRICS_PATH {
-            return unknown_method();
-        }
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            let mut grpc =
-                Grpc::new(BytesCodec).apply_max_message_size_config(Some(shared.als.max_message_bytes), None);
-            Ok(grpc.client_streaming(StreamHandler(shared), req).await)
-        })
-    }
-}
+raw_grpc_service!(StatsSinkService, "envoy.service.metrics.v3.MetricsService", STREAM_METRICS_PATH, |shared, req| {
+    let mut grpc = raw_grpc(shared.als.max_message_bytes);
+    grpc.client_streaming(StreamHandler(shared), req).await
+});
 
 struct StreamHandler(Arc<Shared>);
 
@@ -121,10 +93,7 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Ok(()),
             Err(status) => {
-                let reason = match status.code() {
-                    tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "too_large",
-                    _ => "stream_error",
-                };
+                let reason = stream_error_reason(&status);
                 m.messages_rejected.with_label_values(&[reason]).inc();
                 debug!(%status, reason, "stats stream ended with an error");
                 return Err(status);
@@ -146,7 +115,7 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
             samples = tracing::field::Empty,
             records = tracing::field::Empty,
         );
-        let _entered = span.enter();
+        let entered = span.enter();
         let (upstream, tally) = {
             let mut book = shared.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             book.forget_idle(now_ms);
@@ -156,7 +125,7 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
         };
         span.record("samples", tally.received);
         span.record("records", upstream.len());
-        drop(_entered);
+        drop(entered);
         publish(m, &tally);
         if !upstream.is_empty() {
             let n = upstream.len() as u64;

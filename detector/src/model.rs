@@ -115,7 +115,7 @@ impl Signal {
         Signal::ALL.into_iter().find(|x| x.as_str() == s)
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
@@ -235,6 +235,18 @@ pub struct PairModel {
     /// Stored after the rest (see `to_bytes`).
     #[serde(skip)]
     pub upstream: Option<Box<UpstreamModel>>,
+}
+
+/// Keeps the verdict that counts most of `best` and `v`: a hot one over one that is not, then
+/// the smaller tail probability.
+pub(crate) fn keep_better(best: &mut Option<Verdict>, v: Verdict) {
+    let better = match best {
+        None => true,
+        Some(b) => (v.hot && !b.hot) || (v.hot == b.hot && v.assessment.p_value < b.assessment.p_value),
+    };
+    if better {
+        *best = Some(v);
+    }
 }
 
 /// Folds one window's verdict of a signal into its k-of-n detection: the hot flags of the
@@ -446,13 +458,7 @@ impl PairModel {
             {
                 v.hot = false;
             }
-            let better = match &best {
-                None => true,
-                Some(b) => (v.hot && !b.hot) || (v.hot == b.hot && v.assessment.p_value < b.assessment.p_value),
-            };
-            if better {
-                best = Some(v);
-            }
+            keep_better(&mut best, v);
         }
         best
     }

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use meshwatch_collector::window::UpstreamStats;
 
 use crate::baseline::{Assessment, CountBaseline, RatioBaseline};
-use crate::model::{DetectorConfig, SCALES, Signal, Step, Verdict, rate_verdict, track};
+use crate::model::{DetectorConfig, SCALES, Signal, Step, Verdict, keep_better, rate_verdict, track};
 use crate::stats::poisson_upper_tail;
 
 const RING: usize = 30;
@@ -101,8 +101,9 @@ const RATIOS: [Signal; 6] = [
     Signal::UnhealthyHostShare,
 ];
 
+/// An upstream signal's place in the model's arrays.
 fn slot_of(s: Signal) -> usize {
-    Signal::ALL.iter().position(|x| *x == s).unwrap_or(Signal::CORE) - Signal::CORE
+    s.index().saturating_sub(Signal::CORE)
 }
 
 impl UpstreamModel {
@@ -163,11 +164,8 @@ impl UpstreamModel {
     fn assess(&self, signal: Signal, cfg: &DetectorConfig) -> Option<Verdict> {
         let mut best: Option<Verdict> = None;
         for scale in SCALES.into_iter().take_while(|s| *s <= self.ring.len()) {
-            let Some(v) = self.assess_at(signal, scale, cfg) else { continue };
-            let better = best
-                .is_none_or(|b| (v.hot && !b.hot) || (v.hot == b.hot && v.assessment.p_value < b.assessment.p_value));
-            if better {
-                best = Some(v);
+            if let Some(v) = self.assess_at(signal, scale, cfg) {
+                keep_better(&mut best, v);
             }
         }
         best
