@@ -89,7 +89,7 @@ pub fn score(input: impl BufRead, mut output: impl Write, model: Model) -> Resul
             Model::Latency => {
                 let log_value = if value.is_finite() && value > 0.0 { value.ln() } else { f64::MIN_POSITIVE.ln() };
                 let a = latency.assess(0.5, log_value, 1.0, 1.0, 1e-6);
-                latency.update(0.5, log_value, 1.0, None, false, u32::MAX);
+                latency.update(0.5, log_value, 1.0, None, false, 1, u32::MAX);
                 if a.high { a.p_value } else { 1.0 }
             }
         };

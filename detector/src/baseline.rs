@@ -358,11 +358,22 @@ impl LatencyBaseline {
         (self.between_var.max(MIN_BETWEEN_VAR) / windows.max(1.0) + sampling * sampling).sqrt()
     }
 
-    /// Learns one window's quantile (`log_value`, from `n` requests) and within-window spread.
-    pub fn update(&mut self, q: f64, log_value: f64, n: f64, spread: Option<f64>, anomalous: bool, adapt_after: u32) {
+    /// Learns one window's quantile (`log_value`, from `n` requests; `span`: the windows it
+    /// was pooled from) and within-window spread.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        q: f64,
+        log_value: f64,
+        n: f64,
+        spread: Option<f64>,
+        anomalous: bool,
+        span: u32,
+        adapt_after: u32,
+    ) {
         if anomalous && self.windows > 0 {
-            self.shifted += 1;
-            self.shift_sum += log_value;
+            self.shifted += span.max(1);
+            self.shift_sum += log_value * f64::from(span.max(1));
             if self.shifted >= adapt_after {
                 self.mean = self.shift_sum / f64::from(self.shifted);
                 self.shifted = 0;
@@ -535,7 +546,7 @@ mod tests {
         let base = (20_000f64).ln();
         for i in 0..1_000 {
             let jitter = ((i * 7919) % 100) as f64 / 100.0 * 0.1 - 0.05;
-            l.update(0.5, base + jitter, 100.0, Some(0.5), false, 360);
+            l.update(0.5, base + jitter, 100.0, Some(0.5), false, 1, 360);
         }
         let normal = l.assess(0.5, base + 0.02, 100.0, 1.0, 1e-6);
         assert!(normal.p_value > 1e-3, "{normal:?}");

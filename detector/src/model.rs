@@ -1,6 +1,7 @@
 //! Everything the detector keeps for one pair as one reporter sees it: a baseline per
-//! signal, the last windows (to score over 1, 6 and 30 windows, so that quiet pairs are judged
-//! on enough traffic), and which kinds of anomaly are hot or active (k of the last n windows).
+//! signal, the last windows (to score over 1, 3, 6 and 30 windows, and the median latency
+//! over half an hour, so that quiet pairs are judged on enough traffic), and which kinds of
+//! anomaly are hot or active (k of the last n windows).
 //!
 //! Pure: `observe` takes one window's numbers and its event time and returns verdicts.
 
@@ -14,6 +15,74 @@ use crate::upstream::{UpstreamModel, UpstreamObs};
 /// Scales (in windows) at which every signal is scored; the ring keeps the largest.
 pub const SCALES: [usize; 4] = [1, 3, 6, 30];
 const RING: usize = 30;
+
+/// Windows in a block of `SlowMedian`, and the completed blocks it keeps: the median
+/// latency of a pair too quiet to judge over 30 windows is judged over the last half hour.
+const BLOCK: u32 = 30;
+const BLOCKS: usize = 6;
+
+/// Requests a latency median is learnt from (per window, or pooled over windows).
+const MEDIAN_MIN_REQUESTS: f64 = 5.0;
+
+/// Requests and the request-weighted sum of ln(p50) over some windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Pooled {
+    requests: f64,
+    weighted: f64,
+    /// Windows with requests, and windows in all.
+    with_data: u32,
+    span: u32,
+}
+
+impl Pooled {
+    fn add(&mut self, o: &Obs) {
+        self.span += 1;
+        if o.requests > 0.0 && o.latency[0].is_finite() {
+            self.requests += o.requests;
+            self.weighted += o.requests * o.latency[0];
+            self.with_data += 1;
+        }
+    }
+
+    fn merge(&mut self, other: &Pooled) {
+        self.requests += other.requests;
+        self.weighted += other.weighted;
+        self.with_data += other.with_data;
+        self.span += other.span;
+    }
+}
+
+/// The median latency of a pair with few requests a window: windows pooled until they hold
+/// enough requests to learn from, and half-hour blocks to judge over.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct SlowMedian {
+    /// Windows too quiet to learn from alone, not learnt from yet.
+    pool: Pooled,
+    /// The block being filled, and the last completed ones (oldest first).
+    current: Pooled,
+    blocks: VecDeque<Pooled>,
+}
+
+impl SlowMedian {
+    fn push(&mut self, o: &Obs) {
+        self.current.add(o);
+        if self.current.span >= BLOCK {
+            if self.blocks.len() == BLOCKS {
+                self.blocks.pop_front();
+            }
+            self.blocks.push_back(std::mem::take(&mut self.current));
+        }
+    }
+
+    /// The completed blocks and the current one, pooled.
+    fn recent(&self) -> Pooled {
+        let mut all = self.current;
+        for b in &self.blocks {
+            all.merge(b);
+        }
+        all
+    }
+}
 
 /// Detection settings, validated.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -191,6 +260,9 @@ pub struct Verdict {
     pub scale: usize,
     /// The deviation is significant and large enough to count toward a detection.
     pub hot: bool,
+    /// Hot over at least `n` windows, and seen in at least `k` of them on their own: it
+    /// starts a detection at once (it already is `k` of the last `n` windows).
+    pub sustained: bool,
     /// What a detection of it is called (`request_rate_high`, `vanished`, `error_ratio`, …).
     pub kind: &'static str,
 }
@@ -235,6 +307,10 @@ pub struct PairModel {
     /// Stored after the rest (see `to_bytes`).
     #[serde(skip)]
     pub upstream: Option<Box<UpstreamModel>>,
+    /// The median latency over the last half hour, for quiet pairs. Stored in the trailer
+    /// (see `to_bytes`).
+    #[serde(skip)]
+    slow: SlowMedian,
 }
 
 /// Keeps the verdict that counts most of `best` and `v`: a hot one over one that is not, then
@@ -265,7 +341,7 @@ pub(crate) fn track(
     let mask = (1u32 << cfg.n.min(31)) - 1;
     let recent = (*history & mask).count_ones();
     if let Some(v) = verdict {
-        if ready && !*active && recent >= cfg.k {
+        if ready && !*active && (recent >= cfg.k || (v.hot && v.sustained)) {
             *active = true;
             step.fired.push(v);
         }
@@ -296,6 +372,7 @@ impl Default for PairModel {
             active: [false; 10],
             last: [None; 10],
             upstream: None,
+            slow: SlowMedian::default(),
         }
     }
 }
@@ -315,6 +392,9 @@ pub(crate) fn rate_verdict(baseline: &CountBaseline, x: f64, expected: f64, p: f
     Some((a, high || low))
 }
 
+/// Ends the bytes of a model with a trailer (see `PairModel::to_bytes`).
+const TRAILER_MAGIC: [u8; 4] = *b"MWt1";
+
 /// Sums over the last `scale` slots.
 fn window_sum(ring: &VecDeque<Slot>, scale: usize, f: impl Fn(&Slot) -> f64) -> f64 {
     ring.iter().rev().take(scale).map(f).sum()
@@ -323,20 +403,40 @@ fn window_sum(ring: &VecDeque<Slot>, scale: usize, f: impl Fn(&Slot) -> f64) -> 
 impl PairModel {
     /// The model as bytes, for the store; `from_bytes` gives back a model that scores and
     /// learns exactly as this one. The upstream model follows the rest, so that bytes written
-    /// before it existed still read (as a model without one).
+    /// before it existed still read (as a model without one); then a trailer (the half-hour
+    /// median), its length and `TRAILER_MAGIC`. Bytes written before the trailer existed end
+    /// with a flag (0 or 1), never with the magic, and read with an empty one.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = postcard::to_stdvec(self).unwrap_or_default();
         if let Some(u) = &self.upstream {
             bytes.extend(postcard::to_stdvec(u.as_ref()).unwrap_or_default());
         }
+        let trailer = postcard::to_stdvec(&self.slow).unwrap_or_default();
+        bytes.extend(&trailer);
+        bytes.extend((trailer.len() as u32).to_le_bytes());
+        bytes.extend(TRAILER_MAGIC);
         bytes
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<PairModel> {
+        let (bytes, slow) = match bytes.strip_suffix(&TRAILER_MAGIC) {
+            Some(rest) => {
+                let (rest, len) = rest.split_at_checked(rest.len().checked_sub(4)?)?;
+                let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+                let (rest, trailer) = rest.split_at_checked(rest.len().checked_sub(len)?)?;
+                (rest, postcard::from_bytes(trailer).ok()?)
+            }
+            None => (bytes, SlowMedian::default()),
+        };
         let (mut model, rest): (PairModel, _) = postcard::take_from_bytes(bytes).ok()?;
         if !rest.is_empty() {
-            model.upstream = Some(Box::new(postcard::from_bytes(rest).ok()?));
+            let (upstream, rest) = postcard::take_from_bytes(rest).ok()?;
+            if !rest.is_empty() {
+                return None;
+            }
+            model.upstream = Some(Box::new(upstream));
         }
+        model.slow = slow;
         Some(model)
     }
 
@@ -379,6 +479,7 @@ impl PairModel {
             self.ring.pop_front();
         }
         self.ring.push_back(slot);
+        self.slow.push(obs);
         let ready = !self.learning(cfg);
         if self.windows == cfg.warmup_windows {
             // What was hot while learning does not count toward the first detections.
@@ -422,15 +523,27 @@ impl PairModel {
         self.rate_limits.update(obs.rate_limited, obs.requests, h_rl, cfg.adapt_after);
         let spread = (obs.requests >= 10.0 && obs.latency[0].is_finite() && obs.latency[1].is_finite())
             .then(|| (obs.latency[1] - obs.latency[0]) / 1.2816);
+        let any_lat = h_lat.iter().any(|h| *h);
         for (k, q) in [0.5, 0.9, 0.99].into_iter().enumerate() {
-            let min_n = [5.0, 10.0, 50.0][k];
+            let min_n = [MEDIAN_MIN_REQUESTS, 10.0, 50.0][k];
             if obs.latency[k].is_finite() && obs.requests >= min_n {
-                self.latency[k].update(
-                    q,
-                    obs.latency[k],
-                    obs.requests,
-                    spread,
-                    h_lat[k] || h_lat.iter().any(|h| *h),
+                self.latency[k].update(q, obs.latency[k], obs.requests, spread, any_lat, 1, cfg.adapt_after);
+            }
+        }
+        // The median of a pair with fewer requests a window: learnt from windows pooled until
+        // they hold enough (the quantiles of a few requests are not the pair's p90 or p99).
+        if obs.requests < MEDIAN_MIN_REQUESTS {
+            let pool = &mut self.slow.pool;
+            pool.add(obs);
+            if pool.requests >= MEDIAN_MIN_REQUESTS {
+                let p = std::mem::take(pool);
+                self.latency[0].update(
+                    0.5,
+                    p.weighted / p.requests,
+                    p.requests,
+                    None,
+                    any_lat,
+                    p.span,
                     cfg.adapt_after,
                 );
             }
@@ -458,9 +571,80 @@ impl PairModel {
             {
                 v.hot = false;
             }
+            v.sustained = v.hot && scale >= cfg.n as usize && self.seen_alone(&v, cfg);
             keep_better(&mut best, v);
         }
+        if signal == Signal::LatencyP50 && best.is_none() {
+            best = self.assess_slow_median(cfg);
+        }
         best
+    }
+
+    /// The median over the last half hour, for a pair that did not have enough requests to
+    /// judge it over 30 windows.
+    fn assess_slow_median(&self, cfg: &DetectorConfig) -> Option<Verdict> {
+        let (_, q, min_n) = Signal::LatencyP50.quantile()?;
+        let baseline = &self.latency[0];
+        let pooled = self.slow.recent();
+        if baseline.windows < 30 || pooled.requests < min_n {
+            return None;
+        }
+        let p = cfg.threshold_p;
+        let a = baseline.assess(q, pooled.weighted / pooled.requests, pooled.requests, pooled.with_data.into(), p);
+        let hot = a.p_value < p && a.high && a.observed >= 1.4 * a.expected;
+        let scale = pooled.span as usize;
+        let v =
+            Verdict { signal: Signal::LatencyP50, assessment: a, scale, hot, sustained: false, kind: "latency_p50" };
+        // Half an hour reaches back past the end of an incident: the requests of the last 30
+        // windows must still show it.
+        let (n, weighted) = self
+            .ring
+            .iter()
+            .filter(|s| s.obs.requests > 0.0 && s.obs.latency[0].is_finite())
+            .fold((0.0, 0.0), |(n, w), s| (n + s.obs.requests, w + s.obs.requests * s.obs.latency[0]));
+        let recent = n > 0.0 && (weighted / n).exp() >= 1.4 * v.assessment.expected;
+        Some(Verdict { hot: hot && recent, ..v })
+    }
+
+    /// Of the last `scale` windows, how many hold events of a ratio `signal`.
+    fn windows_with(&self, signal: Signal, scale: usize) -> usize {
+        let events = |o: &Obs| match signal {
+            Signal::ErrorRatio => o.errors,
+            Signal::DenialRatio => o.denied,
+            _ => o.rate_limited,
+        };
+        self.ring.iter().rev().take(scale).filter(|s| events(&s.obs) > 0.0).count()
+    }
+
+    /// Whether a deviation over several windows is seen in at least `k` of its windows on
+    /// their own: for rates and latency, `k` of the last `n` windows (with requests, for
+    /// latency) deviate its way. Not for ratios: a quiet pair's windows mostly hold no event.
+    fn seen_alone(&self, v: &Verdict, cfg: &DetectorConfig) -> bool {
+        let a = &v.assessment;
+        let k = cfg.k as usize;
+        let last_n = || self.ring.iter().rev().take(cfg.n as usize);
+        match v.signal {
+            Signal::RequestRate => last_n().filter(|s| (s.obs.requests > s.requests_expected) == a.high).count() >= k,
+            Signal::ConnectionRate => {
+                last_n().filter(|s| (s.obs.connections > s.connections_expected) == a.high).count() >= k
+            }
+            Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
+                let Some((slot, _, _)) = v.signal.quantile() else { return false };
+                let above =
+                    |s: &Slot| s.obs.latency[slot].is_finite() && (s.obs.latency[slot].exp() > a.expected) == a.high;
+                // A quiet pair's windows mostly hold no request: the last windows that do.
+                self.ring
+                    .iter()
+                    .rev()
+                    .take(v.scale)
+                    .filter(|s| s.obs.latency[slot].is_finite())
+                    .take(cfg.n as usize)
+                    .filter(|s| above(s))
+                    .count()
+                    >= k
+            }
+            _ => false,
+        }
     }
 
     /// Whether the latest window alone is above what was expected of it, for the signals
@@ -483,8 +667,14 @@ impl PairModel {
     fn assess_at(&self, signal: Signal, scale: usize, cfg: &DetectorConfig) -> Option<Verdict> {
         let p = cfg.threshold_p;
         let sum = |f: fn(&Slot) -> f64| window_sum(&self.ring, scale, f);
-        let verdict =
-            |assessment: Assessment, hot: bool, kind: &'static str| Verdict { signal, assessment, scale, hot, kind };
+        let verdict = |assessment: Assessment, hot: bool, kind: &'static str| Verdict {
+            signal,
+            assessment,
+            scale,
+            hot,
+            sustained: false,
+            kind,
+        };
         match signal {
             Signal::RequestRate | Signal::ConnectionRate => {
                 let (baseline, x, expected) = if signal == Signal::RequestRate {
@@ -522,7 +712,10 @@ impl PairModel {
                 let total = sum(|s| s.obs.requests);
                 let a = baseline.assess(events as u64, total as u64, p)?;
                 let p0 = a.expected;
-                let hot = a.p_value < p && a.high && events >= 3.0 && a.observed >= (2.0 * p0).max(p0 + 0.01);
+                // Over several windows, the events must not all come from one of them: one odd
+                // window does not page, however long it stays in a sum.
+                let spread = scale == 1 || self.windows_with(signal, scale) >= cfg.k as usize;
+                let hot = a.p_value < p && a.high && events >= 3.0 && a.observed >= (2.0 * p0).max(p0 + 0.01) && spread;
                 Some(verdict(a, hot, signal.as_str()))
             }
             Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
@@ -676,6 +869,34 @@ mod tests {
         for i in 2_001..2_010 {
             assert!(m.observe(&steady(i), i * W, &cfg).fired.is_empty());
         }
+        // Nor does a window of errors, on a pair that errs once in a long while, however long
+        // it stays in the sums.
+        let mut odd = steady(2_010);
+        odd.errors = 10.0;
+        assert!(m.observe(&odd, 2_010 * W, &cfg).fired.is_empty());
+        for i in 2_011..2_060 {
+            let fired = m.observe(&steady(i), i * W, &cfg).fired;
+            assert!(fired.is_empty(), "window {i}: {fired:?}");
+        }
+    }
+
+    #[test]
+    fn traffic_gone_for_three_windows_is_a_detection_in_the_third() {
+        let cfg = test_config();
+        let mut m = PairModel::default();
+        // Six requests a window: one empty window is not beyond chance, three are (in the
+        // sum), and each of the three is below what was expected of it.
+        for i in 0..2_000 {
+            assert!(m.observe(&obs(6.0, 20.0, 0.0), i * W, &cfg).fired.is_empty());
+        }
+        let mut fired_at = None;
+        for i in 2_000..2_010 {
+            if let Some(v) = m.observe(&Obs::zero(), i * W, &cfg).fired.first() {
+                fired_at = Some((i - 2_000 + 1, v.scale, v.sustained, v.kind));
+                break;
+            }
+        }
+        assert_eq!(fired_at, Some((3, 3, true, "vanished")));
     }
 
     #[test]
@@ -698,6 +919,48 @@ mod tests {
         assert_eq!(restored.upstream.as_ref().map(|u| u.windows), Some(50));
         assert_eq!(restored.to_bytes(), m.to_bytes());
         assert_eq!(PairModel::from_bytes(&m.to_bytes()[..m.to_bytes().len() - 1]), None);
+        // Bytes from before the half-hour median existed (no trailer) read with an empty one.
+        let trailer = postcard::to_stdvec(&m.slow).expect("encodes").len() + 8;
+        let bytes = m.to_bytes();
+        let legacy = PairModel::from_bytes(&bytes[..bytes.len() - trailer]).expect("legacy bytes decode");
+        assert_eq!(legacy.slow, SlowMedian::default());
+        assert_eq!(legacy.upstream.as_ref().map(|u| u.windows), Some(50));
+        assert_ne!(m.slow, SlowMedian::default());
+    }
+
+    /// A pair with a request every minute, its latency wobbling by up to ±30 %.
+    fn quiet(i: i64, factor: f64) -> Obs {
+        if i % 6 != 0 {
+            return Obs::zero();
+        }
+        let wobble = ((i * 7919) % 13) as f64 / 20.0 - 0.3;
+        obs(1.0, 240.0 * factor * (1.0 + wobble), 0.0)
+    }
+
+    #[test]
+    fn a_quiet_pairs_median_is_learnt_from_pooled_windows_and_judged_over_half_an_hour() {
+        let cfg = test_config();
+        let mut m = PairModel::default();
+        for i in 0..3_000 {
+            let step = m.observe(&quiet(i, 1.0), i * W, &cfg);
+            assert!(step.fired.is_empty(), "window {i}: {:?}", step.fired);
+        }
+        assert!(m.latency[0].windows >= 30, "{:?}", m.latency[0]);
+        assert!((m.latency[0].mean.exp() / 240_000.0 - 1.0).abs() < 0.2, "{:?}", m.latency[0]);
+        let mut fired = None;
+        for i in 3_000..3_400 {
+            let step = m.observe(&quiet(i, 3.0), i * W, &cfg);
+            assert!(step.fired.iter().all(|v| v.signal == Signal::LatencyP50), "{:?}", step.fired);
+            if let Some(v) = step.fired.first() {
+                fired = Some((i - 3_000, *v));
+                break;
+            }
+        }
+        let (after, v) = fired.expect("the tripled median is detected");
+        // Ten requests at the tripled latency are enough, whatever the blocks' phase.
+        assert!(after <= 100, "{after} windows");
+        assert!(v.scale > RING, "{v:?}");
+        assert!(crate::anomaly::reason(&v, W).contains("min"), "{}", crate::anomaly::reason(&v, W));
     }
 
     #[test]
@@ -709,7 +972,14 @@ mod tests {
         for i in 0..200 {
             // Two hot windows, then one every 20 windows until 100, then none.
             let hot = i < 2 || (i < 100 && i % 20 == 0);
-            let v = Verdict { signal: Signal::ErrorRatio, assessment: a, scale: 1, hot, kind: "error_ratio" };
+            let v = Verdict {
+                signal: Signal::ErrorRatio,
+                assessment: a,
+                scale: 1,
+                hot,
+                sustained: false,
+                kind: "error_ratio",
+            };
             let mut step = Step::default();
             track(Signal::ErrorRatio, Some(v), &mut history, &mut active, true, &cfg, &mut step);
             fired += step.fired.len();

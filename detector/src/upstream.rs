@@ -174,8 +174,14 @@ impl UpstreamModel {
     fn assess_at(&self, signal: Signal, scale: usize, cfg: &DetectorConfig) -> Option<Verdict> {
         let p = cfg.threshold_p;
         let recent = || self.ring.iter().rev().take(scale);
-        let verdict =
-            |a: Assessment, hot: bool, kind: &'static str| Verdict { signal, assessment: a, scale, hot, kind };
+        let verdict = |a: Assessment, hot: bool, kind: &'static str| Verdict {
+            signal,
+            assessment: a,
+            scale,
+            hot,
+            sustained: false,
+            kind,
+        };
         match signal {
             Signal::OutlierEjections => {
                 let baseline = &self.ejections;
