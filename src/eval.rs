@@ -78,9 +78,25 @@ pub struct KindReport {
     pub ttd_p95_s: Option<f64>,
 }
 
+/// How one labelled incident was detected: its first matching detection, if any.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct IncidentOutcome {
+    pub kind: String,
+    pub source: String,
+    pub destination: String,
+    pub start_ms: i64,
+    /// Seconds from the incident's start to its first matching detection.
+    pub ttd_s: Option<f64>,
+    /// That detection's kind and reason.
+    pub detected_as: Option<String>,
+    pub reason: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Quality {
     pub per_kind: Vec<KindReport>,
+    /// Every labelled incident, in the scenario's order.
+    pub incidents: Vec<IncidentOutcome>,
     pub detections: usize,
     pub false_detections: usize,
     pub pair_days: f64,
@@ -113,12 +129,28 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
             && d.start_ms <= t.end_ms + slack_ms
     };
     let true_detection: Vec<bool> = detections.iter().map(|d| truth.iter().any(|t| matches(t, d))).collect();
+    let first = |t: &Truth| detections.iter().filter(|d| matches(t, d)).min_by_key(|d| d.start_ms);
+    let incidents = truth
+        .iter()
+        .map(|t| {
+            let d = first(t);
+            IncidentOutcome {
+                kind: t.kind.clone(),
+                source: t.source.clone(),
+                destination: t.destination.clone(),
+                start_ms: t.start_ms,
+                ttd_s: d.map(|d| (d.start_ms - t.start_ms) as f64 / 1000.0),
+                detected_as: d.map(|d| d.kind.clone()),
+                reason: d.map(|d| d.reason.clone()),
+            }
+        })
+        .collect();
     let mut per_kind = Vec::new();
     for kind in IncidentKind::ALL {
         let incidents: Vec<&Truth> = truth.iter().filter(|t| t.kind == kind.as_str()).collect();
         let mut ttd: Vec<f64> = incidents
             .iter()
-            .filter_map(|t| detections.iter().filter(|d| matches(t, d)).map(|d| d.start_ms - t.start_ms).min())
+            .filter_map(|t| first(t).map(|d| d.start_ms - t.start_ms))
             .map(|ms| ms as f64 / 1000.0)
             .collect();
         ttd.sort_by(f64::total_cmp);
@@ -144,6 +176,7 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
         detections.iter().zip(&true_detection).filter(|(_, t)| !**t).take(20).map(|(d, _)| d.clone()).collect();
     Quality {
         per_kind,
+        incidents,
         detections: detections.len(),
         false_detections,
         false_examples,
@@ -197,6 +230,9 @@ impl EvalReport {
                 opt(k.ttd_median_s, "s"),
                 opt(k.ttd_p95_s, "s")
             ));
+        }
+        for i in self.quality.incidents.iter().filter(|i| i.ttd_s.is_none()) {
+            out.push_str(&format!("missed: {} {} -> {} at {} ms\n", i.kind, i.source, i.destination, i.start_ms));
         }
         out.push_str(&format!(
             "\nfalse detections: {} over {:.1} pair-days ({:.3} per 1000 pair-days)\n",
@@ -439,6 +475,9 @@ mod tests {
         let new_edge = by("new_edge");
         assert_eq!((new_edge.incidents, new_edge.recall, new_edge.precision), (0, None, Some(1.0)));
         assert_eq!(q.false_detections, 3);
+        let second = &q.incidents[1];
+        assert_eq!((second.ttd_s, second.detected_as.as_deref()), (None, None));
+        assert_eq!((q.incidents[3].ttd_s, q.incidents[3].detected_as.as_deref()), (Some(10.0), Some("new_edge")));
         assert!((q.false_per_1000_pair_days - 30.0).abs() < 1e-9);
     }
 
