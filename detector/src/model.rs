@@ -260,8 +260,8 @@ pub struct Verdict {
     pub scale: usize,
     /// The deviation is significant and large enough to count toward a detection.
     pub hot: bool,
-    /// Hot over at least `n` windows, and seen in at least `k` of them on their own: it
-    /// starts a detection at once (it already is `k` of the last `n` windows).
+    /// A rate hot over at least `n` windows and off in at least `k` of the last `n` on their
+    /// own: it starts a detection at once (it already is `k` of the last `n` windows).
     pub sustained: bool,
     /// What a detection of it is called (`request_rate_high`, `vanished`, `error_ratio`, …).
     pub kind: &'static str,
@@ -616,35 +616,19 @@ impl PairModel {
         self.ring.iter().rev().take(scale).filter(|s| events(&s.obs) > 0.0).count()
     }
 
-    /// Whether a deviation over several windows is seen in at least `k` of its windows on
-    /// their own: for rates and latency, `k` of the last `n` windows (with requests, for
-    /// latency) deviate its way. Not for ratios: a quiet pair's windows mostly hold no event.
+    /// Whether a rate deviating over several windows does so in at least `k` of the last `n`
+    /// windows on their own. Not for latency (half the windows of a pair are above its median
+    /// by chance: only `k` hot windows tell) nor ratios (a quiet pair's windows mostly hold no
+    /// event).
     fn seen_alone(&self, v: &Verdict, cfg: &DetectorConfig) -> bool {
-        let a = &v.assessment;
-        let k = cfg.k as usize;
+        let high = v.assessment.high;
         let last_n = || self.ring.iter().rev().take(cfg.n as usize);
-        match v.signal {
-            Signal::RequestRate => last_n().filter(|s| (s.obs.requests > s.requests_expected) == a.high).count() >= k,
-            Signal::ConnectionRate => {
-                last_n().filter(|s| (s.obs.connections > s.connections_expected) == a.high).count() >= k
-            }
-            Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
-                let Some((slot, _, _)) = v.signal.quantile() else { return false };
-                let above =
-                    |s: &Slot| s.obs.latency[slot].is_finite() && (s.obs.latency[slot].exp() > a.expected) == a.high;
-                // A quiet pair's windows mostly hold no request: the last windows that do.
-                self.ring
-                    .iter()
-                    .rev()
-                    .take(v.scale)
-                    .filter(|s| s.obs.latency[slot].is_finite())
-                    .take(cfg.n as usize)
-                    .filter(|s| above(s))
-                    .count()
-                    >= k
-            }
-            _ => false,
-        }
+        let deviating = match v.signal {
+            Signal::RequestRate => last_n().filter(|s| (s.obs.requests > s.requests_expected) == high).count(),
+            Signal::ConnectionRate => last_n().filter(|s| (s.obs.connections > s.connections_expected) == high).count(),
+            _ => 0,
+        };
+        deviating >= cfg.k as usize
     }
 
     /// Whether the latest window alone is above what was expected of it, for the signals
