@@ -73,9 +73,10 @@ fn main() {
     let cfg = DetectorConfig { warmup_windows: 30, ..DetectorConfig::default() };
     let before = common::rss_mib("self");
     let mut detector = Detector::new(cfg, WINDOW_MS);
-    // 35 windows: every ring full, every baseline past its first 30 windows.
+    // 215 windows: every ring and every half hour of medians full, every baseline past its
+    // first 30 windows.
     let mut scoring = Vec::new();
-    for w in 0..35 {
+    for w in 0..215 {
         let win = window(&keys, w * WINDOW_MS, w as u64, upstream);
         let t = Instant::now();
         detector.process(&win);
