@@ -105,12 +105,13 @@ pub struct Quality {
     pub false_examples: Vec<Detection>,
 }
 
+/// The `q` quantile of sorted values, interpolated between the two nearest (the median of
+/// two values is their mean).
 fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
-    Some(sorted[idx])
+    let last = sorted.len().checked_sub(1)?;
+    let at = last as f64 * q;
+    let (lo, hi) = (at.floor() as usize, (at.ceil() as usize).min(last));
+    Some(sorted[lo] + (sorted[hi] - sorted[lo]) * (at - lo as f64))
 }
 
 /// Scores detections against the truth. `slack_ms`: how long after an incident ends a
@@ -479,6 +480,15 @@ mod tests {
         assert_eq!((second.ttd_s, second.detected_as.as_deref()), (None, None));
         assert_eq!((q.incidents[3].ttd_s, q.incidents[3].detected_as.as_deref()), (Some(10.0), Some("new_edge")));
         assert!((q.false_per_1000_pair_days - 30.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn percentiles_interpolate() {
+        assert_eq!(percentile(&[], 0.5), None);
+        assert_eq!(percentile(&[30.0], 0.5), Some(30.0));
+        assert_eq!(percentile(&[30.0, 70.0], 0.5), Some(50.0));
+        assert_eq!(percentile(&[10.0, 20.0, 40.0], 0.5), Some(20.0));
+        assert_eq!(percentile(&[30.0, 70.0], 0.95), Some(68.0));
     }
 
     #[test]
