@@ -1079,5 +1079,27 @@ mod properties {
             }
             prop_assert_eq!(m.to_bytes(), restored.to_bytes());
         }
+
+        /// The same for a quiet pair, whose median is pooled and judged over half an hour.
+        #[test]
+        fn a_restored_quiet_model_scores_identically(
+            history in prop::collection::vec((0u32..4, 1.0f64..200.0), 250..500),
+            next in prop::collection::vec((0u32..4, 1.0f64..600.0), 1..100),
+        ) {
+            let mut m = PairModel::default();
+            for (i, (r, l)) in history.iter().enumerate() {
+                m.observe(&window(f64::from(*r), *l, 0.0), i as i64 * 10_000, &cfg());
+            }
+            let mut restored = PairModel::from_bytes(&m.to_bytes()).expect("decodes");
+            prop_assert_eq!(&restored.slow, &m.slow);
+            let offset = history.len() as i64;
+            for (j, (r, l)) in next.iter().enumerate() {
+                let t = (offset + j as i64) * 10_000;
+                let o = window(f64::from(*r), *l, 0.0);
+                let (a, b) = (m.observe(&o, t, &cfg()), restored.observe(&o, t, &cfg()));
+                prop_assert_eq!(format!("{:?}", a), format!("{:?}", b));
+            }
+            prop_assert_eq!(m.to_bytes(), restored.to_bytes());
+        }
     }
 }
