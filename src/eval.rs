@@ -37,9 +37,13 @@ pub struct Detection {
 pub fn compatible(kind: IncidentKind) -> &'static [&'static str] {
     match kind {
         IncidentKind::LatencyShift => &["latency_p50", "latency_p90", "latency_p99"],
-        IncidentKind::ErrorBurst => &["error_ratio"],
-        IncidentKind::TrafficDrop => &["request_rate_low", "vanished"],
-        IncidentKind::TrafficSurge => &["request_rate_high"],
+        IncidentKind::ErrorBurst => {
+            &["error_ratio", "upstream_error_ratio", "upstream_timeout_ratio", "connect_failure_ratio"]
+        }
+        IncidentKind::TrafficDrop => {
+            &["request_rate_low", "vanished", "upstream_request_rate_low", "upstream_vanished"]
+        }
+        IncidentKind::TrafficSurge => &["request_rate_high", "upstream_request_rate_high"],
         IncidentKind::NewEdge => &["new_edge", "new_principal", "policy_violation"],
         IncidentKind::NewEgress => &["new_egress_destination", "new_egress_volume", "new_edge", "policy_violation"],
         IncidentKind::MtlsDowngrade => &["mtls_downgrade"],

@@ -18,6 +18,7 @@ start = "2026-01-05"
 duration = "1d"
 namespace = "shop"
 seed = 9
+envoy_stats = true
 services = [
   { name = "frontend" }, { name = "cart" }, { name = "catalog" }, { name = "db" },
   { name = "api.stripe.com", external = true },
@@ -101,6 +102,25 @@ async fn a_fast_forward_run_is_counted_exactly_and_matches_its_ground_truth() {
             "{pair:?}"
         );
     }
+
+    // The callers' Envoys' stats (the stats sink, cumulative counters from a first flush
+    // before any traffic): every request, 5xx and connection to each upstream inside the
+    // mesh, the gateway's, the TCP one's and the new edge's included; not the external API.
+    let upstream = expected.upstream_counts();
+    assert_eq!(upstream.len(), 5, "{upstream:?}");
+    let upstream_total = |m: &Metrics| m.sum("meshwatch_pair_upstream_requests_total", &[]);
+    let all: u64 = upstream.values().map(|(r, _, _)| r).sum();
+    let m = mw.metrics_until(Duration::from_secs(30), |m| upstream_total(m) >= all as f64).await;
+    for ((src, dst, dir), (requests, errors, connections)) in &upstream {
+        let pair = [("source", src.as_str()), ("destination", dst.as_str()), ("direction", *dir)];
+        assert_eq!(m.get("meshwatch_pair_upstream_requests_total", &pair), Some(*requests as f64), "{pair:?}");
+        assert_eq!(m.get("meshwatch_pair_upstream_errors_total", &pair), Some(*errors as f64), "{pair:?}");
+        assert_eq!(m.get("meshwatch_pair_upstream_connections_total", &pair), Some(*connections as f64), "{pair:?}");
+    }
+    assert!(upstream.values().any(|(r, e, c)| *r == 0 && *e == 0 && *c > 0), "the TCP upstream: {upstream:?}");
+    assert!(upstream.values().all(|(r, _, c)| *r > 0 || *c > 0), "{upstream:?}");
+    assert_eq!(upstream_total(&m), all as f64);
+    assert_eq!(m.sum("meshwatch_envoy_stats_rejected_total", &[]), 0.0);
 
     // The ground truth file: the two incidents, as the generator labels them.
     let written: Vec<Truth> =

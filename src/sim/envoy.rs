@@ -9,7 +9,9 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::data::accesslog::v3 as al;
 use envoy_types::pb::envoy::service::accesslog::v3::{StreamAccessLogsMessage, stream_access_logs_message as sm};
+use envoy_types::pb::envoy::service::metrics::v3::stream_metrics_message;
 use envoy_types::pb::google::protobuf::{Duration, Struct, Timestamp, UInt32Value, Value, value::Kind};
+use envoy_types::pb::io::prometheus::client::{Counter, Gauge, Metric, MetricFamily, MetricType};
 use prost::Message;
 
 /// What HTTP and TCP entries share: when, between which addresses, through which cluster.
@@ -215,6 +217,37 @@ pub fn identifier(node_id: &str, cluster: &str, identity: Option<&str>, log_name
         }),
         log_name: log_name.to_string(),
     }
+}
+
+/// The identifier of a simulated Envoy's stats-sink stream: the node (as its access logs
+/// name it), its counters cumulative (Envoy's default).
+pub fn stats_identifier(node_id: &str, cluster: &str, identity: &str) -> stream_metrics_message::Identifier {
+    let metadata = Struct {
+        fields: [("meshwatch_identity".to_string(), Value { kind: Some(Kind::StringValue(identity.to_string())) })]
+            .into(),
+    };
+    stream_metrics_message::Identifier {
+        node: Some(core::Node {
+            id: node_id.to_string(),
+            cluster: cluster.to_string(),
+            metadata: Some(metadata),
+            user_agent_name: "envoy".into(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// One stat as Envoy's stats sink sends it: a counter or a gauge, stamped `t_ms`.
+pub fn metric_family(name: &str, value: f64, gauge: bool, t_ms: i64) -> MetricFamily {
+    let mut metric = Metric { timestamp_ms: Some(t_ms), ..Metric::default() };
+    let kind = if gauge {
+        metric.gauge = Some(Gauge { value: Some(value) });
+        MetricType::Gauge
+    } else {
+        metric.counter = Some(Counter { value: Some(value), ..Counter::default() });
+        MetricType::Counter
+    };
+    MetricFamily { name: Some(name.into()), r#type: Some(kind as i32), metric: vec![metric], ..Default::default() }
 }
 
 /// An encoded `StreamAccessLogsMessage` of HTTP entries.

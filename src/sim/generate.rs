@@ -3,7 +3,9 @@
 //!
 //! Pure and deterministic: the same scenario and seed give the same bytes, whatever the pace
 //! at which slices are taken. Each sidecar has an outbound and an inbound logger per
-//! protocol (one gRPC stream each); ingress goes through one gateway node.
+//! protocol (one gRPC stream each); ingress goes through one gateway node. With
+//! `envoy_stats`, each caller's sidecar (and the gateway) also flushes its upstream clusters'
+//! cumulative counters at the end of every slice, as Envoy's stats sink does.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,7 +17,11 @@ use meshwatch_collector::flow::ResponseFlags;
 use meshwatch_collector::identity::{EXTERNAL, MeshConfig, Pattern, ServiceMapping};
 use serde::Serialize;
 
-use super::envoy::{FlowSpec, HttpSpec, TcpSpec, Template, Varying, identifier};
+use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;
+use envoy_types::pb::io::prometheus::client::MetricFamily;
+use prost::Message as _;
+
+use super::envoy::{FlowSpec, HttpSpec, TcpSpec, Template, Varying, identifier, metric_family, stats_identifier};
 use super::random::Rng;
 use super::scenario::{Edge, IncidentKind, Protocol, Scenario};
 
@@ -61,6 +67,20 @@ pub struct Slice {
     pub start_ms: i64,
     pub messages: Vec<(usize, Bytes)>,
     pub entries: u64,
+    /// Stats-sink messages (`StreamMetricsMessage`), by the index of the calling service (0:
+    /// the gateway).
+    pub stats: Vec<(usize, Bytes)>,
+}
+
+/// Cumulative counters of one upstream cluster of a simulated Envoy.
+#[derive(Clone, Copy, Debug, Default)]
+struct UpstreamTotals {
+    tcp: bool,
+    requests: u64,
+    errors: u64,
+    timeouts: u64,
+    connections: u64,
+    connect_failures: u64,
 }
 
 const GATEWAY: &str = "ingress-gateway";
@@ -101,6 +121,9 @@ pub struct Generator {
     edges: Vec<LiveEdge>,
     seq: u64,
     total_entries: u64,
+    /// Per (caller, callee) HTTP edge inside the mesh: what the caller's Envoy counted.
+    upstream: BTreeMap<(usize, usize), UpstreamTotals>,
+    stats_identified: Vec<bool>,
 }
 
 fn spiffe(s: &Scenario, name: &str) -> String {
@@ -111,6 +134,13 @@ fn spiffe(s: &Scenario, name: &str) -> String {
 /// A workload of another trust domain: it has no sidecar of ours, and it is outside.
 fn foreign(s: &Scenario, i: usize) -> bool {
     s.services[i].trust_domain.as_ref().is_some_and(|td| *td != s.trust_domain)
+}
+
+/// Whether the caller's Envoy reports the edge in its stats: to a service inside the mesh
+/// (not through the passthrough cluster), from a caller with a sidecar of ours (or the
+/// gateway).
+fn stats_counted(s: &Scenario, from: usize, to: usize) -> bool {
+    !s.services[to].external && !foreign(s, from)
 }
 
 fn fqdn(s: &Scenario, name: &str) -> String {
@@ -286,6 +316,15 @@ impl Generator {
             }
         }
         let n = streams.len();
+        let scenario_services = scenario.services.len();
+        // An Envoy knows its clusters from its configuration: it reports them from its first
+        // flush, before any traffic.
+        let upstream = scenario
+            .edges
+            .iter()
+            .filter(|e| scenario.envoy_stats && stats_counted(&scenario, e.from, e.to))
+            .map(|e| ((e.from, e.to), UpstreamTotals { tcp: e.protocol == Protocol::Tcp, ..Default::default() }))
+            .collect();
         Generator {
             next_ms: scenario.start_ms,
             end_ms: scenario.start_ms + scenario.duration_ms,
@@ -297,6 +336,8 @@ impl Generator {
             edges,
             seq: 0,
             total_entries: 0,
+            upstream,
+            stats_identified: vec![false; scenario_services],
         }
     }
 
@@ -378,6 +419,19 @@ impl Generator {
         out
     }
 
+    /// What the callers' Envoys counted so far per upstream inside the mesh: (source,
+    /// destination, direction) as meshwatch names the pair → requests, 5xx, connections.
+    pub fn upstream_counts(&self) -> BTreeMap<(String, String, &'static str), (u64, u64, u64)> {
+        let s = &self.scenario;
+        self.upstream
+            .iter()
+            .map(|(&(from, to), u)| {
+                let source = spiffe(s, if from == 0 { GATEWAY } else { &s.services[from].name });
+                ((source, spiffe(s, &s.services[to].name), "east_west"), (u.requests, u.errors, u.connections))
+            })
+            .collect()
+    }
+
     /// The next slice of traffic, with timestamps moved by `shift_ms` (0 for simulated
     /// time; wall clock minus simulated time to stamp entries "now"). `None` when done.
     pub fn next_slice(&mut self, shift_ms: i64) -> Option<Slice> {
@@ -387,6 +441,12 @@ impl Generator {
         let start = self.next_ms;
         let end = (start + self.slice_ms).min(self.end_ms);
         self.next_ms = end;
+        // The first flush comes before the first traffic: an Envoy's first values are what it
+        // counted before meshwatch heard from it.
+        let mut stats = Vec::new();
+        if self.scenario.envoy_stats && start == self.scenario.start_ms {
+            stats = self.stats_messages(start - 1 + shift_ms);
+        }
         let mut entries = 0;
         for k in 0..self.edges.len() {
             entries += self.edge_slice(k, start, end, shift_ms);
@@ -409,7 +469,42 @@ impl Generator {
             buf.clear();
             messages.push((i, Bytes::from(msg)));
         }
-        Some(Slice { start_ms: start, messages, entries })
+        if self.scenario.envoy_stats {
+            stats.extend(self.stats_messages(end - 1 + shift_ms));
+        }
+        Some(Slice { start_ms: start, messages, entries, stats })
+    }
+
+    /// Every caller's flush of its upstream clusters' counters at `t_ms`: one message per
+    /// calling Envoy, raw stat names, cumulative counters, every cluster it has called.
+    fn stats_messages(&mut self, t_ms: i64) -> Vec<(usize, Bytes)> {
+        let s = &self.scenario;
+        let mut by_caller: BTreeMap<usize, Vec<MetricFamily>> = BTreeMap::new();
+        for (&(from, to), u) in &self.upstream {
+            let port = if u.tcp { 9000 } else { 8080 };
+            let prefix = format!("cluster.outbound|{port}||{}.", fqdn(s, &s.services[to].name));
+            let families = by_caller.entry(from).or_default();
+            // A TCP proxy's cluster counts connections only.
+            let http =
+                [("upstream_rq_total", u.requests), ("upstream_rq_5xx", u.errors), ("upstream_rq_timeout", u.timeouts)];
+            let counters = [("upstream_cx_total", u.connections), ("upstream_cx_connect_fail", u.connect_failures)];
+            for (stat, value) in http.into_iter().filter(|_| !u.tcp).chain(counters) {
+                families.push(metric_family(&format!("{prefix}{stat}"), value as f64, false, t_ms));
+            }
+            for stat in ["membership_total", "membership_healthy"] {
+                families.push(metric_family(&format!("{prefix}{stat}"), 3.0, true, t_ms));
+            }
+        }
+        let mut out = Vec::with_capacity(by_caller.len());
+        for (from, families) in by_caller {
+            let identifier = (!std::mem::replace(&mut self.stats_identified[from], true)).then(|| {
+                let name = if from == 0 { GATEWAY } else { s.services[from].name.as_str() };
+                let cluster = if from == 0 { GATEWAY.to_string() } else { format!("{name}.{}", s.namespace) };
+                stats_identifier(&format!("{name}-0"), &cluster, &spiffe(s, name))
+            });
+            out.push((from, Bytes::from(StreamMetricsMessage { identifier, envoy_metrics: families }.encode_to_vec())));
+        }
+        out
     }
 
     /// Traffic of one edge in [start, end); returns the entries written.
@@ -518,6 +613,28 @@ impl Generator {
             e.counts[0].connections += 1
         } else {
             e.counts[0].requests[class] += 1
+        }
+        if self.scenario.envoy_stats && stats_counted(&self.scenario, from, to) {
+            let u = self.upstream.entry((from, to)).or_insert(UpstreamTotals { tcp, ..Default::default() });
+            if tcp {
+                u.connections += 1;
+            } else {
+                u.requests += 1;
+                // Pooled connections: a new one every hundred requests, and every failed attempt.
+                if u.requests % 100 == 1 {
+                    u.connections += 1;
+                }
+            }
+            if o.code >= 500 && !tcp {
+                u.errors += 1;
+            }
+            if o.flags & ResponseFlags::UPSTREAM_REQUEST_TIMEOUT != 0 && !tcp {
+                u.timeouts += 1;
+            }
+            if o.flags & ResponseFlags::UPSTREAM_CONNECTION_FAILURE != 0 {
+                u.connections += 1;
+                u.connect_failures += 1;
+            }
         }
         if self.scenario.services[to].external || (o.flags & ResponseFlags::UPSTREAM_CONNECTION_FAILURE) != 0 {
             return 1;

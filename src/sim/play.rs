@@ -1,5 +1,6 @@
 //! The player: streams a generator's slices to meshwatch over real gRPC, one access-log
-//! stream per simulated Envoy logger, as fast as meshwatch accepts them or at a set pace.
+//! stream per simulated Envoy logger (and one stats-sink stream per calling Envoy, when the
+//! scenario has them), as fast as meshwatch accepts them or at a set pace.
 //!
 //! Generation runs on its own thread (it is CPU work), a few slices ahead; each stream has a
 //! small queue, so a slow stream holds the whole simulation back instead of letting streams
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meshwatch_collector::als::{BytesCodec, STREAM_ACCESS_LOGS_PATH};
+use meshwatch_collector::envoy_stats::STREAM_METRICS_PATH;
 use meshwatch_collector::pipeline::wall_clock_ms;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -78,6 +80,7 @@ pub async fn play(
         channels.push(endpoint.connect().await.map_err(|source| PlayError::Connect { target: opts.target, source })?);
     }
     let stream_count = generator.streams().len();
+    let callers = generator.scenario().services.len();
     let (slices_tx, mut slices_rx) = mpsc::channel::<Slice>(4);
     let stamp = opts.stamp;
     let stop = shutdown.clone();
@@ -95,7 +98,7 @@ pub async fn play(
         generator
     });
 
-    let mut senders: Vec<Option<mpsc::Sender<Bytes>>> = vec![None; stream_count];
+    let mut senders: Vec<Option<mpsc::Sender<Bytes>>> = vec![None; stream_count + callers];
     let mut tasks: Vec<JoinHandle<bool>> = Vec::new();
     let mut report = PlayReport::default();
     let started = Instant::now();
@@ -117,11 +120,13 @@ pub async fn play(
         }
         report.entries += slice.entries;
         report.simulated_ms = slice.start_ms - t0;
-        for (stream, message) in slice.messages {
+        let access_logs = slice.messages.into_iter().map(|(i, m)| (i, m, STREAM_ACCESS_LOGS_PATH));
+        let stats = slice.stats.into_iter().map(|(i, m)| (stream_count + i, m, STREAM_METRICS_PATH));
+        for (stream, message, path) in access_logs.chain(stats) {
             let tx = senders[stream].get_or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(2);
                 let channel = channels[stream % channels.len()].clone();
-                tasks.push(tokio::spawn(run_stream(channel, rx)));
+                tasks.push(tokio::spawn(run_stream(channel, path, rx)));
                 tx
             });
             report.messages += 1;
@@ -143,12 +148,12 @@ pub async fn play(
     Ok((generator, report))
 }
 
-/// One access-log stream; true when meshwatch closed it cleanly.
-async fn run_stream(channel: tonic::transport::Channel, rx: mpsc::Receiver<Bytes>) -> bool {
+/// One access-log or stats stream (`path`); true when meshwatch closed it cleanly.
+async fn run_stream(channel: tonic::transport::Channel, path: &'static str, rx: mpsc::Receiver<Bytes>) -> bool {
     let mut grpc = tonic::client::Grpc::new(channel);
     if grpc.ready().await.is_err() {
         return false;
     }
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(STREAM_ACCESS_LOGS_PATH);
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
     grpc.client_streaming(tonic::Request::new(ReceiverStream::new(rx)), path, BytesCodec).await.is_ok()
 }

@@ -32,6 +32,10 @@ struct RawScenario {
     /// A meshwatch policy file (allowed edges) for this mesh, relative to the scenario file.
     #[serde(default)]
     policy: Option<String>,
+    /// The sidecars and the gateway also stream their upstream clusters' stats (the stats
+    /// sink), cumulative counters flushed every slice.
+    #[serde(default)]
+    envoy_stats: bool,
 }
 
 fn default_trust_domain() -> String {
@@ -328,6 +332,8 @@ pub struct Scenario {
     pub incidents: Vec<Incident>,
     /// The mesh's policy file, relative to the scenario file until `load` resolves it.
     pub policy: Option<PathBuf>,
+    /// Whether the simulated Envoys stream their stats too.
+    pub envoy_stats: bool,
 }
 
 /// Every problem of a scenario file, one per line.
@@ -631,6 +637,7 @@ impl Scenario {
             edges,
             incidents,
             policy: raw.policy.map(PathBuf::from),
+            envoy_stats: raw.envoy_stats,
         })
     }
 }
