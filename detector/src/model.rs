@@ -460,7 +460,8 @@ impl PairModel {
     /// returns what changed. Call after `observe` of the same window.
     pub fn observe_upstream(&mut self, obs: &UpstreamObs, t_ms: i64, cfg: &DetectorConfig) -> Step {
         let logged_requests = self.requests.level > 0.0;
-        self.upstream.get_or_insert_default().observe(obs, t_ms, logged_requests, cfg)
+        let logged_errors = self.active[Signal::ErrorRatio.index()];
+        self.upstream.get_or_insert_default().observe(obs, t_ms, logged_requests, logged_errors, cfg)
     }
 
     /// Expected requests (or connections) in a window at `t_ms`.

@@ -122,7 +122,17 @@ impl UpstreamModel {
     /// Scores one window that had a stats flush, learns from it, and returns what changed.
     /// `logged_requests`: the pair's access logs count its requests, so the upstream request
     /// rate is scored but does not raise detections of its own (it would repeat theirs).
-    pub fn observe(&mut self, obs: &UpstreamObs, t_ms: i64, logged_requests: bool, cfg: &DetectorConfig) -> Step {
+    /// `logged_errors`: the pair's access-log error ratio is an active detection, so the
+    /// upstream 5xx, timeout and connect-failure ratios do not start one (they would repeat
+    /// it; they still do when retries hide the failures from the access logs).
+    pub fn observe(
+        &mut self,
+        obs: &UpstreamObs,
+        t_ms: i64,
+        logged_requests: bool,
+        logged_errors: bool,
+        cfg: &DetectorConfig,
+    ) -> Step {
         if self.ring.len() == RING {
             self.ring.pop_front();
         }
@@ -145,7 +155,12 @@ impl UpstreamModel {
             {
                 v.hot = false;
             }
-            track(*signal, verdict, &mut self.history[i], &mut self.active[i], ready, cfg, &mut step);
+            let repeats = logged_errors
+                && matches!(
+                    signal,
+                    Signal::UpstreamErrorRatio | Signal::UpstreamTimeoutRatio | Signal::ConnectFailureRatio
+                );
+            track(*signal, verdict, &mut self.history[i], &mut self.active[i], ready && !repeats, cfg, &mut step);
             self.last[i] = verdict;
         }
         let hot = |s: Signal| ready && self.history[slot_of(s)] & 1 == 1;
@@ -215,7 +230,10 @@ impl UpstreamModel {
                     recent().map(|s| s.obs.ratio(signal)).fold((0.0, 0.0), |(e, t), (x, n)| (e + x, t + n));
                 let a = self.ratios[k].assess(events as u64, trials as u64, p)?;
                 let p0 = a.expected;
-                let hot = a.p_value < p && a.high && events >= 3.0 && a.observed >= (2.0 * p0).max(p0 + 0.01);
+                // Over several windows, the events must not all come from one of them.
+                let windows_with_events = recent().filter(|s| s.obs.ratio(signal).0 > 0.0).count();
+                let spread = scale == 1 || windows_with_events >= cfg.k as usize;
+                let hot = a.p_value < p && a.high && events >= 3.0 && a.observed >= (2.0 * p0).max(p0 + 0.01) && spread;
                 Some(verdict(a, hot, signal.as_str()))
             }
         }
@@ -241,7 +259,7 @@ mod tests {
     fn warm() -> UpstreamModel {
         let mut m = UpstreamModel::default();
         for i in 0..1_000 {
-            assert!(m.observe(&steady(i), i * W, false, &cfg()).fired.is_empty(), "window {i}");
+            assert!(m.observe(&steady(i), i * W, false, false, &cfg()).fired.is_empty(), "window {i}");
         }
         m
     }
@@ -251,7 +269,7 @@ mod tests {
         for i in 1_000..1_000 + windows {
             let mut o = steady(i);
             change(&mut o);
-            fired.extend(m.observe(&o, i * W, false, &cfg()).fired);
+            fired.extend(m.observe(&o, i * W, false, false, &cfg()).fired);
         }
         fired
     }
@@ -262,6 +280,27 @@ mod tests {
         let fired = fired_within(&mut m, 3, |o| o.retries = (o.requests * 0.2).round());
         assert!(fired.iter().any(|v| v.signal == Signal::UpstreamRetryRatio), "{fired:?}");
         assert!(m.is_active(Signal::UpstreamRetryRatio));
+    }
+
+    #[test]
+    fn upstream_errors_do_not_repeat_an_active_access_log_error_ratio() {
+        let burst = |o: &mut UpstreamObs| {
+            o.errors = (o.requests * 0.1).round();
+            o.timeouts = 3.0;
+        };
+        // The access logs of the pair already have an error-ratio detection: nothing new.
+        let mut m = warm();
+        let mut fired = Vec::new();
+        for i in 1_000..1_006 {
+            let mut o = steady(i);
+            burst(&mut o);
+            fired.extend(m.observe(&o, i * W, true, true, &cfg()).fired);
+        }
+        assert!(fired.is_empty(), "{fired:?}");
+        // Without one (retries hid the failures from the access logs), they are detections.
+        let mut m = warm();
+        let kinds: Vec<_> = fired_within(&mut m, 6, burst).iter().map(|v| v.kind).collect();
+        assert!(kinds.contains(&"upstream_error_ratio") && kinds.contains(&"upstream_timeout_ratio"), "{kinds:?}");
     }
 
     #[test]
@@ -291,10 +330,10 @@ mod tests {
         assert!(fired.iter().any(|v| v.kind == "upstream_vanished"), "{fired:?}");
         let mut m = UpstreamModel::default();
         for i in 0..1_000 {
-            m.observe(&steady(i), i * W, true, &cfg());
+            m.observe(&steady(i), i * W, true, false, &cfg());
         }
         let fired: Vec<_> = (1_000..1_003)
-            .flat_map(|i| m.observe(&UpstreamObs { requests: 0.0, ..steady(i) }, i * W, true, &cfg()).fired)
+            .flat_map(|i| m.observe(&UpstreamObs { requests: 0.0, ..steady(i) }, i * W, true, false, &cfg()).fired)
             .collect();
         assert!(fired.is_empty(), "{fired:?}");
     }
@@ -305,8 +344,8 @@ mod tests {
         let mut restored: UpstreamModel =
             postcard::from_bytes(&postcard::to_stdvec(&m).expect("encodes")).expect("decodes");
         for i in 1_000..1_200 {
-            let a = m.observe(&steady(i), i * W, false, &cfg());
-            let b = restored.observe(&steady(i), i * W, false, &cfg());
+            let a = m.observe(&steady(i), i * W, false, false, &cfg());
+            let b = restored.observe(&steady(i), i * W, false, false, &cfg());
             assert!(a.fired.is_empty());
             assert_eq!(format!("{a:?}"), format!("{b:?}"));
         }
