@@ -134,11 +134,11 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
             && d.start_ms <= t.end_ms + slack_ms
     };
     let true_detection: Vec<bool> = detections.iter().map(|d| truth.iter().any(|t| matches(t, d))).collect();
-    let first = |t: &Truth| detections.iter().filter(|d| matches(t, d)).min_by_key(|d| d.start_ms);
-    let incidents = truth
+    // Each incident and its first matching detection.
+    let incidents: Vec<IncidentOutcome> = truth
         .iter()
         .map(|t| {
-            let d = first(t);
+            let d = detections.iter().filter(|d| matches(t, d)).min_by_key(|d| d.start_ms);
             IncidentOutcome {
                 kind: t.kind.clone(),
                 source: t.source.clone(),
@@ -152,23 +152,20 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
         .collect();
     let mut per_kind = Vec::new();
     for kind in IncidentKind::ALL {
-        let incidents: Vec<&Truth> = truth.iter().filter(|t| t.kind == kind.as_str()).collect();
-        let mut ttd: Vec<f64> = incidents
-            .iter()
-            .filter_map(|t| first(t).map(|d| d.start_ms - t.start_ms))
-            .map(|ms| ms as f64 / 1000.0)
-            .collect();
+        let of_kind = || incidents.iter().filter(|i| i.kind == kind.as_str());
+        let count = of_kind().count();
+        let mut ttd: Vec<f64> = of_kind().filter_map(|i| i.ttd_s).collect();
         ttd.sort_by(f64::total_cmp);
         let own: Vec<usize> = (0..detections.len()).filter(|&i| home(&detections[i].kind) == Some(kind)).collect();
         let true_own = own.iter().filter(|&&i| true_detection[i]).count();
-        if incidents.is_empty() && own.is_empty() {
+        if count == 0 && own.is_empty() {
             continue;
         }
         per_kind.push(KindReport {
             kind: kind.as_str().into(),
-            incidents: incidents.len(),
+            incidents: count,
             detected: ttd.len(),
-            recall: (!incidents.is_empty()).then(|| ttd.len() as f64 / incidents.len() as f64),
+            recall: (count > 0).then(|| ttd.len() as f64 / count as f64),
             detections: own.len(),
             true_detections: true_own,
             precision: (!own.is_empty()).then(|| true_own as f64 / own.len() as f64),

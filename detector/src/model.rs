@@ -241,6 +241,15 @@ impl Obs {
     fn flows(&self) -> f64 {
         self.requests + self.connections
     }
+
+    /// The events of a ratio signal (errors, denials or rate limits).
+    fn events(&self, signal: Signal) -> f64 {
+        match signal {
+            Signal::ErrorRatio => self.errors,
+            Signal::DenialRatio => self.denied,
+            _ => self.rate_limited,
+        }
+    }
 }
 
 /// One window in the ring: what was observed and what the count baselines expected.
@@ -394,6 +403,30 @@ pub(crate) fn rate_verdict(baseline: &CountBaseline, x: f64, expected: f64, p: f
 
 /// Ends the bytes of a model with a trailer (see `PairModel::to_bytes`).
 const TRAILER_MAGIC: [u8; 4] = *b"MWt1";
+
+/// Whether a ratio's assessment over `scale` windows is hot: significant, at least 3 events,
+/// at least double the expected ratio and a point above it, and (over several windows) events
+/// in at least `k` of them, so that one odd window does not page however long it stays in a
+/// sum.
+pub(crate) fn ratio_hot(
+    a: &Assessment,
+    events: f64,
+    windows_with_events: usize,
+    scale: usize,
+    cfg: &DetectorConfig,
+) -> bool {
+    let p0 = a.expected;
+    a.p_value < cfg.threshold_p
+        && a.high
+        && events >= 3.0
+        && a.observed >= (2.0 * p0).max(p0 + 0.01)
+        && (scale == 1 || windows_with_events >= cfg.k as usize)
+}
+
+/// Whether a latency assessment is hot: significant, and at least ×1.4.
+fn latency_hot(a: &Assessment, cfg: &DetectorConfig) -> bool {
+    a.p_value < cfg.threshold_p && a.high && a.observed >= 1.4 * a.expected
+}
 
 /// Sums over the last `scale` slots.
 fn window_sum(ring: &VecDeque<Slot>, scale: usize, f: impl Fn(&Slot) -> f64) -> f64 {
@@ -590,31 +623,23 @@ impl PairModel {
         if baseline.windows < 30 || pooled.requests < min_n {
             return None;
         }
-        let p = cfg.threshold_p;
-        let a = baseline.assess(q, pooled.weighted / pooled.requests, pooled.requests, pooled.with_data.into(), p);
-        let hot = a.p_value < p && a.high && a.observed >= 1.4 * a.expected;
-        let scale = pooled.span as usize;
-        let v =
-            Verdict { signal: Signal::LatencyP50, assessment: a, scale, hot, sustained: false, kind: "latency_p50" };
+        let a = baseline.assess(
+            q,
+            pooled.weighted / pooled.requests,
+            pooled.requests,
+            pooled.with_data.into(),
+            cfg.threshold_p,
+        );
         // Half an hour reaches back past the end of an incident: the requests of the last 30
         // windows must still show it.
-        let (n, weighted) = self
-            .ring
-            .iter()
-            .filter(|s| s.obs.requests > 0.0 && s.obs.latency[0].is_finite())
-            .fold((0.0, 0.0), |(n, w), s| (n + s.obs.requests, w + s.obs.requests * s.obs.latency[0]));
-        let recent = n > 0.0 && (weighted / n).exp() >= 1.4 * v.assessment.expected;
-        Some(Verdict { hot: hot && recent, ..v })
-    }
-
-    /// Of the last `scale` windows, how many hold events of a ratio `signal`.
-    fn windows_with(&self, signal: Signal, scale: usize) -> usize {
-        let events = |o: &Obs| match signal {
-            Signal::ErrorRatio => o.errors,
-            Signal::DenialRatio => o.denied,
-            _ => o.rate_limited,
-        };
-        self.ring.iter().rev().take(scale).filter(|s| events(&s.obs) > 0.0).count()
+        let mut last = Pooled::default();
+        for s in &self.ring {
+            last.add(&s.obs);
+        }
+        let still = last.requests > 0.0 && (last.weighted / last.requests).exp() >= 1.4 * a.expected;
+        let hot = latency_hot(&a, cfg) && still;
+        let scale = pooled.span as usize;
+        Some(Verdict { signal: Signal::LatencyP50, assessment: a, scale, hot, sustained: false, kind: "latency_p50" })
     }
 
     /// Whether a rate deviating over several windows does so in at least `k` of the last `n`
@@ -689,18 +714,17 @@ impl PairModel {
                 Some(verdict(a, hot, kind))
             }
             Signal::ErrorRatio | Signal::DenialRatio | Signal::RateLimitRatio => {
-                let (baseline, events) = match signal {
-                    Signal::ErrorRatio => (&self.errors, sum(|s| s.obs.errors)),
-                    Signal::DenialRatio => (&self.denials, sum(|s| s.obs.denied)),
-                    _ => (&self.rate_limits, sum(|s| s.obs.rate_limited)),
+                let baseline = match signal {
+                    Signal::ErrorRatio => &self.errors,
+                    Signal::DenialRatio => &self.denials,
+                    _ => &self.rate_limits,
                 };
+                let recent = || self.ring.iter().rev().take(scale);
+                let events: f64 = recent().map(|s| s.obs.events(signal)).sum();
+                let with_events = recent().filter(|s| s.obs.events(signal) > 0.0).count();
                 let total = sum(|s| s.obs.requests);
                 let a = baseline.assess(events as u64, total as u64, p)?;
-                let p0 = a.expected;
-                // Over several windows, the events must not all come from one of them: one odd
-                // window does not page, however long it stays in a sum.
-                let spread = scale == 1 || self.windows_with(signal, scale) >= cfg.k as usize;
-                let hot = a.p_value < p && a.high && events >= 3.0 && a.observed >= (2.0 * p0).max(p0 + 0.01) && spread;
+                let hot = ratio_hot(&a, events, with_events, scale, cfg);
                 Some(verdict(a, hot, signal.as_str()))
             }
             Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
@@ -722,7 +746,7 @@ impl PairModel {
                     return None;
                 }
                 let a = baseline.assess(q, weighted / n, n, windows, p);
-                let hot = a.p_value < p && a.high && a.observed >= 1.4 * a.expected;
+                let hot = latency_hot(&a, cfg);
                 Some(verdict(a, hot, signal.as_str()))
             }
             Signal::BytesOut | Signal::BytesIn => {

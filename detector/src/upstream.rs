@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use meshwatch_collector::window::UpstreamStats;
 
 use crate::baseline::{Assessment, CountBaseline, RatioBaseline};
-use crate::model::{DetectorConfig, SCALES, Signal, Step, Verdict, keep_better, rate_verdict, track};
+use crate::model::{DetectorConfig, SCALES, Signal, Step, Verdict, keep_better, rate_verdict, ratio_hot, track};
 use crate::stats::poisson_upper_tail;
 
 const RING: usize = 30;
@@ -229,11 +229,8 @@ impl UpstreamModel {
                 let (events, trials) =
                     recent().map(|s| s.obs.ratio(signal)).fold((0.0, 0.0), |(e, t), (x, n)| (e + x, t + n));
                 let a = self.ratios[k].assess(events as u64, trials as u64, p)?;
-                let p0 = a.expected;
-                // Over several windows, the events must not all come from one of them.
-                let windows_with_events = recent().filter(|s| s.obs.ratio(signal).0 > 0.0).count();
-                let spread = scale == 1 || windows_with_events >= cfg.k as usize;
-                let hot = a.p_value < p && a.high && events >= 3.0 && a.observed >= (2.0 * p0).max(p0 + 0.01) && spread;
+                let with_events = recent().filter(|s| s.obs.ratio(signal).0 > 0.0).count();
+                let hot = ratio_hot(&a, events, with_events, scale, cfg);
                 Some(verdict(a, hot, signal.as_str()))
             }
         }
