@@ -60,17 +60,27 @@ impl LatencySketch {
         self.count == 0
     }
 
-    /// The `q`-quantile (0 ≤ q ≤ 1) in microseconds; `None` when empty.
+    /// The `q`-quantile (0 ≤ q ≤ 1) in microseconds; `None` when empty. Between the two
+    /// values around rank q·(n − 1), interpolated in log space, so that the median of an
+    /// even number of requests is the middle of its two middle values and a few requests
+    /// give no value biased low.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         if self.count == 0 {
             return None;
         }
-        let rank = (q.clamp(0.0, 1.0) * (self.count - 1) as f64).floor() as u64;
-        let mut seen = 0u64;
+        let h = q.clamp(0.0, 1.0) * (self.count - 1) as f64;
+        let (below, frac) = (h.floor() as u64, h.fract());
+        let (mut seen, mut lower) = (0u64, None);
         for &(i, n) in &self.buckets {
             seen += u64::from(n);
-            if seen > rank {
-                return Some(Self::value(i));
+            if lower.is_none() && seen > below {
+                lower = Some(i);
+            }
+            if let Some(lo) = lower
+                && (seen > below + 1 || frac == 0.0)
+            {
+                let (a, b) = (Self::value(lo).ln(), Self::value(i).ln());
+                return Some((a + frac * (b - a)).exp());
             }
         }
         self.buckets.last().map(|&(i, _)| Self::value(i))
@@ -89,12 +99,26 @@ mod tests {
             s.add(v);
         }
         for q in [0.0, 0.1, 0.5, 0.9, 0.99, 1.0] {
-            let exact = values[((values.len() - 1) as f64 * q).floor() as usize] as f64;
+            let h = (values.len() - 1) as f64 * q;
+            let (lo, hi) = (values[h.floor() as usize] as f64, values[h.ceil() as usize] as f64);
+            let exact = (lo.ln() + h.fract() * (hi.ln() - lo.ln())).exp();
             let got = s.quantile(q).expect("not empty");
             assert!((got - exact).abs() <= exact * RELATIVE_ACCURACY * 1.0001, "q{q}: {got} vs {exact}");
         }
         assert_eq!(s.count(), 10_000);
         assert!(s.buckets.len() < 300);
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_between_its_middle_values() {
+        let mut s = LatencySketch::default();
+        for v in [1_000, 4_000] {
+            s.add(v);
+        }
+        let median = s.quantile(0.5).expect("not empty");
+        assert!((median - 2_000.0).abs() <= 2_000.0 * RELATIVE_ACCURACY * 1.0001, "{median}");
+        assert!((s.quantile(0.0).expect("not empty") - 1_000.0).abs() <= 1_000.0 * RELATIVE_ACCURACY);
+        assert!((s.quantile(1.0).expect("not empty") - 4_000.0).abs() <= 4_000.0 * RELATIVE_ACCURACY);
     }
 
     #[test]

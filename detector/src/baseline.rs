@@ -391,8 +391,10 @@ impl LatencyBaseline {
             let resid = (log_value - self.mean).clamp(-3.0 * sd, 3.0 * sd);
             self.mean += a * resid;
             let sampling = quantile_error_factor(q) * self.spread / n.max(1.0).sqrt();
-            let excess = (resid * resid - sampling * sampling).max(0.0);
-            self.between_var += a * (excess - self.between_var);
+            // Unclipped, so that the mean of the excess is the variance between windows (a
+            // window closer than sampling error says so); never below zero.
+            let excess = resid * resid - sampling * sampling;
+            self.between_var = (self.between_var + a * (excess - self.between_var)).max(0.0);
         }
         if let Some(s) = spread {
             self.spread += a * (s.clamp(0.01, 5.0) - self.spread);

@@ -555,8 +555,9 @@ impl PairModel {
         self.errors.update(obs.errors, obs.requests, h_err, cfg.adapt_after);
         self.denials.update(obs.denied, obs.requests, h_den, cfg.adapt_after);
         self.rate_limits.update(obs.rate_limited, obs.requests, h_rl, cfg.adapt_after);
+        // p90 − p50 of n requests is short of the pair's by about 2/n of it.
         let spread = (obs.requests >= 10.0 && obs.latency[0].is_finite() && obs.latency[1].is_finite())
-            .then(|| (obs.latency[1] - obs.latency[0]) / 1.2816);
+            .then(|| (obs.latency[1] - obs.latency[0]) / 1.2816 * obs.requests / (obs.requests - 2.0));
         let any_lat = h_lat.iter().any(|h| *h);
         for (k, q) in [0.5, 0.9, 0.99].into_iter().enumerate() {
             let min_n = [MEDIAN_MIN_REQUESTS, 10.0, 50.0][k];
@@ -938,6 +939,48 @@ mod tests {
     }
 
     /// A pair with a request every minute, its latency wobbling by up to ±30 %.
+    /// A window of `n` requests whose latencies are log-normal (median 20 ms, log-sd 0.5),
+    /// through the sketch as the collector builds it.
+    fn sampled(seed: &mut u64, n: u64) -> Obs {
+        let mut uniform = || {
+            *seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((*seed >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let mut stats = PairStats::default();
+        stats.requests[2] = n;
+        for _ in 0..n {
+            let normal = (-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos();
+            stats.latency.add((20_000f64.ln() + 0.5 * normal).exp() as u64);
+        }
+        Obs::from_stats(&stats)
+    }
+
+    #[test]
+    fn latency_bands_are_the_sampling_error_of_a_windows_median() {
+        // Too wide a band is slow to see a shift; too narrow a one pages on chance.
+        let cfg = test_config();
+        let mut m = PairModel::default();
+        let mut seed = 7;
+        for i in 0..4_000 {
+            let n = 6 + (i % 7) as u64 * 2;
+            m.observe(&sampled(&mut seed, n), i * W, &cfg);
+        }
+        let b = &m.latency[0];
+        assert!((b.spread - 0.5).abs() < 0.05, "within-window spread {} for 0.5", b.spread);
+        assert!((b.mean - 20_000f64.ln()).abs() < 0.03, "median {}", b.mean.exp());
+        let zt = crate::baseline::z_for_p(cfg.threshold_p);
+        let z: Vec<f64> = (0..3_000)
+            .map(|i| {
+                let n = 6 + (i % 7) as u64 * 2;
+                let o = sampled(&mut seed, n);
+                let a = b.assess(0.5, o.latency[0], n as f64, 1.0, cfg.threshold_p);
+                (o.latency[0] - b.mean) * zt / (a.upper.ln() - b.mean)
+            })
+            .collect();
+        let sd = (z.iter().map(|z| z * z).sum::<f64>() / z.len() as f64).sqrt();
+        assert!((0.85..1.1).contains(&sd), "z of a window's median has sd {sd}");
+    }
+
     fn quiet(i: i64, factor: f64) -> Obs {
         if i % 6 != 0 {
             return Obs::zero();
