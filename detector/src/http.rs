@@ -15,7 +15,7 @@ use tracing::warn;
 
 use crate::alert::fnv;
 use crate::anomaly::{Anomaly, in_units};
-use crate::model::PairModel;
+use crate::model::{ModelDetail, PairModel};
 use crate::pairs::PairTable;
 use crate::score::Detector;
 use crate::trust;
@@ -164,9 +164,26 @@ async fn pairs(State(state): State<AppState>) -> axum::Json<PairsResponse> {
     axum::Json(PairsResponse { pairs: pair_views(&state) })
 }
 
+/// One pair in `GET /api/v1/pairs/{id}`: as in the list, plus its model.
+#[derive(Debug, Serialize)]
+struct PairDetailView {
+    #[serde(flatten)]
+    pair: PairView,
+    /// Start of the last window scored (Unix milliseconds): `recent_windows` count back from it.
+    last_window_start_ms: Option<i64>,
+    /// `None` before the pair's first window is scored.
+    model: Option<ModelDetail>,
+}
+
 async fn pair(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match pair_views(&state).into_iter().find(|p| p.id == id) {
-        Some(view) => axum::Json(view).into_response(),
+        Some(view) => {
+            let d = crate::lock(&state.detector);
+            let key = state.pairs.snapshot().into_iter().map(|(k, _)| k).find(|k| pair_id(k) == id);
+            let next_ms = d.last_start_ms.map_or(0, |t| t + d.window_ms);
+            let model = key.and_then(|k| d.model(&k).map(|m| m.detail(next_ms, d.window_ms, &d.cfg)));
+            axum::Json(PairDetailView { pair: view, last_window_start_ms: d.last_start_ms, model }).into_response()
+        }
         None => (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"error": format!("no pair with id {id}")})))
             .into_response(),
     }
@@ -575,13 +592,18 @@ mod tests {
         stats.duration_buckets[3] = 5;
         stats.duration_sum_us = 40_000;
         stats.response_flags[5] = 1;
+        stats.errors = 2;
+        for us in [6_000, 7_000, 8_000, 9_000, 10_000] {
+            stats.latency.add(us);
+        }
         let key = PairKey {
             source: Arc::from("web"),
             destination: Arc::from("api.example.com"),
             direction: Direction::Egress,
             reporter: Reporter::Source,
         };
-        s.pairs.apply(&ClosedWindow { start_ms: 10_000, end_ms: 20_000, pairs: vec![(key, stats)] });
+        let window = ClosedWindow { start_ms: 10_000, end_ms: 20_000, pairs: vec![(key, stats)] };
+        s.pairs.apply(&window);
         let (status, text) = get(router(s.clone()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         let labels = r#"source="web",destination="api.example.com",direction="egress",reporter="source""#;
@@ -604,6 +626,21 @@ mod tests {
         let id = v["pairs"][0]["id"].as_str().expect("id").to_string();
         let (status, one) = get(router(s.clone()), &format!("/api/v1/pairs/{id}")).await;
         assert_eq!(status, StatusCode::OK, "{one}");
+        let one: serde_json::Value = serde_json::from_str(&one).expect("json");
+        assert_eq!(one["destination"], "api.example.com");
+        assert!(one["model"].is_null(), "no window scored yet: {one}");
+        crate::lock(&s.detector).process(&window);
+        let (_, one) = get(router(s.clone()), &format!("/api/v1/pairs/{id}")).await;
+        let one: serde_json::Value = serde_json::from_str(&one).expect("json");
+        assert_eq!(one["last_window_start_ms"], 10_000);
+        let model = &one["model"];
+        assert_eq!(model["windows"], 1);
+        assert_eq!(model["recent_windows"][0]["requests"], 5.0);
+        assert_eq!(model["recent_windows"][0]["errors"], 2.0, "the 5xx and the UF-flagged request");
+        // The first window teaches the request level and the median latency.
+        assert!(model["baselines"]["request_rate"]["level_per_s"].as_f64().expect("level") > 0.0, "{model}");
+        assert!(model["baselines"]["latency_p50"]["expected_seconds"].as_f64().expect("p50") > 0.0, "{model}");
+        assert!(model["baselines"]["latency_p99"].is_null(), "five requests do not teach a p99");
         assert_eq!(get(router(s.clone()), "/api/v1/pairs/nope").await.0, StatusCode::NOT_FOUND);
         let (status, body) = get(router(s.clone()), "/api/v1/anomalies?since=0&severity=critical").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"anomalies":[]}"#));

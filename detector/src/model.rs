@@ -322,6 +322,98 @@ pub struct PairModel {
     slow: SlowMedian,
 }
 
+/// A count baseline as `GET /api/v1/pairs/{id}` shows it, per second.
+#[derive(Debug, serde::Serialize)]
+pub struct CountView {
+    /// What the next window is expected to hold (level × daily × weekly × short-term).
+    pub expected_per_s: f64,
+    /// The deseasonalised level.
+    pub level_per_s: f64,
+    /// Factor per hour of the day (UTC, hour 0 first) and per weekday (Monday first).
+    pub daily: [f64; 24],
+    pub weekly: [f64; 7],
+    /// Recent windows over what level and shapes expect.
+    pub short_term: f64,
+    /// Variance over mean of a window's count (1 for Poisson).
+    pub dispersion: f64,
+    /// Anomalous windows in a row so far; at `adapt_after` the new level is adopted.
+    pub shifted_windows: u32,
+}
+
+/// A ratio baseline: the learnt share of requests, and how many requests (decayed) it
+/// rests on.
+#[derive(Debug, serde::Serialize)]
+pub struct RatioView {
+    pub expected: f64,
+    pub requests: f64,
+}
+
+/// A latency quantile's baseline.
+#[derive(Debug, serde::Serialize)]
+pub struct LatencyView {
+    pub expected_seconds: f64,
+    /// Log-sd of latency within a window, and of the quantile between windows beyond
+    /// sampling error.
+    pub within_window_log_sd: f64,
+    pub between_windows_log_sd: f64,
+    pub windows: u64,
+    pub shifted_windows: u32,
+}
+
+/// Bytes per request or connection.
+#[derive(Debug, serde::Serialize)]
+pub struct BytesView {
+    pub per_flow_mean: f64,
+    pub per_flow_sd: f64,
+}
+
+/// The baselines of a pair's signals from its access logs.
+#[derive(Debug, serde::Serialize)]
+pub struct Baselines {
+    pub request_rate: CountView,
+    pub connection_rate: CountView,
+    pub error_ratio: RatioView,
+    pub denial_ratio: RatioView,
+    pub rate_limit_ratio: RatioView,
+    /// `None` until the quantile has been learnt from a window.
+    pub latency_p50: Option<LatencyView>,
+    pub latency_p90: Option<LatencyView>,
+    pub latency_p99: Option<LatencyView>,
+    pub bytes_out: BytesView,
+    pub bytes_in: BytesView,
+}
+
+/// One recent window of a pair, counts per window, latency in seconds (`None` without
+/// requests).
+#[derive(Debug, serde::Serialize)]
+pub struct WindowView {
+    /// 0 for the last window scored, 1 for the one before, …
+    pub windows_ago: usize,
+    pub requests: f64,
+    pub requests_expected: f64,
+    pub connections: f64,
+    pub connections_expected: f64,
+    pub errors: f64,
+    pub denied: f64,
+    pub rate_limited: f64,
+    pub latency_p50_seconds: Option<f64>,
+    pub latency_p90_seconds: Option<f64>,
+    pub latency_p99_seconds: Option<f64>,
+    pub bytes_out: f64,
+    pub bytes_in: f64,
+}
+
+/// What a pair's model holds, for `GET /api/v1/pairs/{id}`.
+#[derive(Debug, serde::Serialize)]
+pub struct ModelDetail {
+    /// Windows scored, of `warmup_windows` while learning.
+    pub windows: u64,
+    pub warmup_windows: u64,
+    pub baselines: Baselines,
+    /// The last windows scored (up to 30), the latest first.
+    pub recent_windows: Vec<WindowView>,
+}
+
 /// Keeps the verdict that counts most of `best` and `v`: a hot one over one that is not, then
 /// the smaller tail probability.
 pub(crate) fn keep_better(best: &mut Option<Verdict>, v: Verdict) {
@@ -471,6 +563,69 @@ impl PairModel {
         }
         model.slow = slow;
         Some(model)
+    }
+
+    /// The model's baselines (`next_ms`: start of the window to come) and recent windows.
+    pub fn detail(&self, next_ms: i64, window_ms: i64, cfg: &DetectorConfig) -> ModelDetail {
+        let per_s = 1000.0 / window_ms as f64;
+        let count = |b: &CountBaseline| CountView {
+            expected_per_s: b.expected(next_ms) * per_s,
+            level_per_s: b.level * per_s,
+            daily: b.daily,
+            weekly: b.weekly,
+            short_term: b.short,
+            dispersion: b.dispersion,
+            shifted_windows: b.shifted,
+        };
+        let ratio = |b: &RatioBaseline| RatioView { expected: b.expected(), requests: b.total };
+        let latency = |b: &LatencyBaseline| {
+            (b.windows > 0).then(|| LatencyView {
+                expected_seconds: b.mean.exp() * 1e-6,
+                within_window_log_sd: b.spread,
+                between_windows_log_sd: b.between_var.sqrt(),
+                windows: b.windows,
+                shifted_windows: b.shifted,
+            })
+        };
+        let bytes = |b: &BytesBaseline| BytesView { per_flow_mean: b.mean, per_flow_sd: b.var.sqrt() };
+        let seconds = |l: f64| l.is_finite().then(|| l.exp() * 1e-6);
+        ModelDetail {
+            windows: self.windows,
+            warmup_windows: cfg.warmup_windows,
+            baselines: Baselines {
+                request_rate: count(&self.requests),
+                connection_rate: count(&self.connections),
+                error_ratio: ratio(&self.errors),
+                denial_ratio: ratio(&self.denials),
+                rate_limit_ratio: ratio(&self.rate_limits),
+                latency_p50: latency(&self.latency[0]),
+                latency_p90: latency(&self.latency[1]),
+                latency_p99: latency(&self.latency[2]),
+                bytes_out: bytes(&self.bytes_out),
+                bytes_in: bytes(&self.bytes_in),
+            },
+            recent_windows: self
+                .ring
+                .iter()
+                .rev()
+                .enumerate()
+                .map(|(ago, s)| WindowView {
+                    windows_ago: ago,
+                    requests: s.obs.requests,
+                    requests_expected: s.requests_expected,
+                    connections: s.obs.connections,
+                    connections_expected: s.connections_expected,
+                    errors: s.obs.errors,
+                    denied: s.obs.denied,
+                    rate_limited: s.obs.rate_limited,
+                    latency_p50_seconds: seconds(s.obs.latency[0]),
+                    latency_p90_seconds: seconds(s.obs.latency[1]),
+                    latency_p99_seconds: seconds(s.obs.latency[2]),
+                    bytes_out: s.obs.bytes_out,
+                    bytes_in: s.obs.bytes_in,
+                })
+                .collect(),
+        }
     }
 
     pub fn learning(&self, cfg: &DetectorConfig) -> bool {
