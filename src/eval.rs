@@ -15,9 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, RawConfig};
 use crate::serve::{self, ServeError};
-use crate::sim::generate::{Generator, Truth, mesh_config};
+#[cfg(test)]
+use crate::sim::generate::EvidenceSlice;
+use crate::sim::generate::{Evidence, Generator, Truth, mesh_config};
 use crate::sim::play::{Pace, PlayError, PlayOptions, Stamp, play};
 use crate::sim::scenario::{IncidentKind, Scenario};
+use meshwatch_detector::baseline::z_for_p;
+use meshwatch_detector::model::DetectorConfig;
+use meshwatch_detector::stats::binomial_upper_tail;
 
 /// One detection, as the detector reports it.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -80,6 +85,8 @@ pub struct KindReport {
     pub precision: Option<f64>,
     pub ttd_median_s: Option<f64>,
     pub ttd_p95_s: Option<f64>,
+    /// Median of the incidents' `ideal_ttd_s` (latency shifts and error bursts).
+    pub ideal_ttd_median_s: Option<f64>,
 }
 
 /// How one labelled incident was detected: its first matching detection, if any.
@@ -94,6 +101,9 @@ pub struct IncidentOutcome {
     /// That detection's kind and reason.
     pub detected_as: Option<String>,
     pub reason: Option<String>,
+    /// For a latency shift or an error burst: when an ideal test would have found it (see
+    /// `ideal_ttd`); `None` if it would not have, or for the other kinds.
+    pub ideal_ttd_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -147,6 +157,7 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
                 ttd_s: d.map(|d| (d.start_ms - t.start_ms) as f64 / 1000.0),
                 detected_as: d.map(|d| d.kind.clone()),
                 reason: d.map(|d| d.reason.clone()),
+                ideal_ttd_s: None,
             }
         })
         .collect();
@@ -171,6 +182,7 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
             precision: (!own.is_empty()).then(|| true_own as f64 / own.len() as f64),
             ttd_median_s: percentile(&ttd, 0.5),
             ttd_p95_s: percentile(&ttd, 0.95),
+            ideal_ttd_median_s: None,
         });
     }
     let false_detections = true_detection.iter().filter(|t| !**t).count();
@@ -184,6 +196,50 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
         false_examples,
         pair_days,
         false_per_1000_pair_days: if pair_days > 0.0 { false_detections as f64 * 1000.0 / pair_days } else { 0.0 },
+    }
+}
+
+/// When an ideal test would have found a latency shift or an error burst: one that knows when
+/// the incident began and the edge's true normal (its latency median and log-sd, its error
+/// ratio), and tests all the edge's requests since then — the mean of their log latency
+/// (the most powerful test of a shift in log-normal latency) or their errors (binomial) — at
+/// the detector's threshold, needing it in `k` of the last `n` windows as the detector does.
+/// No detector can do better at that threshold; the gap to it is what a better one could win.
+/// Seconds from the start to the end of the window it is reached in, or `None`.
+pub fn ideal_ttd(kind: IncidentKind, e: &Evidence, cfg: &DetectorConfig, window_s: f64) -> Option<f64> {
+    let z_threshold = z_for_p(cfg.threshold_p);
+    let (mut requests, mut log_sum, mut errors, mut history) = (0u64, 0.0, 0u64, 0u32);
+    for (w, slice) in e.slices.iter().enumerate() {
+        requests += slice.requests;
+        log_sum += slice.log_ratio_sum;
+        errors += slice.errors;
+        let hot = requests > 0
+            && match kind {
+                IncidentKind::LatencyShift => log_sum / (e.latency_sigma * (requests as f64).sqrt()) >= z_threshold,
+                IncidentKind::ErrorBurst => binomial_upper_tail(errors, requests, e.error_ratio) < cfg.threshold_p,
+                _ => return None,
+            };
+        history = (history << 1) | u32::from(hot);
+        if (history & ((1u32 << cfg.n.min(31)) - 1)).count_ones() >= cfg.k {
+            return Some((w + 1) as f64 * window_s);
+        }
+    }
+    None
+}
+
+impl Quality {
+    /// Adds each incident's ideal time to detect (`ideal[i]` for `incidents[i]`) and their
+    /// median per kind.
+    pub fn set_ideal(&mut self, ideal: &[Option<f64>]) {
+        for (i, t) in self.incidents.iter_mut().zip(ideal) {
+            i.ideal_ttd_s = *t;
+        }
+        for k in &mut self.per_kind {
+            let mut of_kind: Vec<f64> =
+                self.incidents.iter().filter(|i| i.kind == k.kind).filter_map(|i| i.ideal_ttd_s).collect();
+            of_kind.sort_by(f64::total_cmp);
+            k.ideal_ttd_median_s = percentile(&of_kind, 0.5);
+        }
     }
 }
 
@@ -216,13 +272,13 @@ impl EvalReport {
             self.detector
         );
         out.push_str(&format!(
-            "{:<20} {:>9} {:>8} {:>7} {:>10} {:>9} {:>9} {:>9}\n",
-            "kind", "incidents", "detected", "recall", "detections", "precision", "ttd p50", "ttd p95"
+            "{:<20} {:>9} {:>8} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9}\n",
+            "kind", "incidents", "detected", "recall", "detections", "precision", "ttd p50", "ttd p95", "ideal p50"
         ));
         let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.2}{unit}"));
         for k in &self.quality.per_kind {
             out.push_str(&format!(
-                "{:<20} {:>9} {:>8} {:>7} {:>10} {:>9} {:>9} {:>9}\n",
+                "{:<20} {:>9} {:>8} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9}\n",
                 k.kind,
                 k.incidents,
                 k.detected,
@@ -230,8 +286,14 @@ impl EvalReport {
                 k.detections,
                 opt(k.precision, ""),
                 opt(k.ttd_median_s, "s"),
-                opt(k.ttd_p95_s, "s")
+                opt(k.ttd_p95_s, "s"),
+                opt(k.ideal_ttd_median_s, "s")
             ));
+        }
+        if self.quality.per_kind.iter().any(|k| k.ideal_ttd_median_s.is_some()) {
+            out.push_str(
+                "ideal: an ideal test of the incident's own requests since it began, against the edge's true normal, at the same threshold and k of n\n",
+            );
         }
         for i in self.quality.incidents.iter().filter(|i| i.ttd_s.is_none()) {
             out.push_str(&format!("missed: {} {} -> {} at {} ms\n", i.kind, i.source, i.destination, i.start_ms));
@@ -303,6 +365,9 @@ async fn scrape(addr: SocketAddr) -> Result<String, EvalError> {
 
 /// Runs `scenario` (for `duration_ms` of it, if given) through an in-process meshwatch
 /// configured by `config` (see `eval_config`).
+/// Simulated time per generated slice: the ideal test (`ideal_ttd`) is checked once a slice.
+const SLICE_MS: i64 = 10_000;
+
 pub async fn run(
     scenario: Scenario,
     config: Config,
@@ -318,7 +383,7 @@ pub async fn run(
     }));
     let bound = bound_rx.await.map_err(|_| EvalError::NotStarted)?;
     let name = scenario.name.clone();
-    let mut generator = Generator::new(scenario, seed, 10_000);
+    let mut generator = Generator::new(scenario, seed, SLICE_MS);
     if let Some(d) = duration_ms {
         generator.limit(d);
     }
@@ -355,6 +420,11 @@ pub async fn run(
     let detections = stored_detections(data_dir).await?;
 
     let truth = generator.truth();
+    let ideal: Vec<Option<f64>> = truth
+        .iter()
+        .zip(generator.evidence())
+        .map(|(t, e)| ideal_ttd(IncidentKind::parse(&t.kind)?, e.as_ref()?, &detector_cfg, SLICE_MS as f64 / 1000.0))
+        .collect();
     let pairs: BTreeSet<_> = generator.counts().keys().map(|(s, d, dir, _)| (s.clone(), d.clone(), *dir)).collect();
     let simulated_days = played.simulated_ms as f64 / 86_400_000.0;
     let pair_days = pairs.len() as f64 * simulated_days;
@@ -370,7 +440,11 @@ pub async fn run(
             "baselines per pair and signal; p < {:e}, {} of the last {} windows; {} windows of warm-up",
             detector_cfg.threshold_p, detector_cfg.k, detector_cfg.n, detector_cfg.warmup_windows
         ),
-        quality: score(&truth, &detections, pair_days, 60_000),
+        quality: {
+            let mut q = score(&truth, &detections, pair_days, 60_000);
+            q.set_ideal(&ideal);
+            q
+        },
     })
 }
 
@@ -481,6 +555,28 @@ mod tests {
         assert_eq!((second.ttd_s, second.detected_as.as_deref()), (None, None));
         assert_eq!((q.incidents[3].ttd_s, q.incidents[3].detected_as.as_deref()), (Some(10.0), Some("new_edge")));
         assert!((q.false_per_1000_pair_days - 30.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_ideal_test_is_reached_when_counted_by_hand() {
+        let cfg = DetectorConfig::default();
+        let evidence = |requests, log_ratio_sum, errors| Evidence {
+            latency_sigma: 0.5,
+            error_ratio: 0.001,
+            slices: vec![EvidenceSlice { requests, log_ratio_sum, errors }; 30],
+        };
+        // Five requests a window at twice the median (σ 0.5): z = ln 2 / 0.5 · √(5w) is 4.38
+        // after two windows and 5.37 after three (over 4.75 for 1e-6); hot in windows 3 and
+        // 4, so 2 of the last 3 in the fourth.
+        let slow = evidence(5, 5.0 * 2f64.ln(), 0);
+        assert_eq!(ideal_ttd(IncidentKind::LatencyShift, &slow, &cfg, 10.0), Some(40.0));
+        // One error in ten requests a window, against 0.1 %: P(X ≥ 3 of 30) = 4.0e-6 is not
+        // below 1e-6, P(X ≥ 4 of 40) = 9.1e-8 is; hot in windows 4 and 5.
+        let failing = evidence(10, 0.0, 1);
+        assert_eq!(ideal_ttd(IncidentKind::ErrorBurst, &failing, &cfg, 10.0), Some(50.0));
+        // Normal traffic is never found; other kinds have no ideal test.
+        assert_eq!(ideal_ttd(IncidentKind::LatencyShift, &evidence(5, 0.0, 0), &cfg, 10.0), None);
+        assert_eq!(ideal_ttd(IncidentKind::TrafficDrop, &failing, &cfg, 10.0), None);
     }
 
     #[test]

@@ -179,5 +179,12 @@ async fn eval_runs_end_to_end_and_nothing_is_detected_while_pairs_learn() {
         assert_eq!(k["incidents"], 1);
         assert_eq!(k["recall"], 0.0, "two hours are all warm-up (a day): nothing can be detected");
     }
+    // An ideal test, which needs no warm-up, finds the error burst in its own requests; a new
+    // edge has no ideal time.
+    let ideal = per_kind[0]["ideal_ttd_median_s"].as_f64().expect("the burst's ideal time");
+    assert!(ideal > 0.0 && ideal <= 600.0, "{ideal}");
+    assert!(per_kind[1]["ideal_ttd_median_s"].is_null());
+    let burst = &report["quality"]["incidents"][0];
+    assert_eq!((burst["kind"].as_str(), burst["ideal_ttd_s"].as_f64()), (Some("error_burst"), Some(ideal)));
     assert_eq!(report["quality"]["detections"], 0);
 }

@@ -50,6 +50,26 @@ pub struct Truth {
     pub via: Option<String>,
 }
 
+/// The requests of a latency or error incident's own edge while it lasts, slice by slice, and
+/// the edge's normal: what an ideal test of the incident could know (`eval`'s bound on the
+/// time to detect it).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Evidence {
+    /// Log-sd of the edge's latency, and its normal error ratio.
+    pub latency_sigma: f64,
+    pub error_ratio: f64,
+    pub slices: Vec<EvidenceSlice>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EvidenceSlice {
+    pub requests: u64,
+    /// Sum over the requests of ln(latency / the edge's normal median).
+    pub log_ratio_sum: f64,
+    /// Requests that failed (5xx).
+    pub errors: u64,
+}
+
 /// What the generator produced for one pair as one reporter logs it: HTTP requests by
 /// status class (as `meshwatch_collector::flow::StatusClass`) and TCP connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -111,6 +131,8 @@ struct LiveEdge {
 
 pub struct Generator {
     scenario: Scenario,
+    /// Per incident of the scenario: its evidence, for latency shifts and error bursts.
+    evidence: Vec<Option<Evidence>>,
     slice_ms: i64,
     next_ms: i64,
     end_ms: i64,
@@ -326,6 +348,7 @@ impl Generator {
             .map(|e| ((e.from, e.to), UpstreamTotals { tcp: e.protocol == Protocol::Tcp, ..Default::default() }))
             .collect();
         Generator {
+            evidence: vec![None; scenario.incidents.len()],
             next_ms: scenario.start_ms,
             end_ms: scenario.start_ms + scenario.duration_ms,
             scenario,
@@ -390,6 +413,21 @@ impl Generator {
                     end_ms: i.end_ms.min(self.end_ms),
                     via: (i.from == 0).then(|| spiffe(s, GATEWAY)),
                 }
+            })
+            .collect()
+    }
+
+    /// The evidence of each incident of `truth()` (same order): `None` but for latency
+    /// shifts and error bursts.
+    pub fn evidence(&self) -> Vec<Option<Evidence>> {
+        let s = &self.scenario;
+        s.incidents
+            .iter()
+            .zip(&self.evidence)
+            .filter(|(i, _)| i.start_ms < self.end_ms)
+            .map(|(i, e)| {
+                matches!(i.kind, IncidentKind::LatencyShift | IncidentKind::ErrorBurst)
+                    .then(|| e.clone().unwrap_or_default())
             })
             .collect()
     }
@@ -522,7 +560,15 @@ impl Generator {
         let mut denial = 0.0;
         let mut rate_limit = 0.0;
         let mut request_bytes_factor = 1.0;
-        for inc in s.incidents.iter().filter(|i| i.start_ms < end && i.end_ms > start) {
+        // The latency or error incident on this edge, if one is on.
+        let mut evidence = None;
+        for (index, inc) in s.incidents.iter().enumerate().filter(|(_, i)| i.start_ms < end && i.end_ms > start) {
+            if matches!(inc.kind, IncidentKind::LatencyShift | IncidentKind::ErrorBurst)
+                && inc.from == edge.from
+                && inc.to == Some(edge.to)
+            {
+                evidence = Some((index, inc.start_ms, inc.end_ms, EvidenceSlice::default()));
+            }
             let spread = inc.kind == IncidentKind::DenialSpread && inc.from == edge.from;
             if !spread && (inc.from != edge.from || inc.to != Some(edge.to)) {
                 continue;
@@ -572,8 +618,23 @@ impl Generator {
             };
             let req_bytes = (e.rng.exponential(edge.request_bytes) * request_bytes_factor) as u64;
             let resp_bytes = e.rng.exponential(edge.response_bytes) as u64;
+            if let Some((_, from, until, slice)) = evidence.as_mut()
+                && (*from..*until).contains(&t)
+            {
+                slice.requests += 1;
+                slice.log_ratio_sum += (latency_us.max(1) as f64 / (edge.latency_median_ms * 1000.0)).ln();
+                slice.errors += u64::from(code >= 500);
+            }
             let outcome = Outcome { t: t + shift_ms, latency_us, code, flags, req_bytes, resp_bytes, mtls };
             written += self.request(k, &outcome);
+        }
+        if let Some((index, ..)) = evidence {
+            let record = self.evidence[index].get_or_insert_with(|| Evidence {
+                latency_sigma: edge.latency_sigma,
+                error_ratio: edge.error_ratio,
+                slices: Vec::new(),
+            });
+            record.slices.push(evidence.map(|(.., slice)| slice).unwrap_or_default());
         }
         written
     }
@@ -854,6 +915,31 @@ mod tests {
         assert_eq!(truth.len(), 1);
         assert_eq!(truth[0].kind, "error_burst");
         assert_eq!(truth[0].end_ms - truth[0].start_ms, 600_000);
+    }
+
+    #[test]
+    fn evidence_is_the_incidents_own_requests() {
+        let text = SMALL.replace(
+            "[[incidents]]",
+            "[[incidents]]\nkind = \"latency_shift\"\nfrom = \"api\"\nto = \"pay.example.com\"\nstart = \"5m\"\nduration = \"5m\"\nmagnitude = 2\n\n[[incidents]]",
+        );
+        let mut g = Generator::new(Scenario::parse(&text).expect("valid"), 3, 10_000);
+        while g.next_slice(0).is_some() {}
+        let evidence = g.evidence();
+        assert_eq!(evidence.len(), g.truth().len());
+        let slow = evidence[0].as_ref().expect("a latency shift has evidence");
+        // 5 minutes of 10 s slices, at 1 request a second, twice the normal median.
+        assert_eq!(slow.slices.len(), 30);
+        let requests: u64 = slow.slices.iter().map(|s| s.requests).sum();
+        assert!((200..400).contains(&requests), "{requests}");
+        let mean_log_ratio = slow.slices.iter().map(|s| s.log_ratio_sum).sum::<f64>() / requests as f64;
+        assert!((mean_log_ratio - 2f64.ln()).abs() < 0.1, "{mean_log_ratio}");
+        // The error burst: 10 minutes at 10 requests a second, half of them failing.
+        let failing = evidence[1].as_ref().expect("an error burst has evidence");
+        assert_eq!(failing.slices.len(), 60);
+        let (requests, errors) = failing.slices.iter().fold((0, 0), |(r, e), s| (r + s.requests, e + s.errors));
+        assert!((errors as f64 / requests as f64 - 0.5).abs() < 0.05, "{errors} of {requests}");
+        assert_eq!(failing.error_ratio, 0.001);
     }
 
     #[test]
