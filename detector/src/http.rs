@@ -88,7 +88,8 @@ struct SignalView {
     expected: f64,
     lower: f64,
     upper: f64,
-    /// Windows the verdict covers (1, 6 or 30).
+    /// Windows the verdict covers (one of `model::SCALES`, or the half hour of a quiet
+    /// pair's median).
     scale_windows: usize,
     anomalous: bool,
 }

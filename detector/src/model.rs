@@ -1,5 +1,5 @@
 //! Everything the detector keeps for one pair as one reporter sees it: a baseline per
-//! signal, the last windows (to score over 1, 3, 6 and 30 windows, and the median latency
+//! signal, the last windows (to score over 1 to 30 windows, and the median latency
 //! over half an hour, so that quiet pairs are judged on enough traffic), and which kinds of
 //! anomaly are hot or active (k of the last n windows).
 //!
@@ -13,7 +13,7 @@ use crate::baseline::{Assessment, BytesBaseline, CountBaseline, LatencyBaseline,
 use crate::upstream::{UpstreamModel, UpstreamObs};
 
 /// Scales (in windows) at which every signal is scored; the ring keeps the largest.
-pub const SCALES: [usize; 4] = [1, 3, 6, 30];
+pub const SCALES: [usize; 6] = [1, 3, 4, 6, 12, 30];
 const RING: usize = 30;
 
 /// Windows in a block of `SlowMedian`, and the completed blocks it keeps: the median
