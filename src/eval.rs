@@ -220,7 +220,7 @@ pub fn ideal_ttd(kind: IncidentKind, e: &Evidence, cfg: &DetectorConfig, window_
                 _ => return None,
             };
         history = (history << 1) | u32::from(hot);
-        if (history & ((1u32 << cfg.n.min(31)) - 1)).count_ones() >= cfg.k {
+        if cfg.k_of_n(history) {
             return Some((w + 1) as f64 * window_s);
         }
     }
@@ -363,11 +363,11 @@ async fn scrape(addr: SocketAddr) -> Result<String, EvalError> {
     Ok(body)
 }
 
-/// Runs `scenario` (for `duration_ms` of it, if given) through an in-process meshwatch
-/// configured by `config` (see `eval_config`).
 /// Simulated time per generated slice: the ideal test (`ideal_ttd`) is checked once a slice.
 const SLICE_MS: i64 = 10_000;
 
+/// Runs `scenario` (for `duration_ms` of it, if given) through an in-process meshwatch
+/// configured by `config` (see `eval_config`).
 pub async fn run(
     scenario: Scenario,
     config: Config,

@@ -16,7 +16,7 @@ use tracing::warn;
 use crate::alert::fnv;
 use crate::anomaly::{Anomaly, in_units};
 use crate::model::{ModelDetail, PairModel};
-use crate::pairs::PairTable;
+use crate::pairs::{PairEntry, PairTable};
 use crate::score::Detector;
 use crate::trust;
 use meshwatch_collector::flow::Direction;
@@ -133,27 +133,26 @@ fn signals(model: Option<&PairModel>, window_ms: i64) -> BTreeMap<&'static str, 
         .unwrap_or_default()
 }
 
+fn pair_view(k: &PairKey, e: &PairEntry, d: &Detector) -> PairView {
+    let model = d.model(k);
+    PairView {
+        id: pair_id(k),
+        source: k.source.to_string(),
+        destination: k.destination.to_string(),
+        direction: k.direction.as_str(),
+        reporter: k.reporter.as_str(),
+        state: if model.is_none_or(|m| m.learning(&d.cfg)) { "learning" } else { "ready" },
+        first_seen_ms: e.first_seen_ms,
+        last_seen_ms: e.last_seen_ms,
+        total_flows: e.total_flows,
+        signals: signals(model, d.window_ms),
+    }
+}
+
 fn pair_views(state: &AppState) -> Vec<PairView> {
     let table = state.pairs.snapshot();
     let d = crate::lock(&state.detector);
-    table
-        .into_iter()
-        .map(|(k, e)| {
-            let model = d.model(&k);
-            PairView {
-                id: pair_id(&k),
-                source: k.source.to_string(),
-                destination: k.destination.to_string(),
-                direction: k.direction.as_str(),
-                reporter: k.reporter.as_str(),
-                state: if model.is_none_or(|m| m.learning(&d.cfg)) { "learning" } else { "ready" },
-                first_seen_ms: e.first_seen_ms,
-                last_seen_ms: e.last_seen_ms,
-                total_flows: e.total_flows,
-                signals: signals(model, d.window_ms),
-            }
-        })
-        .collect()
+    table.iter().map(|(k, e)| pair_view(k, e, &d)).collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -177,17 +176,16 @@ struct PairDetailView {
 }
 
 async fn pair(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match pair_views(&state).into_iter().find(|p| p.id == id) {
-        Some(view) => {
-            let d = crate::lock(&state.detector);
-            let key = state.pairs.snapshot().into_iter().map(|(k, _)| k).find(|k| pair_id(k) == id);
-            let next_ms = d.last_start_ms.map_or(0, |t| t + d.window_ms);
-            let model = key.and_then(|k| d.model(&k).map(|m| m.detail(next_ms, d.window_ms, &d.cfg)));
-            axum::Json(PairDetailView { pair: view, last_window_start_ms: d.last_start_ms, model }).into_response()
-        }
-        None => (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"error": format!("no pair with id {id}")})))
-            .into_response(),
-    }
+    let table = state.pairs.snapshot();
+    let Some((key, entry)) = table.iter().find(|(k, _)| pair_id(k) == id) else {
+        return (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"error": format!("no pair with id {id}")})))
+            .into_response();
+    };
+    let d = crate::lock(&state.detector);
+    let next_ms = d.last_start_ms.map_or(0, |t| t + d.window_ms);
+    let model = d.model(key).map(|m| m.detail(next_ms, d.window_ms, &d.cfg));
+    let view = PairDetailView { pair: pair_view(key, entry, &d), last_window_start_ms: d.last_start_ms, model };
+    axum::Json(view).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

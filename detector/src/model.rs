@@ -102,6 +102,13 @@ pub struct DetectorConfig {
     pub clear_after: u32,
 }
 
+impl DetectorConfig {
+    /// Whether hot flags (bit 0 the latest window) hold `k` among the last `n` windows.
+    pub fn k_of_n(&self, history: u32) -> bool {
+        (history & ((1u32 << self.n.min(31)) - 1)).count_ones() >= self.k
+    }
+}
+
 impl Default for DetectorConfig {
     fn default() -> Self {
         DetectorConfig { warmup_windows: 8_640, threshold_p: 1e-6, k: 2, n: 3, adapt_after: 360, clear_after: 30 }
@@ -439,10 +446,8 @@ pub(crate) fn track(
 ) {
     let hot = verdict.is_some_and(|v| v.hot);
     *history = (*history << 1) | u32::from(hot);
-    let mask = (1u32 << cfg.n.min(31)) - 1;
-    let recent = (*history & mask).count_ones();
     if let Some(v) = verdict {
-        if ready && !*active && (recent >= cfg.k || (v.hot && v.sustained)) {
+        if ready && !*active && (cfg.k_of_n(*history) || (v.hot && v.sustained)) {
             *active = true;
             step.fired.push(v);
         }
@@ -1093,7 +1098,6 @@ mod tests {
         assert_ne!(m.slow, SlowMedian::default());
     }
 
-    /// A pair with a request every minute, its latency wobbling by up to ±30 %.
     /// A window of `n` requests whose latencies are log-normal (median 20 ms, log-sd 0.5),
     /// through the sketch as the collector builds it.
     fn sampled(seed: &mut u64, n: u64) -> Obs {
@@ -1136,6 +1140,7 @@ mod tests {
         assert!((0.85..1.1).contains(&sd), "z of a window's median has sd {sd}");
     }
 
+    /// A pair with a request every minute, its latency wobbling by up to ±30 %.
     fn quiet(i: i64, factor: f64) -> Obs {
         if i % 6 != 0 {
             return Obs::zero();

@@ -70,6 +70,11 @@ pub struct EvidenceSlice {
     pub errors: u64,
 }
 
+/// Whether the generator records an incident's `Evidence`: latency shifts and error bursts.
+fn has_evidence(kind: IncidentKind) -> bool {
+    matches!(kind, IncidentKind::LatencyShift | IncidentKind::ErrorBurst)
+}
+
 /// What the generator produced for one pair as one reporter logs it: HTTP requests by
 /// status class (as `meshwatch_collector::flow::StatusClass`) and TCP connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -425,10 +430,7 @@ impl Generator {
             .iter()
             .zip(&self.evidence)
             .filter(|(i, _)| i.start_ms < self.end_ms)
-            .map(|(i, e)| {
-                matches!(i.kind, IncidentKind::LatencyShift | IncidentKind::ErrorBurst)
-                    .then(|| e.clone().unwrap_or_default())
-            })
+            .map(|(i, e)| has_evidence(i.kind).then(|| e.clone().unwrap_or_default()))
             .collect()
     }
 
@@ -563,10 +565,7 @@ impl Generator {
         // The latency or error incident on this edge, if one is on.
         let mut evidence = None;
         for (index, inc) in s.incidents.iter().enumerate().filter(|(_, i)| i.start_ms < end && i.end_ms > start) {
-            if matches!(inc.kind, IncidentKind::LatencyShift | IncidentKind::ErrorBurst)
-                && inc.from == edge.from
-                && inc.to == Some(edge.to)
-            {
+            if has_evidence(inc.kind) && inc.from == edge.from && inc.to == Some(edge.to) {
                 evidence = Some((index, inc.start_ms, inc.end_ms, EvidenceSlice::default()));
             }
             let spread = inc.kind == IncidentKind::DenialSpread && inc.from == edge.from;
@@ -628,13 +627,13 @@ impl Generator {
             let outcome = Outcome { t: t + shift_ms, latency_us, code, flags, req_bytes, resp_bytes, mtls };
             written += self.request(k, &outcome);
         }
-        if let Some((index, ..)) = evidence {
+        if let Some((index, _, _, slice)) = evidence {
             let record = self.evidence[index].get_or_insert_with(|| Evidence {
                 latency_sigma: edge.latency_sigma,
                 error_ratio: edge.error_ratio,
                 slices: Vec::new(),
             });
-            record.slices.push(evidence.map(|(.., slice)| slice).unwrap_or_default());
+            record.slices.push(slice);
         }
         written
     }
