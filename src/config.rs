@@ -14,6 +14,7 @@ use meshwatch_collector::identity::{MeshConfig, Pattern, ServiceMapping};
 use meshwatch_collector::pipeline::Clock;
 use meshwatch_collector::window::WindowConfig;
 use meshwatch_detector::alert::AlertConfig;
+use meshwatch_detector::baseline::Cadence;
 use meshwatch_detector::model::DetectorConfig;
 use meshwatch_detector::notify::{DeliveryConfig, Receiver, Target};
 use meshwatch_detector::trust::{Policy, Rule, TrustConfig};
@@ -641,6 +642,7 @@ impl RawConfig {
             n: n as u32,
             adapt_after: u32::try_from(windows_of(adapt_after)).unwrap_or(u32::MAX),
             clear_after: u32::try_from(windows_of(clear_after)).unwrap_or(u32::MAX),
+            cadence: Cadence::of(length.as_millis() as i64),
         };
         let z = &self.zero_trust;
         let zt = TrustConfig::default();

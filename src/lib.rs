@@ -7,6 +7,7 @@
 //! detector's models over one series (`meshwatch score`). The work itself lives in the
 //! `meshwatch-collector` and `meshwatch-detector` crates.
 
+pub mod backtest;
 pub mod config;
 pub mod eval;
 pub mod serve;

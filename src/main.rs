@@ -89,15 +89,32 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Score a univariate series (`timestamp,value` rows) causally with the detector's rate
-    /// or latency model; writes `timestamp,value,anomaly_score` to standard output.
+    /// Score a univariate series (`timestamp,value` rows) causally with the detector's
+    /// baselines; writes `timestamp,value,anomaly_score` (−log10 p; 6 is the detector's
+    /// threshold) to standard output.
     Score {
         /// The CSV file.
         #[arg(long)]
         input: PathBuf,
-        /// `rate` (counts per interval) or `latency` (durations).
-        #[arg(long, default_value = "rate")]
+        /// `auto`, `rate` (counts or amounts per interval), `ratio` (a share, increases only)
+        /// or `latency` (durations, increases only).
+        #[arg(long, default_value = "auto")]
         model: String,
+    },
+    /// Score every series (`.csv`) under a folder and measure the alarms against labelled
+    /// windows, beside a rolling Gaussian and "never alarm".
+    Backtest {
+        /// The folder of series (searched recursively).
+        series: PathBuf,
+        /// JSON: `{"folder/name.csv": [["start", "end"], …]}`, names relative to the folder.
+        #[arg(long)]
+        windows: PathBuf,
+        /// The model for every series (see `score`).
+        #[arg(long, default_value = "auto")]
+        model: String,
+        /// Print every figure as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Serve and play a small mesh in real time, with an incident every few minutes.
     Demo {
@@ -120,6 +137,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshwatch score: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Command::Backtest { series, windows, model, json } = &cli.command {
+        return match backtest(series, windows, model, *json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshwatch backtest: {e:#}");
                 ExitCode::from(2)
             }
         };
@@ -177,7 +203,7 @@ async fn run(command: Command, loaded: Option<Result<config::Config, config::Con
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
     match command {
-        Command::CheckConfig { .. } | Command::Score { .. } => Ok(()),
+        Command::CheckConfig { .. } | Command::Score { .. } | Command::Backtest { .. } => Ok(()),
         Command::Serve { .. } => {
             let config = loaded.context("no configuration")?.context("invalid configuration")?;
             meshwatch::serve::run(config, shutdown, |_| {}).await.context("meshwatch serve failed")
@@ -245,17 +271,35 @@ async fn run(command: Command, loaded: Option<Result<config::Config, config::Con
     }
 }
 
+fn parse_model(model: &str) -> anyhow::Result<meshwatch::univariate::Model> {
+    match meshwatch::univariate::Model::parse(model) {
+        Some(m) => Ok(m),
+        None => bail!("--model {model}: auto, rate, ratio or latency"),
+    }
+}
+
+fn backtest(series: &std::path::Path, windows: &std::path::Path, model: &str, json: bool) -> anyhow::Result<()> {
+    let model = parse_model(model)?;
+    let windows = meshwatch::backtest::read_windows(windows)?;
+    let report = meshwatch::backtest::run(series, &windows, model, |name| tracing::debug!(name, "series scored"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", meshwatch::backtest::table(&report, 20.0));
+    }
+    Ok(())
+}
+
 fn score_file(input: &std::path::Path, model: &str) -> anyhow::Result<()> {
-    let model = match model {
-        "rate" => meshwatch::univariate::Model::Rate,
-        "latency" => meshwatch::univariate::Model::Latency,
-        other => bail!("--model {other}: rate or latency"),
-    };
+    let model = parse_model(model)?;
     let file = std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
     let stdout = std::io::stdout();
     let out = std::io::BufWriter::new(stdout.lock());
-    meshwatch::univariate::score(std::io::BufReader::new(file), out, model)?;
-    Ok(())
+    match meshwatch::univariate::score(std::io::BufReader::new(file), out, model) {
+        // The reader stopped reading (`| head`): not a failure of ours.
+        Err(meshwatch::univariate::ScoreError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.map(drop)?),
+    }
 }
 
 fn parse_rate(rate: &str) -> anyhow::Result<Pace> {

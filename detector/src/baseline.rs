@@ -12,6 +12,46 @@
 
 use crate::stats::{binomial_upper_tail, nb_lower_tail, nb_upper_tail, normal_sf};
 
+/// The length of the windows (or rows) a baseline learns from: memories are durations, and
+/// this turns them into numbers of windows, so that the same traffic at 10 s or 1 h
+/// resolution is remembered for as long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cadence {
+    window_ms: i64,
+}
+
+impl Default for Cadence {
+    /// Ten-second windows, the collector's default.
+    fn default() -> Self {
+        Cadence { window_ms: 10_000 }
+    }
+}
+
+impl Cadence {
+    /// A cadence of `window_ms` (at least a millisecond).
+    pub fn of(window_ms: i64) -> Cadence {
+        Cadence { window_ms: window_ms.max(1) }
+    }
+
+    pub fn window_ms(&self) -> i64 {
+        self.window_ms
+    }
+
+    /// Windows in `ms` of time, and at least `min_windows`: a memory shorter than a few
+    /// windows would follow every window.
+    pub fn windows(&self, ms: f64, min_windows: f64) -> f64 {
+        (ms / self.window_ms as f64).max(min_windows)
+    }
+
+    /// Windows in a day (at least one).
+    pub fn day(&self) -> u64 {
+        (DAY_MS as i64 / self.window_ms).max(1) as u64
+    }
+}
+
+const DAY_MS: f64 = 86_400_000.0;
+const HOUR_MS: f64 = 3_600_000.0;
+
 /// Learning rates, as windows (the reciprocal is the weight of one new window).
 pub const LEVEL_WINDOWS: f64 = 180.0;
 pub const DISPERSION_WINDOWS: f64 = 360.0;
@@ -79,6 +119,84 @@ pub struct CountBaseline {
     /// Counts per hour of the first day: at its end, they set the daily shape and the level
     /// at once (the online estimates of the first day lag behind both).
     pub first_day: [(f64, u32); 24],
+    /// The spread learnt from data (`SpreadModel::Learnt`), instead of the fixed model error.
+    #[serde(skip)]
+    pub spread: Option<LearntSpread>,
+}
+
+/// A count's variance as learnt from its residuals: `var = φ·λ + κ·λ²`, with φ (the
+/// quasi-Poisson dispersion) and κ (the squared relative error of the expectation) fitted by
+/// least squares of `r²/λ = φ + κ·λ` over decayed moments of the windows that taught the
+/// baseline. A pair 5× burstier than Poisson gets φ ≈ 5; a large series whose noise is a share
+/// of its level gets κ ≈ that share². Counts keep φ ≥ 1 (Poisson is the least a count
+/// varies); continuous values (`counts == false`) have no floor.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LearntSpread {
+    pub counts: bool,
+    /// The least κ: the expectation's own relative error, which residuals one window apart
+    /// cannot show (the level and shapes are wrong together for a while).
+    pub min_kappa: f64,
+    /// Decayed means of λ, λ², u = r²/λ and λ·u.
+    moments: [f64; 4],
+    samples: u64,
+    pub phi: f64,
+    pub kappa: f64,
+}
+
+impl LearntSpread {
+    pub fn new(counts: bool) -> LearntSpread {
+        LearntSpread {
+            counts,
+            min_kappa: 0.0,
+            moments: [0.0; 4],
+            samples: 0,
+            phi: 1.0,
+            kappa: MODEL_ERROR * MODEL_ERROR,
+        }
+    }
+
+    fn floor(&self) -> f64 {
+        if self.counts { 1.0 } else { 0.0 }
+    }
+
+    /// The variance of a count whose expectation is `lambda`.
+    pub fn variance(&self, lambda: f64) -> f64 {
+        let lambda = lambda.max(0.0);
+        (self.phi * lambda + self.kappa.max(self.min_kappa) * lambda * lambda).max(1e-12)
+    }
+
+    /// Learns one residual `r` of a window expected at `lambda` (> 0); `memory` in windows.
+    fn learn(&mut self, lambda: f64, r: f64, memory: f64) {
+        let u = r * r / lambda;
+        let a = rate(self.samples, memory);
+        for (m, v) in self.moments.iter_mut().zip([lambda, lambda * lambda, u, lambda * u]) {
+            *m += a * (v - *m);
+        }
+        self.samples += 1;
+        let [ml, mll, mu, mlu] = self.moments;
+        let var_l = mll - ml * ml;
+        let floor = self.floor();
+        // The fit needs λ to have varied (a daily shape); otherwise the noise is taken as a
+        // share of the level for continuous values, and as dispersion for counts.
+        let (mut phi, mut kappa) = if var_l > (0.1 * ml).powi(2) {
+            let kappa = (mlu - ml * mu) / var_l;
+            (mu - kappa * ml, kappa)
+        } else if self.counts {
+            (mu, 0.0)
+        } else {
+            (0.0, mu / ml.max(1e-300))
+        };
+        if kappa < 0.0 {
+            (phi, kappa) = (mu, 0.0);
+        }
+        if phi < floor {
+            // Through the floor: κ = E[λ(u − φ)] / E[λ²].
+            phi = floor;
+            kappa = ((mlu - floor * ml) / mll.max(1e-300)).max(0.0);
+        }
+        self.phi = phi;
+        self.kappa = kappa;
+    }
 }
 
 impl Default for CountBaseline {
@@ -95,6 +213,7 @@ impl Default for CountBaseline {
             shifted: 0,
             shift_sum: 0.0,
             first_day: [(0.0, 0); 24],
+            spread: None,
         }
     }
 }
@@ -106,38 +225,42 @@ pub fn calendar(t_ms: i64) -> (f64, usize) {
     (hour, (day + 3).rem_euclid(7) as usize)
 }
 
-/// Windows of memory of the level, a daily slot (per slot), a weekly slot, the short factor.
-const LEVEL_MEMORY: f64 = 8_640.0;
-const DAILY_SLOT_MEMORY: f64 = 1_080.0;
-const WEEKLY_SLOT_MEMORY: f64 = 17_280.0;
-const SHORT_MEMORY: f64 = 90.0;
-const DAY_WINDOWS: u64 = 8_640;
+/// Memories, in time: the level (a day), a daily slot (three hours of its own windows, so
+/// three days), a weekly slot (two days of its windows: two weeks), the short factor (a quarter
+/// of an hour, at least 4 windows), the dispersion (an hour, at least 100 windows: a variance
+/// needs many).
+const LEVEL_MEMORY_MS: f64 = DAY_MS;
+const DAILY_SLOT_MEMORY_MS: f64 = 3.0 * HOUR_MS;
+const WEEKLY_SLOT_MEMORY_MS: f64 = 2.0 * DAY_MS;
+const SHORT_MEMORY_MS: f64 = HOUR_MS / 4.0;
+const DISPERSION_MEMORY_MS: f64 = HOUR_MS;
 
 impl CountBaseline {
     /// The seasonal factor at `t_ms` (daily slots interpolated between hour midpoints).
-    pub fn season(&self, t_ms: i64) -> f64 {
+    pub fn season(&self, t_ms: i64, cadence: Cadence) -> f64 {
         let (hour, weekday) = calendar(t_ms);
         let x = hour - 0.5;
         let h0 = x.floor().rem_euclid(24.0) as usize;
         let f = x - x.floor();
-        (self.daily[h0] * (1.0 - f) + self.daily[(h0 + 1) % 24] * f) * self.weekly_factor(weekday)
+        (self.daily[h0] * (1.0 - f) + self.daily[(h0 + 1) % 24] * f) * self.weekly_factor(weekday, cadence)
     }
 
     /// The weekly shape applies once every weekday has taught it for half a day: before, the
     /// factor of a day not yet seen would be a guess against days that were.
-    fn weekly_factor(&self, weekday: usize) -> f64 {
-        if self.weekly_n.iter().all(|&n| u64::from(n) >= DAY_WINDOWS / 2) { self.weekly[weekday] } else { 1.0 }
+    fn weekly_factor(&self, weekday: usize, cadence: Cadence) -> f64 {
+        if self.weekly_n.iter().all(|&n| u64::from(n) >= cadence.day() / 2) { self.weekly[weekday] } else { 1.0 }
     }
 
     /// Expected count in the window at `t_ms`.
-    pub fn expected(&self, t_ms: i64) -> f64 {
-        self.level * self.season(t_ms) * self.short
+    pub fn expected(&self, t_ms: i64, cadence: Cadence) -> f64 {
+        self.level * self.season(t_ms, cadence) * self.short
     }
 
     /// Learns from one window's count; `anomalous` windows teach nothing unless the shift
     /// lasts `adapt_after` windows.
-    pub fn update(&mut self, x: f64, t_ms: i64, anomalous: bool, adapt_after: u32) {
-        let season = self.season(t_ms).max(1e-3);
+    pub fn update(&mut self, x: f64, t_ms: i64, anomalous: bool, adapt_after: u32, cadence: Cadence) {
+        let day_windows = cadence.day();
+        let season = self.season(t_ms, cadence).max(1e-3);
         let lambda = self.level * season * self.short;
         if anomalous && self.windows > 0 {
             self.shifted += 1;
@@ -153,39 +276,49 @@ impl CountBaseline {
         }
         self.shifted = 0;
         self.shift_sum = 0.0;
-        let sd = (self.dispersion * lambda.max(1.0)).sqrt();
+        let sd = match &self.spread {
+            Some(s) => s.variance(lambda).sqrt(),
+            None => (self.dispersion * lambda.max(1.0)).sqrt(),
+        };
         let clipped = if self.windows < 30 { x } else { x.clamp(lambda - 3.0 * sd, lambda + 3.0 * sd).max(0.0) };
         // The level: a running mean at first, then about a day of memory.
-        self.level += rate(self.windows, LEVEL_MEMORY) * (clipped / season - self.level);
+        self.level += rate(self.windows, cadence.windows(LEVEL_MEMORY_MS, 4.0)) * (clipped / season - self.level);
         if self.windows >= 30 && self.level > 0.0 {
             let (hour, weekday) = calendar(t_ms);
             let h = hour.floor() as usize % 24;
-            let weekly_now = self.weekly_factor(weekday);
+            let weekly_now = self.weekly_factor(weekday, cadence);
             let daily_ratio = (clipped / (self.level * weekly_now)).min(10.0);
-            self.daily[h] += rate(u64::from(self.daily_n[h]), DAILY_SLOT_MEMORY) * (daily_ratio - self.daily[h]);
+            let daily_memory = cadence.windows(DAILY_SLOT_MEMORY_MS, 3.0);
+            self.daily[h] += rate(u64::from(self.daily_n[h]), daily_memory) * (daily_ratio - self.daily[h]);
             self.daily_n[h] = self.daily_n[h].saturating_add(1);
             // The weekly shape only once a day has taught the level and the daily shape.
-            if self.windows >= DAY_WINDOWS {
+            if self.windows >= day_windows {
                 let weekly_ratio = (clipped / (self.level * season / weekly_now)).min(10.0);
-                self.weekly[weekday] += (weekly_ratio - self.weekly[weekday]) / WEEKLY_SLOT_MEMORY;
+                self.weekly[weekday] +=
+                    (weekly_ratio - self.weekly[weekday]) / cadence.windows(WEEKLY_SLOT_MEMORY_MS, 2.0);
                 self.weekly_n[weekday] = self.weekly_n[weekday].saturating_add(1);
             }
             normalize(&mut self.daily);
             normalize(&mut self.weekly);
-            let short_ratio = (clipped / (self.level * self.season(t_ms)).max(1e-9)).clamp(1.0 / 3.0, 3.0);
-            self.short += (short_ratio - self.short) / SHORT_MEMORY;
-            if lambda >= 1.0 {
+            let short_ratio = (clipped / (self.level * self.season(t_ms, cadence)).max(1e-9)).clamp(1.0 / 3.0, 3.0);
+            self.short += (short_ratio - self.short) / cadence.windows(SHORT_MEMORY_MS, 4.0);
+            let dispersion_memory = cadence.windows(DISPERSION_MEMORY_MS, 100.0);
+            if let Some(spread) = &mut self.spread {
+                if lambda > 0.0 {
+                    spread.learn(lambda, clipped - lambda, dispersion_memory);
+                }
+            } else if lambda >= 1.0 {
                 let r = ((clipped - lambda).powi(2) / lambda).min(50.0);
-                self.dispersion = (self.dispersion + (r - self.dispersion) / DISPERSION_WINDOWS).max(1.0);
+                self.dispersion = (self.dispersion + (r - self.dispersion) / dispersion_memory).max(1.0);
             }
         }
-        if self.windows < DAY_WINDOWS {
+        if self.windows < day_windows {
             let h = calendar(t_ms).0.floor() as usize % 24;
             self.first_day[h].0 += x;
             self.first_day[h].1 += 1;
         }
         self.windows += 1;
-        if self.windows == DAY_WINDOWS {
+        if self.windows == day_windows {
             self.calibrate_from_first_day();
         }
     }
@@ -227,6 +360,43 @@ impl CountBaseline {
     /// through the variance-stabilising Anscombe transform; the exact tail alone is too sure
     /// of itself above small means, the approximation alone far too sure below them.
     pub fn assess(&self, x: f64, expected: f64, threshold_p: f64) -> Assessment {
+        match &self.spread {
+            Some(s) => Self::assess_learnt(s, x, expected, threshold_p),
+            None => self.assess_fixed(x, expected, threshold_p),
+        }
+    }
+
+    /// The same tails with the learnt spread: the count in units of φ (for a continuous
+    /// value, φ is the size of one "count") is negative binomial of size 1/κ.
+    fn assess_learnt(s: &LearntSpread, x: f64, expected: f64, threshold_p: f64) -> Assessment {
+        // κ floored so that the exact tail stays a negative binomial of finite size.
+        let (phi, kappa) = (s.phi.max(1e-12), s.kappa.max(s.min_kappa).max(1e-4));
+        let (x, expected) = (x.max(0.0) / phi, expected.max(0.0) / phi);
+        let zt = z_for_p(threshold_p);
+        // Variance over mean of the count in units of φ: 1, plus the expectation's error.
+        let spread = 1.0 + kappa * expected.max(0.0);
+        let anscombe = |v: f64| (v.max(0.0) + 0.375).sqrt();
+        let half = zt * spread.sqrt() / 2.0;
+        let lower = phi * ((anscombe(expected) - half).max(0.0).powi(2) - 0.375).max(0.0);
+        let upper = phi * ((anscombe(expected) + half).powi(2) - 0.375);
+        let high = x > expected;
+        let approx = normal_sf((2.0 * (anscombe(x) - anscombe(expected)) / spread.sqrt()).abs());
+        let p_value = if expected < 1_000.0 {
+            let shape = 1.0 / kappa;
+            let exact = if high {
+                nb_upper_tail(x.ceil() as u64, expected, shape)
+            } else {
+                nb_lower_tail(x.floor() as u64, expected, shape)
+            };
+            exact.max(approx)
+        } else {
+            approx
+        };
+        Assessment { p_value: p_value.clamp(0.0, 1.0), high, observed: x * phi, expected: expected * phi, lower, upper }
+    }
+
+    /// With the fixed model error (`spread` unset).
+    fn assess_fixed(&self, x: f64, expected: f64, threshold_p: f64) -> Assessment {
         let phi = self.dispersion.max(1.0);
         // Variance over mean of the count: the dispersion, plus the expectation's error.
         let spread = phi + MODEL_ERROR * MODEL_ERROR * expected.max(0.0);
@@ -493,25 +663,25 @@ mod tests {
         let mut b = CountBaseline::default();
         for i in 0..2_000 {
             let t = i * W;
-            let a = b.assess(30.0, b.expected(t), 1e-6);
+            let a = b.assess(30.0, b.expected(t, Cadence::default()), 1e-6);
             assert!(i < 30 || a.p_value > 0.01, "window {i}: {a:?}");
-            b.update(30.0, t, false, 360);
+            b.update(30.0, t, false, 360, Cadence::default());
         }
-        assert!((b.expected(2_000 * W) - 30.0).abs() < 0.5);
+        assert!((b.expected(2_000 * W, Cadence::default()) - 30.0).abs() < 0.5);
     }
 
     #[test]
     fn a_surge_is_surprising_and_does_not_teach() {
         let mut b = CountBaseline::default();
         for i in 0..1_000 {
-            b.update(30.0, i * W, false, 360);
+            b.update(30.0, i * W, false, 360, Cadence::default());
         }
         let before = b.level;
-        let a = b.assess(90.0, b.expected(1_000 * W), 1e-6);
+        let a = b.assess(90.0, b.expected(1_000 * W, Cadence::default()), 1e-6);
         assert!(a.high && a.p_value < 1e-6, "{a:?}");
-        b.update(90.0, 1_000 * W, true, 360);
+        b.update(90.0, 1_000 * W, true, 360, Cadence::default());
         assert_eq!(b.level, before);
-        let drop = b.assess(0.0, 6.0 * b.expected(0), 1e-6);
+        let drop = b.assess(0.0, 6.0 * b.expected(0, Cadence::default()), 1e-6);
         assert!(!drop.high && drop.p_value < 1e-6, "{drop:?}");
     }
 
@@ -519,10 +689,10 @@ mod tests {
     fn a_lasting_shift_is_adopted() {
         let mut b = CountBaseline::default();
         for i in 0..500 {
-            b.update(10.0, i * W, false, 360);
+            b.update(10.0, i * W, false, 360, Cadence::default());
         }
         for i in 500..860 {
-            b.update(40.0, i * W, true, 360);
+            b.update(40.0, i * W, true, 360, Cadence::default());
         }
         assert!((b.level - 40.0).abs() < 1.0, "{}", b.level);
     }
@@ -591,13 +761,184 @@ mod tests {
         let shape = |t: i64| if calendar(t).0 < 12.0 { 10.0 } else { 40.0 };
         for i in 0..(7 * 8_640) {
             let t = i * W;
-            b.update(shape(t), t, false, 360);
+            b.update(shape(t), t, false, 360, Cadence::default());
         }
         let t_morning = 7 * 86_400_000 + 6 * 3_600_000;
         let t_evening = 7 * 86_400_000 + 18 * 3_600_000;
-        let ratio = b.season(t_evening) / b.season(t_morning);
+        let ratio = b.season(t_evening, Cadence::default()) / b.season(t_morning, Cadence::default());
         assert!((3.2..4.8).contains(&ratio), "evening over morning {ratio}");
         // The level is the daily mean, 25; the expectation follows the shape.
         assert!((b.level - 25.0).abs() < 4.0, "{}", b.level);
+    }
+
+    /// Deterministic draws for the tests: xorshift uniforms, Poisson by inversion (normal
+    /// approximation above 50), and clustered counts `s · Poisson(λ / s)` whose variance is
+    /// `s` times their mean.
+    struct Draws(u64);
+
+    impl Draws {
+        fn uniform(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        }
+
+        fn poisson(&mut self, lambda: f64) -> f64 {
+            if lambda > 50.0 {
+                let z = (-2.0 * self.uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.uniform()).cos();
+                return (lambda + z * lambda.sqrt()).round().max(0.0);
+            }
+            let (mut k, mut p, mut cdf, u) = (0.0, (-lambda).exp(), (-lambda).exp(), self.uniform());
+            while u > cdf && k < 1_000.0 {
+                k += 1.0;
+                p *= lambda / k;
+                cdf += p;
+            }
+            k
+        }
+
+        fn clustered(&mut self, lambda: f64, dispersion: f64) -> f64 {
+            dispersion * self.poisson(lambda / dispersion)
+        }
+    }
+
+    fn learnt(counts: bool) -> CountBaseline {
+        CountBaseline { spread: Some(LearntSpread::new(counts)), ..CountBaseline::default() }
+    }
+
+    #[test]
+    fn the_learnt_dispersion_is_the_traffics_and_widens_the_band() {
+        let cadence = Cadence::of(60_000);
+        let mut uppers = Vec::new();
+        for d in [1.0, 5.0, 25.0] {
+            let mut draws = Draws(0x9e37_79b9_7f4a_7c15);
+            let mut b = learnt(true);
+            for i in 0..(3 * 1_440) {
+                let t = i * 60_000;
+                let x = draws.clustered(100.0, d);
+                let hot = i >= 1_440 && b.assess(x, b.expected(t, cadence), 1e-6).p_value < 1e-6;
+                b.update(x, t, hot, 1_440, cadence);
+            }
+            let spread = b.spread.as_ref().expect("learnt");
+            let var_over_mean = spread.variance(100.0) / 100.0;
+            assert!((var_over_mean / d - 1.0).abs() < 0.35, "dispersion {d}: learnt {var_over_mean}");
+            let t = 3 * 86_400_000;
+            let a = b.assess(100.0, b.expected(t, cadence), 1e-6);
+            uppers.push(a.upper - a.expected);
+        }
+        // Bands grow as the square root of the dispersion: 5× burstier, √5 × wider.
+        assert!(uppers[0] < uppers[1] && uppers[1] < uppers[2], "{uppers:?}");
+        assert!((uppers[1] / uppers[0] / 5f64.sqrt() - 1.0).abs() < 0.35, "{uppers:?}");
+    }
+
+    #[test]
+    fn a_deviation_of_one_size_is_flagged_less_often_as_the_dispersion_grows() {
+        let cadence = Cadence::of(60_000);
+        let mut flagged = Vec::new();
+        for d in [1.0, 4.0, 16.0] {
+            let mut draws = Draws(7);
+            let mut b = learnt(true);
+            let mut hits = 0;
+            for i in 0..(4 * 1_440) {
+                let t = i * 60_000;
+                // Every 97th minute of the last three days is 60 % above the normal 50.
+                let surge = i >= 1_440 && i % 97 == 0;
+                let x = draws.clustered(if surge { 80.0 } else { 50.0 }, d);
+                let p = b.assess(x, b.expected(t, cadence), 1e-6).p_value;
+                hits += usize::from(surge && p < 1e-3);
+                // Learning for the first day, as the detector's warm-up.
+                b.update(x, t, i >= 1_440 && p < 1e-6, 1_440, cadence);
+            }
+            flagged.push(hits);
+        }
+        assert!(flagged[0] > flagged[1] && flagged[1] > flagged[2], "{flagged:?}");
+        // Under Poisson, a surge of 60 % on 50 is seen most of the time.
+        assert!(flagged[0] > 20, "{flagged:?}");
+    }
+
+    #[test]
+    fn the_same_traffic_at_10_s_and_60_s_windows_is_learnt_alike() {
+        // Three days of a daily shape (quiet nights), as 10 s windows and as their sums over
+        // a minute: the expected rate per second, the level per second and the daily shape
+        // agree, and a surge ×3 for ten minutes is seen at both resolutions.
+        let (fine, coarse) = (Cadence::of(10_000), Cadence::of(60_000));
+        let rate_per_s = |t: i64| if calendar(t).0 < 8.0 { 0.5 } else { 2.0 };
+        let (mut b10, mut b60) = (CountBaseline::default(), CountBaseline::default());
+        let mut draws = Draws(11);
+        let mut minute = 0.0;
+        for i in 0..(3 * 8_640) {
+            let t = i * 10_000;
+            let x = draws.poisson(rate_per_s(t) * 10.0);
+            b10.update(x, t, false, 360, fine);
+            minute += x;
+            if i % 6 == 5 {
+                b60.update(minute, t - 50_000, false, 60, coarse);
+                minute = 0.0;
+            }
+        }
+        let day3 = 3 * 86_400_000;
+        for hour in [3, 12, 20] {
+            let t = day3 + hour * 3_600_000;
+            let (e10, e60) = (b10.expected(t, fine) / 10.0, b60.expected(t, coarse) / 60.0);
+            assert!((e10 / e60 - 1.0).abs() < 0.1, "hour {hour}: {e10} per s against {e60}");
+        }
+        assert!((b10.level / 10.0 / (b60.level / 60.0) - 1.0).abs() < 0.1);
+        let t = day3 + 12 * 3_600_000;
+        let surge10 = b10.assess(60.0 * 10.0, 10.0 * b10.expected(t, fine), 1e-6);
+        let surge60 = b60.assess(60.0 * 10.0, 10.0 * b60.expected(t, coarse), 1e-6);
+        assert!(surge10.p_value < 1e-6 && surge60.p_value < 1e-6, "{surge10:?} {surge60:?}");
+    }
+
+    #[test]
+    fn over_dispersed_traffic_without_incidents_pages_nothing_in_a_week() {
+        // A week of minutes, 5× burstier than Poisson, with a daily shape (nights at a fifth
+        // of the afternoon's peak): after the day of learning, no minute reaches the threshold.
+        let cadence = Cadence::of(60_000);
+        let mut draws = Draws(0x2545_f491_4f6c_dd1d);
+        let mut b = learnt(true);
+        let mut paged = Vec::new();
+        for i in 0..(7 * 1_440) {
+            let t = i * 60_000;
+            let lambda = 120.0 - 80.0 * (calendar(t).0 / 24.0 * std::f64::consts::TAU).cos();
+            let x = draws.clustered(lambda, 5.0);
+            let p = b.assess(x, b.expected(t, cadence), 1e-6).p_value;
+            let hot = i >= 1_440 && p < 1e-6;
+            if hot {
+                paged.push((i, x));
+            }
+            b.update(x, t, hot, 1_440, cadence);
+        }
+        assert!(paged.is_empty(), "{paged:?}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// With any learnt spread, a larger deviation is never less surprising, p-values are
+        /// in [0, 1] and bands hold the expectation.
+        #[test]
+        fn learnt_tails_are_finite_and_ordered(
+            phi in 0.001f64..100.0,
+            kappa in 0.0f64..1.0,
+            expected in 0.0f64..1e7,
+            steps in proptest::collection::vec(0.0f64..3.0, 1..8),
+            counts in proptest::bool::ANY,
+        ) {
+            let mut spread = LearntSpread::new(counts);
+            spread.phi = phi;
+            spread.kappa = kappa;
+            let b = CountBaseline { spread: Some(spread), ..CountBaseline::default() };
+            let mut x = expected;
+            let mut last_p = 1.0;
+            for step in steps {
+                x += step * (expected.sqrt() + 1.0);
+                let a = b.assess(x, expected, 1e-6);
+                proptest::prop_assert!(a.p_value.is_finite() && (0.0..=1.0).contains(&a.p_value), "{a:?}");
+                proptest::prop_assert!(a.lower <= a.expected + 1e-9 && a.expected <= a.upper + 1e-9, "{a:?}");
+                proptest::prop_assert!(a.p_value <= last_p + 1e-12, "{x} after p {last_p}: {a:?}");
+                last_p = a.p_value;
+            }
+        }
     }
 }

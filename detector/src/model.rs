@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use meshwatch_collector::window::PairStats;
 
-use crate::baseline::{Assessment, BytesBaseline, CountBaseline, LatencyBaseline, RatioBaseline};
+use crate::baseline::{Assessment, BytesBaseline, Cadence, CountBaseline, LatencyBaseline, RatioBaseline};
 use crate::upstream::{UpstreamModel, UpstreamObs};
 
 /// Scales (in windows) at which every signal is scored; the ring keeps the largest.
@@ -100,6 +100,8 @@ pub struct DetectorConfig {
     /// A detection ends after this many windows in a row without a hot one (at least `n`,
     /// at most 32): an incident on a quiet pair, hot only now and then, stays one anomaly.
     pub clear_after: u32,
+    /// The window length, which turns the rate baselines' memories (durations) into windows.
+    pub cadence: Cadence,
 }
 
 impl DetectorConfig {
@@ -111,7 +113,15 @@ impl DetectorConfig {
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        DetectorConfig { warmup_windows: 8_640, threshold_p: 1e-6, k: 2, n: 3, adapt_after: 360, clear_after: 30 }
+        DetectorConfig {
+            warmup_windows: 8_640,
+            threshold_p: 1e-6,
+            k: 2,
+            n: 3,
+            adapt_after: 360,
+            clear_after: 30,
+            cadence: Cadence::default(),
+        }
     }
 }
 
@@ -574,7 +584,7 @@ impl PairModel {
     pub fn detail(&self, next_ms: i64, window_ms: i64, cfg: &DetectorConfig) -> ModelDetail {
         let per_s = 1000.0 / window_ms as f64;
         let count = |b: &CountBaseline| CountView {
-            expected_per_s: b.expected(next_ms) * per_s,
+            expected_per_s: b.expected(next_ms, cfg.cadence) * per_s,
             level_per_s: b.level * per_s,
             daily: b.daily,
             weekly: b.weekly,
@@ -658,16 +668,16 @@ impl PairModel {
     }
 
     /// Expected requests (or connections) in a window at `t_ms`.
-    pub fn expected_flows(&self, t_ms: i64) -> f64 {
-        self.requests.expected(t_ms) + self.connections.expected(t_ms)
+    pub fn expected_flows(&self, t_ms: i64, cadence: Cadence) -> f64 {
+        self.requests.expected(t_ms, cadence) + self.connections.expected(t_ms, cadence)
     }
 
     /// Scores one window (`t_ms`: its start), learns from it, and returns what changed.
     pub fn observe(&mut self, obs: &Obs, t_ms: i64, cfg: &DetectorConfig) -> Step {
         let slot = Slot {
             obs: *obs,
-            requests_expected: self.requests.expected(t_ms),
-            connections_expected: self.connections.expected(t_ms),
+            requests_expected: self.requests.expected(t_ms, cfg.cadence),
+            connections_expected: self.connections.expected(t_ms, cfg.cadence),
         };
         if self.ring.len() == RING {
             self.ring.pop_front();
@@ -710,8 +720,8 @@ impl PairModel {
         );
         let h_lat = [hot(Signal::LatencyP50), hot(Signal::LatencyP90), hot(Signal::LatencyP99)];
         let (h_out, h_in) = (hot(Signal::BytesOut), hot(Signal::BytesIn));
-        self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after);
-        self.connections.update(obs.connections, t_ms, h_conn, cfg.adapt_after);
+        self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
+        self.connections.update(obs.connections, t_ms, h_conn, cfg.adapt_after, cfg.cadence);
         self.errors.update(obs.errors, obs.requests, h_err, cfg.adapt_after);
         self.denials.update(obs.denied, obs.requests, h_den, cfg.adapt_after);
         self.rate_limits.update(obs.rate_limited, obs.requests, h_rl, cfg.adapt_after);

@@ -138,8 +138,8 @@ impl UpstreamModel {
         }
         self.ring.push_back(Slot {
             obs: *obs,
-            requests_expected: self.requests.expected(t_ms),
-            ejections_expected: self.ejections.expected(t_ms),
+            requests_expected: self.requests.expected(t_ms, cfg.cadence),
+            ejections_expected: self.ejections.expected(t_ms, cfg.cadence),
         });
         let ready = !self.learning(cfg);
         if self.windows == cfg.warmup_windows {
@@ -166,8 +166,8 @@ impl UpstreamModel {
         let hot = |s: Signal| ready && self.history[slot_of(s)] & 1 == 1;
         let (h_req, h_ej) = (hot(Signal::UpstreamRequestRate), hot(Signal::OutlierEjections));
         let hot_ratios = RATIOS.map(hot);
-        self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after);
-        self.ejections.update(obs.ejections, t_ms, h_ej, cfg.adapt_after);
+        self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
+        self.ejections.update(obs.ejections, t_ms, h_ej, cfg.adapt_after, cfg.cadence);
         for ((baseline, signal), h) in self.ratios.iter_mut().zip(RATIOS).zip(hot_ratios) {
             let (events, trials) = obs.ratio(signal);
             baseline.update(events, trials, h, cfg.adapt_after);
