@@ -235,6 +235,10 @@ const WEEKLY_SLOT_MEMORY_MS: f64 = 2.0 * DAY_MS;
 const SHORT_MEMORY_MS: f64 = HOUR_MS / 4.0;
 const DISPERSION_MEMORY_MS: f64 = HOUR_MS;
 
+/// Where an anomalous window is clipped before it teaches a learnt baseline's daily shape, in
+/// standard deviations.
+const ANOMALY_TEACHES_Z: f64 = 3.0;
+
 impl CountBaseline {
     /// The seasonal factor at `t_ms` (daily slots interpolated between hour midpoints).
     pub fn season(&self, t_ms: i64, cadence: Cadence) -> f64 {
@@ -263,6 +267,23 @@ impl CountBaseline {
         let season = self.season(t_ms, cadence).max(1e-3);
         let lambda = self.level * season * self.short;
         if anomalous && self.windows > 0 {
+            if let Some(spread) = &self.spread
+                && self.windows >= 30
+                && self.level > 0.0
+            {
+                // What recurs at the same hour every day (a nightly batch) is the daily shape,
+                // however surprising the first time: the hour's slot learns the window clipped
+                // to the band's edge, so that one burst moves it little and a daily one in a
+                // few days.
+                let edge = ANOMALY_TEACHES_Z * spread.variance(lambda).sqrt();
+                let bounded = x.clamp(lambda - edge, lambda + edge).max(0.0);
+                let (hour, weekday) = calendar(t_ms);
+                let h = hour.floor() as usize % 24;
+                let daily_ratio = (bounded / (self.level * self.weekly_factor(weekday, cadence))).min(10.0);
+                let daily_memory = cadence.windows(DAILY_SLOT_MEMORY_MS, 3.0);
+                self.daily[h] += rate(u64::from(self.daily_n[h]), daily_memory) * (daily_ratio - self.daily[h]);
+                normalize(&mut self.daily);
+            }
             self.shifted += 1;
             self.shift_sum += x / lambda.max(1e-3);
             if self.shifted >= adapt_after {
