@@ -88,11 +88,6 @@ const THRESHOLD_P: f64 = 1e-6;
 /// rows (learnt), none of it the sampling error of a few requests.
 const ROW_REQUESTS: f64 = 1e9;
 
-/// The least relative error of a rate's expectation: residuals one row apart cannot show how
-/// far the level and shapes are off together (a series smooth from minute to minute still
-/// moves by this much from day to day); a change within it is not an anomaly however smooth.
-const MIN_RELATIVE_ERROR: f64 = 0.1;
-
 /// Rows scored 0 at first, whatever the interval: a baseline needs a few to start from.
 const MIN_WARMUP_ROWS: u64 = 30;
 
@@ -171,8 +166,7 @@ pub fn score_rows(rows: &[Row], model: Model, interval_ms: i64) -> Vec<f64> {
     // after its `adapt_after`; at least 12 rows.
     let adapt_after = u32::try_from(cadence.day().max(12)).unwrap_or(u32::MAX);
     let counts = rows.iter().all(|r| r.value.fract() == 0.0);
-    let mut spread = LearntSpread::new(counts && model == Model::Rate);
-    spread.min_kappa = MIN_RELATIVE_ERROR * MIN_RELATIVE_ERROR;
+    let spread = LearntSpread::new(counts && model == Model::Rate);
     let mut rate = CountBaseline { spread: Some(spread), ..CountBaseline::default() };
     let mut latency = LatencyBaseline::default();
     let mut scores = Vec::with_capacity(rows.len());

@@ -147,12 +147,18 @@ impl LearntSpread {
     pub fn new(counts: bool) -> LearntSpread {
         LearntSpread {
             counts,
-            min_kappa: 0.0,
+            min_kappa: MIN_RELATIVE_ERROR * MIN_RELATIVE_ERROR,
             moments: [0.0; 4],
             samples: 0,
             phi: 1.0,
             kappa: MODEL_ERROR * MODEL_ERROR,
         }
+    }
+
+    /// The spread of a count baseline stored before spreads were learnt: its dispersion, and
+    /// the fixed model error it was judged with.
+    pub fn migrated(dispersion: f64) -> LearntSpread {
+        LearntSpread { phi: dispersion.max(1.0), ..LearntSpread::new(true) }
     }
 
     fn floor(&self) -> f64 {
@@ -213,7 +219,7 @@ impl Default for CountBaseline {
             shifted: 0,
             shift_sum: 0.0,
             first_day: [(0.0, 0); 24],
-            spread: None,
+            spread: Some(LearntSpread::new(true)),
         }
     }
 }
@@ -223,6 +229,14 @@ pub fn calendar(t_ms: i64) -> (f64, usize) {
     let day = t_ms.div_euclid(86_400_000);
     let hour = t_ms.rem_euclid(86_400_000) as f64 / 3_600_000.0;
     (hour, (day + 3).rem_euclid(7) as usize)
+}
+
+/// The daily factor at `t_ms`, interpolated between hour midpoints.
+fn interpolated(daily: &[f64; 24], t_ms: i64) -> f64 {
+    let x = calendar(t_ms).0 - 0.5;
+    let h0 = x.floor().rem_euclid(24.0) as usize;
+    let f = x - x.floor();
+    daily[h0] * (1.0 - f) + daily[(h0 + 1) % 24] * f
 }
 
 /// Memories, in time: the level (a day), a daily slot (three hours of its own windows, so
@@ -235,18 +249,10 @@ const WEEKLY_SLOT_MEMORY_MS: f64 = 2.0 * DAY_MS;
 const SHORT_MEMORY_MS: f64 = HOUR_MS / 4.0;
 const DISPERSION_MEMORY_MS: f64 = HOUR_MS;
 
-/// Where an anomalous window is clipped before it teaches a learnt baseline's daily shape, in
-/// standard deviations.
-const ANOMALY_TEACHES_Z: f64 = 3.0;
-
 impl CountBaseline {
     /// The seasonal factor at `t_ms` (daily slots interpolated between hour midpoints).
     pub fn season(&self, t_ms: i64, cadence: Cadence) -> f64 {
-        let (hour, weekday) = calendar(t_ms);
-        let x = hour - 0.5;
-        let h0 = x.floor().rem_euclid(24.0) as usize;
-        let f = x - x.floor();
-        (self.daily[h0] * (1.0 - f) + self.daily[(h0 + 1) % 24] * f) * self.weekly_factor(weekday, cadence)
+        interpolated(&self.daily, t_ms) * self.weekly_factor(calendar(t_ms).1, cadence)
     }
 
     /// The weekly shape applies once every weekday has taught it for half a day: before, the
@@ -267,23 +273,6 @@ impl CountBaseline {
         let season = self.season(t_ms, cadence).max(1e-3);
         let lambda = self.level * season * self.short;
         if anomalous && self.windows > 0 {
-            if let Some(spread) = &self.spread
-                && self.windows >= 30
-                && self.level > 0.0
-            {
-                // What recurs at the same hour every day (a nightly batch) is the daily shape,
-                // however surprising the first time: the hour's slot learns the window clipped
-                // to the band's edge, so that one burst moves it little and a daily one in a
-                // few days.
-                let edge = ANOMALY_TEACHES_Z * spread.variance(lambda).sqrt();
-                let bounded = x.clamp(lambda - edge, lambda + edge).max(0.0);
-                let (hour, weekday) = calendar(t_ms);
-                let h = hour.floor() as usize % 24;
-                let daily_ratio = (bounded / (self.level * self.weekly_factor(weekday, cadence))).min(10.0);
-                let daily_memory = cadence.windows(DAILY_SLOT_MEMORY_MS, 3.0);
-                self.daily[h] += rate(u64::from(self.daily_n[h]), daily_memory) * (daily_ratio - self.daily[h]);
-                normalize(&mut self.daily);
-            }
             self.shifted += 1;
             self.shift_sum += x / lambda.max(1e-3);
             if self.shifted >= adapt_after {
@@ -298,6 +287,9 @@ impl CountBaseline {
         self.shifted = 0;
         self.shift_sum = 0.0;
         let sd = match &self.spread {
+            // A count's clip is never under Poisson's at one expected: a single request
+            // where 0.01 were expected is not an outlier to cut down.
+            Some(s) if s.counts => s.variance(lambda.max(1.0)).sqrt(),
             Some(s) => s.variance(lambda).sqrt(),
             None => (self.dispersion * lambda.max(1.0)).sqrt(),
         };
@@ -445,8 +437,14 @@ impl CountBaseline {
 }
 
 /// Relative error of a count's expectation (the standard deviation of the true rate around
-/// it, as a share of it).
+/// it, as a share of it) where it is not learnt, and the learnt κ's starting point.
 pub const MODEL_ERROR: f64 = 0.15;
+
+/// The least relative error of a learnt expectation: residuals one window apart cannot show
+/// how far the level and shapes are off together (a series smooth from one window to the
+/// next still moves by this much from day to day), so a change within it is never an anomaly
+/// however smooth the series.
+pub const MIN_RELATIVE_ERROR: f64 = 0.1;
 
 fn normalize<const N: usize>(v: &mut [f64; N]) {
     let mean = v.iter().sum::<f64>() / N as f64;
@@ -715,7 +713,8 @@ mod tests {
         for i in 500..860 {
             b.update(40.0, i * W, true, 360, Cadence::default());
         }
-        assert!((b.level - 40.0).abs() < 1.0, "{}", b.level);
+        let expected = b.expected(860 * W, Cadence::default());
+        assert!((expected - 40.0).abs() < 1.0, "{expected}");
     }
 
     #[test]
@@ -824,8 +823,10 @@ mod tests {
         }
     }
 
+    /// A baseline whose spread is all learnt (no floor on κ).
     fn learnt(counts: bool) -> CountBaseline {
-        CountBaseline { spread: Some(LearntSpread::new(counts)), ..CountBaseline::default() }
+        let spread = LearntSpread { min_kappa: 0.0, ..LearntSpread::new(counts) };
+        CountBaseline { spread: Some(spread), ..CountBaseline::default() }
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::collections::VecDeque;
 
 use meshwatch_collector::window::PairStats;
 
-use crate::baseline::{Assessment, BytesBaseline, Cadence, CountBaseline, LatencyBaseline, RatioBaseline};
+use crate::baseline::{
+    Assessment, BytesBaseline, Cadence, CountBaseline, LatencyBaseline, LearntSpread, RatioBaseline,
+};
 use crate::upstream::{UpstreamModel, UpstreamObs};
 
 /// Scales (in windows) at which every signal is scored; the ring keeps the largest.
@@ -510,6 +512,7 @@ pub(crate) fn rate_verdict(baseline: &CountBaseline, x: f64, expected: f64, p: f
 
 /// Ends the bytes of a model with a trailer (see `PairModel::to_bytes`).
 const TRAILER_MAGIC: [u8; 4] = *b"MWt1";
+const TRAILER_MAGIC_V2: [u8; 4] = *b"MWt2";
 
 /// Whether a ratio's assessment over `scale` windows is hot: significant, at least 3 events,
 /// at least double the expected ratio and a point above it, and (over several windows) events
@@ -543,30 +546,65 @@ fn window_sum(ring: &VecDeque<Slot>, scale: usize, f: impl Fn(&Slot) -> f64) -> 
 impl PairModel {
     /// The model as bytes, for the store; `from_bytes` gives back a model that scores and
     /// learns exactly as this one. The upstream model follows the rest, so that bytes written
-    /// before it existed still read (as a model without one); then a trailer (the half-hour
-    /// median), its length and `TRAILER_MAGIC`. Bytes written before the trailer existed end
-    /// with a flag (0 or 1), never with the magic, and read with an empty one.
+    /// before it existed still read (as a model without one); then a trailer, its length and
+    /// a magic: `TRAILER_MAGIC_V2`, the half-hour median and the rate baselines' learnt
+    /// spreads. Older bytes still read: `TRAILER_MAGIC` (the half-hour median alone; spreads
+    /// start from the stored dispersion) and, before any trailer, bytes that end with a flag
+    /// (0 or 1), never with a magic.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = postcard::to_stdvec(self).unwrap_or_default();
         if let Some(u) = &self.upstream {
             bytes.extend(postcard::to_stdvec(u.as_ref()).unwrap_or_default());
         }
-        let trailer = postcard::to_stdvec(&self.slow).unwrap_or_default();
+        let trailer = postcard::to_stdvec(&(&self.slow, self.spreads())).unwrap_or_default();
         bytes.extend(&trailer);
         bytes.extend((trailer.len() as u32).to_le_bytes());
-        bytes.extend(TRAILER_MAGIC);
+        bytes.extend(TRAILER_MAGIC_V2);
         bytes
     }
 
+    /// The learnt spreads of the rate baselines: requests, connections, then the upstream
+    /// requests and ejections.
+    fn spreads(&self) -> [Option<LearntSpread>; 4] {
+        let up = self.upstream.as_deref();
+        [
+            self.requests.spread.clone(),
+            self.connections.spread.clone(),
+            up.and_then(|u| u.requests.spread.clone()),
+            up.and_then(|u| u.ejections.spread.clone()),
+        ]
+    }
+
+    /// A model holding only `upstream`, to test how it is stored.
+    #[cfg(test)]
+    pub(crate) fn with_upstream(upstream: UpstreamModel) -> PairModel {
+        PairModel { upstream: Some(Box::new(upstream)), ..PairModel::default() }
+    }
+
+    fn count_baselines(&mut self) -> [Option<&mut CountBaseline>; 4] {
+        let (requests, connections) = (&mut self.requests, &mut self.connections);
+        let (up_requests, up_ejections) = match self.upstream.as_deref_mut() {
+            Some(u) => (Some(&mut u.requests), Some(&mut u.ejections)),
+            None => (None, None),
+        };
+        [Some(requests), Some(connections), up_requests, up_ejections]
+    }
+
     pub fn from_bytes(bytes: &[u8]) -> Option<PairModel> {
-        let (bytes, slow) = match bytes.strip_suffix(&TRAILER_MAGIC) {
-            Some(rest) => {
-                let (rest, len) = rest.split_at_checked(rest.len().checked_sub(4)?)?;
-                let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
-                let (rest, trailer) = rest.split_at_checked(rest.len().checked_sub(len)?)?;
-                (rest, postcard::from_bytes(trailer).ok()?)
-            }
-            None => (bytes, SlowMedian::default()),
+        fn trailer(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+            let (rest, len) = rest.split_at_checked(rest.len().checked_sub(4)?)?;
+            let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+            rest.split_at_checked(rest.len().checked_sub(len)?)
+        }
+        let (bytes, slow, spreads) = if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V2) {
+            let (rest, t) = trailer(rest)?;
+            let (slow, spreads): (SlowMedian, [Option<LearntSpread>; 4]) = postcard::from_bytes(t).ok()?;
+            (rest, slow, Some(spreads))
+        } else if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC) {
+            let (rest, t) = trailer(rest)?;
+            (rest, postcard::from_bytes(t).ok()?, None)
+        } else {
+            (bytes, SlowMedian::default(), None)
         };
         let (mut model, rest): (PairModel, _) = postcard::take_from_bytes(bytes).ok()?;
         if !rest.is_empty() {
@@ -577,6 +615,21 @@ impl PairModel {
             model.upstream = Some(Box::new(upstream));
         }
         model.slow = slow;
+        match spreads {
+            Some(spreads) => {
+                for (baseline, spread) in model.count_baselines().into_iter().zip(spreads) {
+                    if let Some(b) = baseline {
+                        b.spread = spread;
+                    }
+                }
+            }
+            // Stored before spreads were learnt: start from the dispersion learnt then.
+            None => {
+                for b in model.count_baselines().into_iter().flatten() {
+                    b.spread = Some(LearntSpread::migrated(b.dispersion));
+                }
+            }
+        }
         Some(model)
     }
 
@@ -1100,12 +1153,25 @@ mod tests {
         assert_eq!(restored.to_bytes(), m.to_bytes());
         assert_eq!(PairModel::from_bytes(&m.to_bytes()[..m.to_bytes().len() - 1]), None);
         // Bytes from before the half-hour median existed (no trailer) read with an empty one.
-        let trailer = postcard::to_stdvec(&m.slow).expect("encodes").len() + 8;
+        let trailer = postcard::to_stdvec(&(&m.slow, m.spreads())).expect("encodes").len() + 8;
         let bytes = m.to_bytes();
-        let legacy = PairModel::from_bytes(&bytes[..bytes.len() - trailer]).expect("legacy bytes decode");
+        let body = &bytes[..bytes.len() - trailer];
+        let legacy = PairModel::from_bytes(body).expect("legacy bytes decode");
         assert_eq!(legacy.slow, SlowMedian::default());
         assert_eq!(legacy.upstream.as_ref().map(|u| u.windows), Some(50));
         assert_ne!(m.slow, SlowMedian::default());
+        // Bytes with the first trailer (the half-hour median alone) read with it, and their
+        // rate baselines' spreads start from the dispersion they had learnt.
+        let mut v1 = body.to_vec();
+        let slow = postcard::to_stdvec(&m.slow).expect("encodes");
+        v1.extend(&slow);
+        v1.extend((slow.len() as u32).to_le_bytes());
+        v1.extend(TRAILER_MAGIC);
+        let migrated = PairModel::from_bytes(&v1).expect("first-trailer bytes decode");
+        assert_eq!(migrated.slow, m.slow);
+        let spread = migrated.requests.spread.as_ref().expect("a spread");
+        assert_eq!(spread.phi, m.requests.dispersion.max(1.0));
+        assert!(migrated.upstream.as_ref().is_some_and(|u| u.requests.spread.is_some()));
     }
 
     /// A window of `n` requests whose latencies are log-normal (median 20 ms, log-sd 0.5),

@@ -80,8 +80,8 @@ struct Slot {
 /// Baselines and detection state of the upstream signals of one pair.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UpstreamModel {
-    requests: CountBaseline,
-    ejections: CountBaseline,
+    pub(crate) requests: CountBaseline,
+    pub(crate) ejections: CountBaseline,
     /// Errors, timeouts, retries, connect failures, overflows, unhealthy hosts.
     ratios: [RatioBaseline; 6],
     ring: VecDeque<Slot>,
@@ -338,8 +338,10 @@ mod tests {
     #[test]
     fn steady_stats_never_fire_and_a_restored_model_scores_identically() {
         let mut m = warm();
-        let mut restored: UpstreamModel =
-            postcard::from_bytes(&postcard::to_stdvec(&m).expect("encodes")).expect("decodes");
+        // Stored as part of its pair's model, learnt spreads and all.
+        let bytes = crate::model::PairModel::with_upstream(m.clone()).to_bytes();
+        let mut restored =
+            crate::model::PairModel::from_bytes(&bytes).and_then(|p| p.upstream).map(|u| *u).expect("decodes");
         for i in 1_000..1_200 {
             let a = m.observe(&steady(i), i * W, false, false, &cfg());
             let b = restored.observe(&steady(i), i * W, false, false, &cfg());

@@ -180,6 +180,9 @@ fn service_ip(i: usize) -> String {
 
 const GATEWAY_IP: &str = "10.9.0.1";
 
+/// How close together the requests of one burst are.
+const BURST_SPREAD_MS: u64 = 200;
+
 /// A stable public-looking address for an external host.
 fn external_ip(host: &str) -> String {
     let h = host.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
@@ -294,6 +297,7 @@ impl Generator {
                 daily: [1.0; 24],
                 weekly: [1.0; 7],
                 noise: 0.0,
+                burst: 1.0,
                 error_ratio: 0.0,
                 latency_median_ms: 15.0,
                 latency_sigma: 0.4,
@@ -593,39 +597,47 @@ impl Generator {
         }
         let from = start.max(e.from_ms);
         let to = end.min(e.until_ms);
-        let n = e.rng.poisson(rate * e.noise_factor * (to - from) as f64 / 1000.0);
+        // Requests come in bursts of `burst` on average (1 + Poisson(burst − 1)), the members
+        // of one within `BURST_SPREAD_MS`: a window's count varies about `burst` times more
+        // than Poisson's. With bursts of one, the draws are those of plain Poisson arrivals.
+        let bursts = e.rng.poisson(rate * e.noise_factor * (to - from) as f64 / 1000.0 / edge.burst);
         let mut written = 0;
-        for _ in 0..n {
+        for _ in 0..bursts {
             let e = &mut self.edges[k];
-            let t = from + e.rng.below((to - from) as u64) as i64;
-            let latency_us =
-                (e.rng.lognormal(edge.latency_median_ms * latency_factor, edge.latency_sigma) * 1000.0) as u64;
-            let (code, flags) = if e.scan {
-                (404, 0)
-            } else if e.rng.chance(denial) {
-                (403, ResponseFlags::UNAUTHORIZED)
-            } else if e.rng.chance(rate_limit) {
-                (429, ResponseFlags::RATE_LIMITED)
-            } else if e.rng.chance(error_ratio) {
-                match e.rng.below(5) {
-                    0 => (503, ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
-                    1 => (504, ResponseFlags::UPSTREAM_REQUEST_TIMEOUT),
-                    _ => (500, 0),
+            let t0 = from + e.rng.below((to - from) as u64) as i64;
+            let size = if edge.burst > 1.0 { 1 + e.rng.poisson(edge.burst - 1.0) } else { 1 };
+            for member in 0..size {
+                let e = &mut self.edges[k];
+                let t = if member == 0 { t0 } else { (t0 + e.rng.below(BURST_SPREAD_MS) as i64).min(to - 1) };
+                let latency_us =
+                    (e.rng.lognormal(edge.latency_median_ms * latency_factor, edge.latency_sigma) * 1000.0) as u64;
+                let (code, flags) = if e.scan {
+                    (404, 0)
+                } else if e.rng.chance(denial) {
+                    (403, ResponseFlags::UNAUTHORIZED)
+                } else if e.rng.chance(rate_limit) {
+                    (429, ResponseFlags::RATE_LIMITED)
+                } else if e.rng.chance(error_ratio) {
+                    match e.rng.below(5) {
+                        0 => (503, ResponseFlags::UPSTREAM_CONNECTION_FAILURE),
+                        1 => (504, ResponseFlags::UPSTREAM_REQUEST_TIMEOUT),
+                        _ => (500, 0),
+                    }
+                } else {
+                    (200, 0)
+                };
+                let req_bytes = (e.rng.exponential(edge.request_bytes) * request_bytes_factor) as u64;
+                let resp_bytes = e.rng.exponential(edge.response_bytes) as u64;
+                if let Some((_, from, until, slice)) = evidence.as_mut()
+                    && (*from..*until).contains(&t)
+                {
+                    slice.requests += 1;
+                    slice.log_ratio_sum += (latency_us.max(1) as f64 / (edge.latency_median_ms * 1000.0)).ln();
+                    slice.errors += u64::from(code >= 500);
                 }
-            } else {
-                (200, 0)
-            };
-            let req_bytes = (e.rng.exponential(edge.request_bytes) * request_bytes_factor) as u64;
-            let resp_bytes = e.rng.exponential(edge.response_bytes) as u64;
-            if let Some((_, from, until, slice)) = evidence.as_mut()
-                && (*from..*until).contains(&t)
-            {
-                slice.requests += 1;
-                slice.log_ratio_sum += (latency_us.max(1) as f64 / (edge.latency_median_ms * 1000.0)).ln();
-                slice.errors += u64::from(code >= 500);
+                let outcome = Outcome { t: t + shift_ms, latency_us, code, flags, req_bytes, resp_bytes, mtls };
+                written += self.request(k, &outcome);
             }
-            let outcome = Outcome { t: t + shift_ms, latency_us, code, flags, req_bytes, resp_bytes, mtls };
-            written += self.request(k, &outcome);
         }
         if let Some((index, _, _, slice)) = evidence {
             let record = self.evidence[index].get_or_insert_with(|| Evidence {

@@ -96,6 +96,8 @@ struct RawEdge {
     weekly: Option<Shape>,
     #[serde(default = "default_noise")]
     noise: f64,
+    #[serde(default = "default_burst")]
+    burst: f64,
     #[serde(default = "default_error_ratio")]
     error_ratio: f64,
     #[serde(default = "default_latency_ms")]
@@ -115,6 +117,9 @@ fn default_protocol() -> String {
 }
 fn default_noise() -> f64 {
     0.1
+}
+fn default_burst() -> f64 {
+    1.0
 }
 fn default_error_ratio() -> f64 {
     0.001
@@ -298,6 +303,8 @@ pub struct Edge {
     /// 7 daily multipliers from Monday, mean 1.
     pub weekly: [f64; 7],
     pub noise: f64,
+    /// Mean size of a burst of requests (1: independent arrivals).
+    pub burst: f64,
     pub error_ratio: f64,
     pub latency_median_ms: f64,
     pub latency_sigma: f64,
@@ -507,6 +514,9 @@ impl Scenario {
             if !(e.latency_ms > 0.0 && e.latency_tail >= 0.0 && e.noise >= 0.0) {
                 problems.push(format!("{what}: latency_ms must be above 0, latency_tail and noise at least 0"));
             }
+            if !(e.burst >= 1.0 && e.burst <= 1_000.0) {
+                problems.push(format!("{what}: burst {} must be from 1 to 1000", e.burst));
+            }
             let daily = daily_shape(e.daily, &format!("{what}.daily"), &mut problems);
             let weekly = weekly_shape(e.weekly, &format!("{what}.weekly"), &mut problems);
             let Some(from) = lookup(&e.from, &format!("{what}.from"), &mut problems) else { continue };
@@ -531,6 +541,7 @@ impl Scenario {
                     daily,
                     weekly,
                     noise: e.noise,
+                    burst: e.burst,
                     error_ratio: e.error_ratio,
                     latency_median_ms: e.latency_ms,
                     latency_sigma: e.latency_tail,
@@ -668,6 +679,7 @@ mod tests {
             to = ["nowhere"]
             rate = 0
             daily = "lunar"
+            burst = 0.5
             [[incidents]]
             kind = "meteor"
             from = "a"
@@ -676,8 +688,27 @@ mod tests {
         "#;
         let err = Scenario::parse(text).expect_err("invalid");
         let all = err.0.join("\n");
-        for needle in ["start", "twice", "nowhere", "rate", "lunar", "meteor"] {
+        for needle in ["start", "twice", "nowhere", "rate", "lunar", "burst 0.5", "meteor"] {
             assert!(all.contains(needle), "no problem about {needle}: {all}");
         }
+    }
+
+    #[test]
+    fn every_shipped_scenario_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut loaded = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("scenarios/") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if name.ends_with(".toml") && !name.ends_with("-policy.toml") {
+                let scenario = Scenario::load(&path).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                loaded.push((name, scenario));
+            }
+        }
+        loaded.sort_by(|a, b| a.0.cmp(&b.0));
+        let names: Vec<&str> = loaded.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["bursty-mesh.toml", "demo.toml", "quiet-mesh.toml", "shop.toml", "small-mesh.toml"]);
+        let (_, bursty) = &loaded[0];
+        assert!(bursty.edges.iter().any(|e| e.burst == 8.0), "bursty-mesh has bursts of 8");
     }
 }
