@@ -167,7 +167,7 @@ pub fn score_rows(rows: &[Row], model: Model, interval_ms: i64) -> Vec<f64> {
     let adapt_after = u32::try_from(cadence.day().max(12)).unwrap_or(u32::MAX);
     let counts = rows.iter().all(|r| r.value.fract() == 0.0);
     let spread = LearntSpread::new(counts && model == Model::Rate);
-    let mut rate = CountBaseline { spread: Some(spread), ..CountBaseline::default() };
+    let mut rate = CountBaseline { spread, ..CountBaseline::default() };
     let mut latency = LatencyBaseline::default();
     let mut scores = Vec::with_capacity(rows.len());
     for (i, row) in rows.iter().enumerate() {

@@ -54,7 +54,6 @@ const HOUR_MS: f64 = 3_600_000.0;
 
 /// Learning rates, as windows (the reciprocal is the weight of one new window).
 pub const LEVEL_WINDOWS: f64 = 180.0;
-pub const DISPERSION_WINDOWS: f64 = 360.0;
 pub const RATIO_WINDOWS: f64 = 8_640.0;
 pub const LATENCY_WINDOWS: f64 = 360.0;
 
@@ -110,7 +109,8 @@ pub struct CountBaseline {
     pub weekly_n: [u32; 7],
     /// Recent observations over what level and shapes expect, within [1/3, 3].
     pub short: f64,
-    /// Variance over mean (1 for Poisson).
+    /// Variance over mean (1 for Poisson) as learnt before the spread was (`LearntSpread`):
+    /// kept in the stored layout, and read once, to start the spread of a model stored then.
     pub dispersion: f64,
     pub windows: u64,
     /// Anomalous windows in a row, and their sum of ratios to the expectation (for adaptation).
@@ -119,9 +119,10 @@ pub struct CountBaseline {
     /// Counts per hour of the first day: at its end, they set the daily shape and the level
     /// at once (the online estimates of the first day lag behind both).
     pub first_day: [(f64, u32); 24],
-    /// The spread learnt from data (`SpreadModel::Learnt`), instead of the fixed model error.
+    /// The variance of a window's count, learnt. Stored apart from the rest (the pair
+    /// model's trailer), so that the layout above reads as it was written before.
     #[serde(skip)]
-    pub spread: Option<LearntSpread>,
+    pub spread: LearntSpread,
 }
 
 /// A count's variance as learnt from its residuals: `var = φ·λ + κ·λ²`, with φ (the
@@ -141,6 +142,13 @@ pub struct LearntSpread {
     samples: u64,
     pub phi: f64,
     pub kappa: f64,
+}
+
+impl Default for LearntSpread {
+    /// The spread of counts.
+    fn default() -> Self {
+        LearntSpread::new(true)
+    }
 }
 
 impl LearntSpread {
@@ -219,7 +227,7 @@ impl Default for CountBaseline {
             shifted: 0,
             shift_sum: 0.0,
             first_day: [(0.0, 0); 24],
-            spread: Some(LearntSpread::new(true)),
+            spread: LearntSpread::default(),
         }
     }
 }
@@ -286,13 +294,9 @@ impl CountBaseline {
         }
         self.shifted = 0;
         self.shift_sum = 0.0;
-        let sd = match &self.spread {
-            // A count's clip is never under Poisson's at one expected: a single request
-            // where 0.01 were expected is not an outlier to cut down.
-            Some(s) if s.counts => s.variance(lambda.max(1.0)).sqrt(),
-            Some(s) => s.variance(lambda).sqrt(),
-            None => (self.dispersion * lambda.max(1.0)).sqrt(),
-        };
+        // A count's clip is never under Poisson's at one expected: a single request where
+        // 0.01 were expected is not an outlier to cut down.
+        let sd = self.spread.variance(if self.spread.counts { lambda.max(1.0) } else { lambda }).sqrt();
         let clipped = if self.windows < 30 { x } else { x.clamp(lambda - 3.0 * sd, lambda + 3.0 * sd).max(0.0) };
         // The level: a running mean at first, then about a day of memory.
         self.level += rate(self.windows, cadence.windows(LEVEL_MEMORY_MS, 4.0)) * (clipped / season - self.level);
@@ -315,14 +319,8 @@ impl CountBaseline {
             normalize(&mut self.weekly);
             let short_ratio = (clipped / (self.level * self.season(t_ms, cadence)).max(1e-9)).clamp(1.0 / 3.0, 3.0);
             self.short += (short_ratio - self.short) / cadence.windows(SHORT_MEMORY_MS, 4.0);
-            let dispersion_memory = cadence.windows(DISPERSION_MEMORY_MS, 100.0);
-            if let Some(spread) = &mut self.spread {
-                if lambda > 0.0 {
-                    spread.learn(lambda, clipped - lambda, dispersion_memory);
-                }
-            } else if lambda >= 1.0 {
-                let r = ((clipped - lambda).powi(2) / lambda).min(50.0);
-                self.dispersion = (self.dispersion + (r - self.dispersion) / dispersion_memory).max(1.0);
+            if lambda > 0.0 {
+                self.spread.learn(lambda, clipped - lambda, cadence.windows(DISPERSION_MEMORY_MS, 100.0));
             }
         }
         if self.windows < day_windows {
@@ -365,29 +363,21 @@ impl CountBaseline {
     }
 
     /// How surprising `x` observed against `expected` (summed over the same windows) is.
-    /// Counts are Poisson with the learnt overdispersion (quasi-Poisson), and the expectation
-    /// itself is uncertain — the daily and weekly shapes and the level are estimates, wrong
-    /// together for minutes at a time — by `MODEL_ERROR` relative: a negative binomial, whose
-    /// tails are heavier than Poisson's once the expectation is more than a few counts. The
-    /// p-value is the larger (more cautious) of that exact tail and the normal approximation
-    /// through the variance-stabilising Anscombe transform; the exact tail alone is too sure
-    /// of itself above small means, the approximation alone far too sure below them.
+    /// The count in units of φ (for a continuous value, φ is the size of one "count") is
+    /// negative binomial of size 1/κ: Poisson with the learnt overdispersion, around an
+    /// expectation that is itself uncertain by √κ relative (the shapes and the level are
+    /// estimates, wrong together for a while). The p-value is the larger (more cautious) of
+    /// that exact tail and the normal approximation through the variance-stabilising Anscombe
+    /// transform; the exact tail alone is too sure of itself above small means, the
+    /// approximation alone far too sure below them.
     pub fn assess(&self, x: f64, expected: f64, threshold_p: f64) -> Assessment {
-        match &self.spread {
-            Some(s) => Self::assess_learnt(s, x, expected, threshold_p),
-            None => self.assess_fixed(x, expected, threshold_p),
-        }
-    }
-
-    /// The same tails with the learnt spread: the count in units of φ (for a continuous
-    /// value, φ is the size of one "count") is negative binomial of size 1/κ.
-    fn assess_learnt(s: &LearntSpread, x: f64, expected: f64, threshold_p: f64) -> Assessment {
+        let s = &self.spread;
         // κ floored so that the exact tail stays a negative binomial of finite size.
         let (phi, kappa) = (s.phi.max(1e-12), s.kappa.max(s.min_kappa).max(1e-4));
         let (x, expected) = (x.max(0.0) / phi, expected.max(0.0) / phi);
         let zt = z_for_p(threshold_p);
         // Variance over mean of the count in units of φ: 1, plus the expectation's error.
-        let spread = 1.0 + kappa * expected.max(0.0);
+        let spread = 1.0 + kappa * expected;
         let anscombe = |v: f64| (v.max(0.0) + 0.375).sqrt();
         let half = zt * spread.sqrt() / 2.0;
         let lower = phi * ((anscombe(expected) - half).max(0.0).powi(2) - 0.375).max(0.0);
@@ -407,37 +397,10 @@ impl CountBaseline {
         };
         Assessment { p_value: p_value.clamp(0.0, 1.0), high, observed: x * phi, expected: expected * phi, lower, upper }
     }
-
-    /// With the fixed model error (`spread` unset).
-    fn assess_fixed(&self, x: f64, expected: f64, threshold_p: f64) -> Assessment {
-        let phi = self.dispersion.max(1.0);
-        // Variance over mean of the count: the dispersion, plus the expectation's error.
-        let spread = phi + MODEL_ERROR * MODEL_ERROR * expected.max(0.0);
-        let anscombe = |v: f64| (v.max(0.0) + 0.375).sqrt();
-        let zt = z_for_p(threshold_p);
-        let half = zt * spread.sqrt() / 2.0;
-        let lower = ((anscombe(expected) - half).max(0.0).powi(2) - 0.375).max(0.0);
-        let upper = (anscombe(expected) + half).powi(2) - 0.375;
-        let high = x > expected;
-        let (xs, ls) = (x.max(0.0) / phi, expected.max(0.0) / phi);
-        let approx = normal_sf((2.0 * (anscombe(x) - anscombe(expected)) / spread.sqrt()).abs());
-        let shape = 1.0 / (MODEL_ERROR * MODEL_ERROR);
-        let p_value = if ls < 1_000.0 {
-            let exact = if high {
-                nb_upper_tail(xs.ceil() as u64, ls, shape)
-            } else {
-                nb_lower_tail(xs.floor() as u64, ls, shape)
-            };
-            exact.max(approx)
-        } else {
-            approx
-        };
-        Assessment { p_value: p_value.clamp(0.0, 1.0), high, observed: x, expected, lower, upper }
-    }
 }
 
 /// Relative error of a count's expectation (the standard deviation of the true rate around
-/// it, as a share of it) where it is not learnt, and the learnt κ's starting point.
+/// it, as a share of it) that a learnt κ starts from.
 pub const MODEL_ERROR: f64 = 0.15;
 
 /// The least relative error of a learnt expectation: residuals one window apart cannot show
@@ -826,7 +789,7 @@ mod tests {
     /// A baseline whose spread is all learnt (no floor on κ).
     fn learnt(counts: bool) -> CountBaseline {
         let spread = LearntSpread { min_kappa: 0.0, ..LearntSpread::new(counts) };
-        CountBaseline { spread: Some(spread), ..CountBaseline::default() }
+        CountBaseline { spread, ..CountBaseline::default() }
     }
 
     #[test]
@@ -842,8 +805,7 @@ mod tests {
                 let hot = i >= 1_440 && b.assess(x, b.expected(t, cadence), 1e-6).p_value < 1e-6;
                 b.update(x, t, hot, 1_440, cadence);
             }
-            let spread = b.spread.as_ref().expect("learnt");
-            let var_over_mean = spread.variance(100.0) / 100.0;
+            let var_over_mean = b.spread.variance(100.0) / 100.0;
             assert!((var_over_mean / d - 1.0).abs() < 0.35, "dispersion {d}: learnt {var_over_mean}");
             let t = 3 * 86_400_000;
             let a = b.assess(100.0, b.expected(t, cadence), 1e-6);
@@ -950,7 +912,7 @@ mod tests {
             let mut spread = LearntSpread::new(counts);
             spread.phi = phi;
             spread.kappa = kappa;
-            let b = CountBaseline { spread: Some(spread), ..CountBaseline::default() };
+            let b = CountBaseline { spread, ..CountBaseline::default() };
             let mut x = expected;
             let mut last_p = 1.0;
             for step in steps {

@@ -353,8 +353,11 @@ pub struct CountView {
     pub weekly: [f64; 7],
     /// Recent windows over what level and shapes expect.
     pub short_term: f64,
-    /// Variance over mean of a window's count (1 for Poisson).
+    /// Variance over mean of a window's count (1 for Poisson): φ, learnt.
     pub dispersion: f64,
+    /// The expectation's relative error (√κ, learnt, at least `MIN_RELATIVE_ERROR`): the
+    /// variance of a count expected at λ is `φ·λ + κ·λ²`.
+    pub relative_error: f64,
     /// Anomalous windows in a row so far; at `adapt_after` the new level is adopted.
     pub shifted_windows: u32,
 }
@@ -568,10 +571,10 @@ impl PairModel {
     fn spreads(&self) -> [Option<LearntSpread>; 4] {
         let up = self.upstream.as_deref();
         [
-            self.requests.spread.clone(),
-            self.connections.spread.clone(),
-            up.and_then(|u| u.requests.spread.clone()),
-            up.and_then(|u| u.ejections.spread.clone()),
+            Some(self.requests.spread.clone()),
+            Some(self.connections.spread.clone()),
+            up.map(|u| u.requests.spread.clone()),
+            up.map(|u| u.ejections.spread.clone()),
         ]
     }
 
@@ -618,7 +621,7 @@ impl PairModel {
         match spreads {
             Some(spreads) => {
                 for (baseline, spread) in model.count_baselines().into_iter().zip(spreads) {
-                    if let Some(b) = baseline {
+                    if let (Some(b), Some(spread)) = (baseline, spread) {
                         b.spread = spread;
                     }
                 }
@@ -626,7 +629,7 @@ impl PairModel {
             // Stored before spreads were learnt: start from the dispersion learnt then.
             None => {
                 for b in model.count_baselines().into_iter().flatten() {
-                    b.spread = Some(LearntSpread::migrated(b.dispersion));
+                    b.spread = LearntSpread::migrated(b.dispersion);
                 }
             }
         }
@@ -642,7 +645,8 @@ impl PairModel {
             daily: b.daily,
             weekly: b.weekly,
             short_term: b.short,
-            dispersion: b.dispersion,
+            dispersion: b.spread.phi,
+            relative_error: b.spread.kappa.max(b.spread.min_kappa).sqrt(),
             shifted_windows: b.shifted,
         };
         let ratio = |b: &RatioBaseline| RatioView { expected: b.expected(), requests: b.total };
@@ -1169,9 +1173,9 @@ mod tests {
         v1.extend(TRAILER_MAGIC);
         let migrated = PairModel::from_bytes(&v1).expect("first-trailer bytes decode");
         assert_eq!(migrated.slow, m.slow);
-        let spread = migrated.requests.spread.as_ref().expect("a spread");
-        assert_eq!(spread.phi, m.requests.dispersion.max(1.0));
-        assert!(migrated.upstream.as_ref().is_some_and(|u| u.requests.spread.is_some()));
+        assert_eq!(migrated.requests.spread.phi, m.requests.dispersion.max(1.0));
+        assert_eq!(migrated.requests.spread.kappa, crate::baseline::MODEL_ERROR * crate::baseline::MODEL_ERROR);
+        assert_ne!(m.requests.spread, migrated.requests.spread);
     }
 
     /// A window of `n` requests whose latencies are log-normal (median 20 ms, log-sd 0.5),

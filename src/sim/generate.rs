@@ -885,6 +885,44 @@ mod tests {
         (all, g.total_entries())
     }
 
+    /// Variance over mean of the entries per 10 s slice of a one-edge mesh (an external
+    /// egress: one entry per request), over three hours of a flat rate of 5 a second.
+    fn slice_dispersion(burst: f64) -> f64 {
+        let text = format!(
+            r#"
+            name = "b"
+            start = "2026-01-05"
+            duration = "3h"
+            namespace = "shop"
+            services = [{{ name = "api" }}, {{ name = "pay.example.com", external = true }}]
+            [[edges]]
+            from = "api"
+            to = "pay.example.com"
+            rate = 5
+            noise = 0
+            burst = {burst}
+            "#
+        );
+        let mut g = Generator::new(Scenario::parse(&text).expect("valid"), 5, 10_000);
+        let mut counts = Vec::new();
+        while let Some(slice) = g.next_slice(0) {
+            counts.push(slice.entries as f64);
+        }
+        let mean = counts.iter().sum::<f64>() / counts.len() as f64;
+        let var = counts.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / counts.len() as f64;
+        assert!((mean - 50.0).abs() < 5.0, "burst {burst}: {mean} a slice");
+        var / mean
+    }
+
+    #[test]
+    fn bursts_make_counts_vary_more_than_poisson() {
+        // Bursts of 1 + Poisson(b − 1): variance over mean b + 1 − 1/b.
+        for (burst, expected) in [(1.0, 1.0), (4.0, 4.75), (8.0, 8.875)] {
+            let d = slice_dispersion(burst);
+            assert!((d / expected - 1.0).abs() < 0.25, "burst {burst}: variance over mean {d}, not {expected}");
+        }
+    }
+
     #[test]
     fn deterministic_under_a_seed() {
         let (a, na) = run(1);
