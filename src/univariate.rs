@@ -185,7 +185,7 @@ pub fn score_rows(rows: &[Row], model: Model, interval_ms: i64) -> Vec<f64> {
                 let a = latency.assess(0.5, log_value, ROW_REQUESTS, 1.0, THRESHOLD_P);
                 let p = if a.high { a.p_value } else { 1.0 };
                 let hot = i as u64 >= warmup && p < THRESHOLD_P;
-                latency.update(0.5, log_value, ROW_REQUESTS, None, hot, 1, adapt_after);
+                latency.update(0.5, log_value, ROW_REQUESTS, None, hot, 1, adapt_after, cadence);
                 p
             }
             // No duration to learn from (a gap written as 0).

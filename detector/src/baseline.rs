@@ -43,6 +43,11 @@ impl Cadence {
         (ms / self.window_ms as f64).max(min_windows)
     }
 
+    /// Windows in an hour (at least one): the default `adapt_after` where none is configured.
+    pub fn hour(&self) -> u32 {
+        (HOUR_MS as i64 / self.window_ms).clamp(1, i64::from(u32::MAX)) as u32
+    }
+
     /// Windows in a day (at least one).
     pub fn day(&self) -> u64 {
         (DAY_MS as i64 / self.window_ms).max(1) as u64
@@ -52,10 +57,11 @@ impl Cadence {
 const DAY_MS: f64 = 86_400_000.0;
 const HOUR_MS: f64 = 3_600_000.0;
 
-/// Learning rates, as windows (the reciprocal is the weight of one new window).
-pub const LEVEL_WINDOWS: f64 = 180.0;
-pub const RATIO_WINDOWS: f64 = 8_640.0;
-pub const LATENCY_WINDOWS: f64 = 360.0;
+/// Memories of the other baselines, in time: a ratio's decayed sums (a day), a latency
+/// level (an hour, at least 30 windows), bytes per flow (half an hour, at least 30 windows).
+const RATIO_MEMORY_MS: f64 = DAY_MS;
+const LATENCY_MEMORY_MS: f64 = HOUR_MS;
+const BYTES_MEMORY_MS: f64 = HOUR_MS / 2.0;
 
 /// Where an observation stands: its p-value in the direction it deviates, and what was
 /// expected.
@@ -436,8 +442,8 @@ impl RatioBaseline {
         (self.events + PRIOR_EVENTS) / (self.total + PRIOR_TOTAL)
     }
 
-    pub fn update(&mut self, events: f64, total: f64, anomalous: bool, adapt_after: u32) {
-        let keep = 1.0 - 1.0 / RATIO_WINDOWS;
+    pub fn update(&mut self, events: f64, total: f64, anomalous: bool, adapt_after: u32, cadence: Cadence) {
+        let keep = 1.0 - 1.0 / cadence.windows(RATIO_MEMORY_MS, 4.0);
         self.events *= keep;
         self.total *= keep;
         self.shifted = if anomalous { self.shifted.saturating_add(1) } else { 0 };
@@ -522,6 +528,7 @@ impl LatencyBaseline {
         anomalous: bool,
         span: u32,
         adapt_after: u32,
+        cadence: Cadence,
     ) {
         if anomalous && self.windows > 0 {
             self.shifted += span.max(1);
@@ -535,7 +542,7 @@ impl LatencyBaseline {
         }
         self.shifted = 0;
         self.shift_sum = 0.0;
-        let a = rate(self.windows, LATENCY_WINDOWS);
+        let a = rate(self.windows, cadence.windows(LATENCY_MEMORY_MS, 30.0));
         if self.windows == 0 {
             self.mean = log_value;
         } else {
@@ -579,12 +586,12 @@ pub struct BytesBaseline {
 }
 
 impl BytesBaseline {
-    pub fn update(&mut self, bytes: f64, flows: f64, anomalous: bool) {
+    pub fn update(&mut self, bytes: f64, flows: f64, anomalous: bool, cadence: Cadence) {
         if flows <= 0.0 || anomalous {
             return;
         }
         let per_flow = bytes / flows;
-        let a = rate(self.windows, LEVEL_WINDOWS);
+        let a = rate(self.windows, cadence.windows(BYTES_MEMORY_MS, 30.0));
         if self.windows == 0 {
             self.mean = per_flow;
             self.var = per_flow * per_flow;
@@ -684,7 +691,7 @@ mod tests {
     fn three_errors_in_four_requests_at_night_are_not_an_error_burst() {
         let mut r = RatioBaseline::default();
         for _ in 0..10_000 {
-            r.update(1.0, 1_000.0, false, 360);
+            r.update(1.0, 1_000.0, false, 360, Cadence::default());
         }
         // Large samples: 5 % of 1,000 against 0.1 % is overwhelming.
         assert!(r.assess(50, 1_000, 1e-6).expect("requests").p_value < 1e-20);
@@ -701,7 +708,7 @@ mod tests {
         let base = (20_000f64).ln();
         for i in 0..1_000 {
             let jitter = ((i * 7919) % 100) as f64 / 100.0 * 0.1 - 0.05;
-            l.update(0.5, base + jitter, 100.0, Some(0.5), false, 1, 360);
+            l.update(0.5, base + jitter, 100.0, Some(0.5), false, 1, 360, Cadence::default());
         }
         let normal = l.assess(0.5, base + 0.02, 100.0, 1.0, 1e-6);
         assert!(normal.p_value > 1e-3, "{normal:?}");
@@ -720,7 +727,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let u = (x >> 11) as f64 / (1u64 << 53) as f64;
-            b.update(-2_000.0 * (1.0 - u).ln(), 1.0, false);
+            b.update(-2_000.0 * (1.0 - u).ln(), 1.0, false, Cadence::default());
         }
         // A 25 kB response in a window of two (a 1-in-100,000 draw) is not past 1e-6.
         let a = b.assess(25_000.0, 2.0, 1e-6).expect("flows");
@@ -731,7 +738,7 @@ mod tests {
     fn bytes_twenty_fold_is_seen() {
         let mut b = BytesBaseline::default();
         for i in 0..1_000 {
-            b.update(300.0 * 10.0 + (i % 7) as f64 * 50.0, 10.0, false);
+            b.update(300.0 * 10.0 + (i % 7) as f64 * 50.0, 10.0, false, Cadence::default());
         }
         assert!(b.assess(3_000.0, 10.0, 1e-6).expect("flows").p_value > 1e-3);
         let surge = b.assess(60_000.0, 10.0, 1e-6).expect("flows");

@@ -779,9 +779,9 @@ impl PairModel {
         let (h_out, h_in) = (hot(Signal::BytesOut), hot(Signal::BytesIn));
         self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
         self.connections.update(obs.connections, t_ms, h_conn, cfg.adapt_after, cfg.cadence);
-        self.errors.update(obs.errors, obs.requests, h_err, cfg.adapt_after);
-        self.denials.update(obs.denied, obs.requests, h_den, cfg.adapt_after);
-        self.rate_limits.update(obs.rate_limited, obs.requests, h_rl, cfg.adapt_after);
+        self.errors.update(obs.errors, obs.requests, h_err, cfg.adapt_after, cfg.cadence);
+        self.denials.update(obs.denied, obs.requests, h_den, cfg.adapt_after, cfg.cadence);
+        self.rate_limits.update(obs.rate_limited, obs.requests, h_rl, cfg.adapt_after, cfg.cadence);
         // p90 − p50 of n requests is short of the pair's by about 2/n of it.
         let spread = (obs.requests >= 10.0 && obs.latency[0].is_finite() && obs.latency[1].is_finite())
             .then(|| (obs.latency[1] - obs.latency[0]) / 1.2816 * obs.requests / (obs.requests - 2.0));
@@ -789,7 +789,16 @@ impl PairModel {
         for (k, q) in [0.5, 0.9, 0.99].into_iter().enumerate() {
             let min_n = [MEDIAN_MIN_REQUESTS, 10.0, 50.0][k];
             if obs.latency[k].is_finite() && obs.requests >= min_n {
-                self.latency[k].update(q, obs.latency[k], obs.requests, spread, any_lat, 1, cfg.adapt_after);
+                self.latency[k].update(
+                    q,
+                    obs.latency[k],
+                    obs.requests,
+                    spread,
+                    any_lat,
+                    1,
+                    cfg.adapt_after,
+                    cfg.cadence,
+                );
             }
         }
         // The median of a pair with fewer requests a window: learnt from windows pooled until
@@ -807,11 +816,12 @@ impl PairModel {
                     any_lat,
                     p.span,
                     cfg.adapt_after,
+                    cfg.cadence,
                 );
             }
         }
-        self.bytes_out.update(obs.bytes_out, obs.flows(), h_out);
-        self.bytes_in.update(obs.bytes_in, obs.flows(), h_in);
+        self.bytes_out.update(obs.bytes_out, obs.flows(), h_out, cfg.cadence);
+        self.bytes_in.update(obs.bytes_in, obs.flows(), h_in, cfg.cadence);
     }
 
     /// The verdict of `signal` at the scale where it is most significant.
@@ -1134,6 +1144,59 @@ mod tests {
             }
         }
         assert_eq!(fired_at, Some((3, 3, true, "vanished")));
+    }
+
+    #[test]
+    fn the_same_traffic_at_10_s_and_60_s_windows_gives_the_same_detections() {
+        // Two days of a pair at 3 requests a second with a strong daily shape (nights at a
+        // twentieth of the afternoon), then on the third day
+        // a surge ×4 for 20 minutes; once as 10 s windows, once as their sums over a minute,
+        // each with the configuration's durations in its own windows (a day of warm-up, an
+        // hour to adapt, 5 minutes to clear). Both find the surge within two minutes of its
+        // start, and nothing else; and they expect the same rate per second at night and in
+        // the afternoon (with memories counted in 10 s windows, the minute baseline had not
+        // learnt its day after three).
+        let run = |window_ms: i64| {
+            let per_day = 86_400_000 / window_ms;
+            let cfg = DetectorConfig {
+                warmup_windows: per_day as u64,
+                adapt_after: (3_600_000 / window_ms) as u32,
+                clear_after: (300_000 / window_ms).max(3) as u32,
+                cadence: Cadence::of(window_ms),
+                ..DetectorConfig::default()
+            };
+            let mut m = PairModel::default();
+            let surge = (2 * 86_400_000 + 14 * 3_600_000)..(2 * 86_400_000 + 14 * 3_600_000 + 1_200_000);
+            let mut fired = Vec::new();
+            for i in 0..(3 * per_day) {
+                let t = i * window_ms;
+                let hour = (t % 86_400_000) as f64 / 3_600_000.0;
+                // From 0.3 a second at night to 5.7 in the afternoon.
+                let per_s = 3.0 * (1.0 + 0.9 * ((hour - 8.0) / 24.0 * std::f64::consts::TAU).sin());
+                let factor = if surge.contains(&t) { 4.0 } else { 1.0 };
+                let requests = (per_s * factor * window_ms as f64 / 1000.0).round();
+                for v in m.observe(&obs(requests, 20.0, 0.0), t, &cfg).fired {
+                    fired.push((t - surge.start, v.kind));
+                }
+            }
+            // The expected rate per second at 03:00 and 15:00 of the fourth day.
+            let expected = [3, 15].map(|h| {
+                let at = 3 * 86_400_000 + h * 3_600_000;
+                m.detail(at, window_ms, &cfg).baselines.request_rate.expected_per_s
+            });
+            (fired, expected)
+        };
+        let (fine, coarse) = (run(10_000), run(60_000));
+        for (window_ms, (fired, _)) in [(10_000, &fine), (60_000, &coarse)] {
+            assert!(!fired.is_empty(), "{window_ms} ms: the surge was missed");
+            assert!(
+                fired.iter().all(|(after, kind)| (0..120_000).contains(after) && kind.starts_with("request_rate_high")),
+                "{window_ms} ms windows: {fired:?}"
+            );
+        }
+        for (a, b) in fine.1.iter().zip(&coarse.1) {
+            assert!((a / b - 1.0).abs() < 0.15, "expected per second: {:?} at 10 s, {:?} at 60 s", fine.1, coarse.1);
+        }
     }
 
     #[test]

@@ -170,7 +170,7 @@ impl UpstreamModel {
         self.ejections.update(obs.ejections, t_ms, h_ej, cfg.adapt_after, cfg.cadence);
         for ((baseline, signal), h) in self.ratios.iter_mut().zip(RATIOS).zip(hot_ratios) {
             let (events, trials) = obs.ratio(signal);
-            baseline.update(events, trials, h, cfg.adapt_after);
+            baseline.update(events, trials, h, cfg.adapt_after, cfg.cadence);
         }
         self.windows += 1;
         step
