@@ -413,7 +413,7 @@ pub const MODEL_ERROR: f64 = 0.15;
 /// how far the level and shapes are off together (a series smooth from one window to the
 /// next still moves by this much from day to day), so a change within it is never an anomaly
 /// however smooth the series.
-pub const MIN_RELATIVE_ERROR: f64 = 0.1;
+pub const MIN_RELATIVE_ERROR: f64 = MODEL_ERROR;
 
 fn normalize<const N: usize>(v: &mut [f64; N]) {
     let mean = v.iter().sum::<f64>() / N as f64;
