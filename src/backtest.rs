@@ -232,7 +232,7 @@ pub fn run(
         let rows = univariate::read_rows(std::io::BufReader::new(input))
             .map_err(|source| BacktestError::Series { path: file.clone(), source })?;
         let interval_ms = univariate::interval_ms(&rows);
-        let chosen = model.resolve(&rows);
+        let chosen = model.resolve();
         let scores = univariate::score_rows(&rows, chosen, interval_ms);
         let times: Vec<i64> = rows.iter().map(|r| r.t_ms).collect();
         let labelled = windows.get(&name).map_or(&[][..], Vec::as_slice);

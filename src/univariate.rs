@@ -51,8 +51,8 @@ impl Model {
         }
     }
 
-    /// The model for these rows: `Auto` becomes `Rate`.
-    pub fn resolve(self, _rows: &[Row]) -> Model {
+    /// The model that scores: `Auto` is `Rate`.
+    pub fn resolve(self) -> Model {
         match self {
             Model::Auto => Model::Rate,
             m => m,
@@ -158,7 +158,7 @@ fn score_of(p_value: f64) -> f64 {
     if p_value > 0.0 { (-p_value.log10()).clamp(0.0, MAX_SCORE) } else { MAX_SCORE }
 }
 
-/// Scores each row (`model` resolved), causally.
+/// Scores each row, causally.
 pub fn score_rows(rows: &[Row], model: Model, interval_ms: i64) -> Vec<f64> {
     let cadence = Cadence::of(interval_ms);
     let warmup = cadence.day().max(MIN_WARMUP_ROWS);
@@ -166,6 +166,7 @@ pub fn score_rows(rows: &[Row], model: Model, interval_ms: i64) -> Vec<f64> {
     // after its `adapt_after`; at least 12 rows.
     let adapt_after = u32::try_from(cadence.day().max(12)).unwrap_or(u32::MAX);
     let counts = rows.iter().all(|r| r.value.fract() == 0.0);
+    let model = model.resolve();
     let spread = LearntSpread::new(counts && model == Model::Rate);
     let mut rate = CountBaseline { spread, ..CountBaseline::default() };
     let mut latency = LatencyBaseline::default();
@@ -200,7 +201,7 @@ pub fn score_rows(rows: &[Row], model: Model, interval_ms: i64) -> Vec<f64> {
 /// rows and the model that scored them.
 pub fn score(input: impl BufRead, mut output: impl Write, model: Model) -> Result<(u64, Model), ScoreError> {
     let rows = read_rows(input)?;
-    let model = model.resolve(&rows);
+    let model = model.resolve();
     let scores = score_rows(&rows, model, interval_ms(&rows));
     writeln!(output, "timestamp,value,anomaly_score")?;
     for (row, s) in rows.iter().zip(&scores) {
