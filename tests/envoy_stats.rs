@@ -33,34 +33,108 @@ const STATS: [(&str, &str); 10] = [
 
 const CLUSTERS: [&str; 3] = ["payments", "shipping", "ledger"];
 
+/// How the sidecar names its clusters and sends its stats.
+#[derive(Clone, Copy)]
+struct Setup {
+    /// `report_counters_as_deltas` (else cumulative counters, Envoy's default).
+    deltas: bool,
+    tags: Tags,
+    /// Clusters named as Istio names them (`outbound|8080||payments.shop.svc.cluster.local`)
+    /// and a dotted egress-like name (`ledger.partner.example`), instead of one-word names.
+    istio_names: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Tags {
+    /// Raw stat names (`emit_tags_as_labels: false`).
+    Off,
+    /// Envoy's default tags as labels (`envoy.cluster_name`).
+    EnvoyDefault,
+    /// Istio's tags: the default ones off, `cluster_name` by Istio's expression.
+    Istio,
+}
+
+impl Setup {
+    /// The Envoy cluster of a test cluster, and the destination meshwatch names it by.
+    fn cluster(&self, c: &str) -> (String, String) {
+        match (self.istio_names, c) {
+            (false, _) => (c.to_string(), c.to_string()),
+            (true, "ledger") => ("ledger.partner.example".into(), "ledger.partner.example".into()),
+            (true, _) => (format!("outbound|8080||{c}.shop.svc.cluster.local"), format!("{c}.shop")),
+        }
+    }
+
+    fn template(&self) -> String {
+        let mut t = std::fs::read_to_string(repo_root().join("deploy/envoy/sidecar-checkout.yaml")).unwrap();
+        let mut edits = Vec::new();
+        if self.deltas {
+            edits.push(("report_counters_as_deltas: false".to_string(), "report_counters_as_deltas: true".to_string()));
+            edits.push(("meshwatch_counters: cumulative".into(), "meshwatch_counters: delta".into()));
+        }
+        if self.tags != Tags::Off {
+            edits.push(("emit_tags_as_labels: false".into(), "emit_tags_as_labels: true".into()));
+        }
+        if self.tags == Tags::Istio {
+            // Istio's bootstrap: no default tags, its own `cluster_name`.
+            edits.push((
+                "stats_config:\n".into(),
+                "stats_config:\n  use_all_default_tags: false\n  stats_tags:\n  - tag_name: cluster_name\n    regex: '^cluster\\.((.+?(\\..+?\\.svc\\.cluster\\.local)?)\\.)'\n  - tag_name: response_code\n    regex: '_rq(_(\\d{3}))$'\n  - tag_name: response_code_class\n    regex: '_rq(_(\\dxx))$'\n".into(),
+            ));
+        }
+        if self.istio_names {
+            for c in CLUSTERS {
+                let (name, _) = self.cluster(c);
+                edits.push((format!("- name: {c}\n"), format!("- name: \"{name}\"\n")));
+                edits.push((format!("cluster_name: {c}\n"), format!("cluster_name: \"{name}\"\n")));
+                // The route: `cluster: payments` on its own line, the others inline.
+                let route = if c == "payments" { format!("cluster: {c}\n") } else { format!("cluster: {c},") };
+                edits.push((route.clone(), route.replace(c, &format!("\"{name}\""))));
+            }
+        }
+        for (from, to) in edits {
+            assert!(t.contains(&from), "{from}");
+            t = t.replace(&from, &to);
+        }
+        t
+    }
+}
+
 fn pair(destination: &str) -> [(&str, &str); 4] {
     [("source", CHECKOUT), ("destination", destination), ("direction", "east_west"), ("reporter", "source")]
 }
 
 /// Envoy's own numbers for every cluster and stat, from its admin endpoint.
-async fn envoy_numbers(envoy: &Envoy) -> HashMap<(&'static str, &'static str), f64> {
+async fn envoy_numbers(envoy: &Envoy, setup: Setup) -> HashMap<(&'static str, &'static str), f64> {
     let mut out = HashMap::new();
     for cluster in CLUSTERS {
+        let (name, _) = setup.cluster(cluster);
         for (stat, _) in STATS {
-            let v = envoy.stat(&format!("cluster.{cluster}.{stat}")).await.unwrap_or(0);
+            let v = envoy.stat(&format!("cluster.{name}.{stat}")).await.unwrap_or(0);
             out.insert((cluster, stat), v as f64);
         }
     }
     out
 }
 
-fn meshwatch_numbers(m: &Metrics) -> HashMap<(&'static str, &'static str), f64> {
+fn meshwatch_numbers(m: &Metrics, setup: Setup) -> HashMap<(&'static str, &'static str), f64> {
     let mut out = HashMap::new();
     for cluster in CLUSTERS {
+        let (_, destination) = setup.cluster(cluster);
         for (stat, family) in STATS {
-            out.insert((cluster, stat), m.get(family, &pair(cluster)).unwrap_or(-1.0));
+            out.insert((cluster, stat), m.get(family, &pair(&destination)).unwrap_or(-1.0));
         }
     }
     out
 }
 
-async fn upstream_signals_equal_envoys_own(deltas: bool) {
-    let tag = if deltas { "stats-deltas" } else { "stats-cumulative" };
+async fn upstream_signals_equal_envoys_own(setup: Setup) {
+    let tag = match (setup.deltas, setup.tags, setup.istio_names) {
+        (false, Tags::Off, false) => "stats-cumulative",
+        (true, Tags::EnvoyDefault, false) => "stats-deltas",
+        (_, Tags::EnvoyDefault, true) => "stats-istio-names-envoy-tags",
+        (_, Tags::Istio, true) => "stats-istio-names-istio-tags",
+        _ => "stats-other",
+    };
     let work = TempDir::new(tag);
     let data = TempDir::new(&format!("{tag}-data"));
     let env = [
@@ -70,17 +144,7 @@ async fn upstream_signals_equal_envoys_own(deltas: bool) {
     ];
     let mw = Meshwatch::start(&repo_root().join("deploy/meshwatch-example.toml"), &env);
     let app = start_app("127.0.0.1", 100).await;
-    let mut template = std::fs::read_to_string(repo_root().join("deploy/envoy/sidecar-checkout.yaml")).unwrap();
-    if deltas {
-        for (from, to) in [
-            ("report_counters_as_deltas: false", "report_counters_as_deltas: true"),
-            ("emit_tags_as_labels: false", "emit_tags_as_labels: true"),
-            ("meshwatch_counters: cumulative", "meshwatch_counters: delta"),
-        ] {
-            assert!(template.contains(from), "{from}");
-            template = template.replace(from, to);
-        }
-    }
+    let template = setup.template();
     let ports = HashMap::from([
         ("checkout_outbound_http", 0),
         ("payments_app", app.port()),
@@ -118,9 +182,9 @@ async fn upstream_signals_equal_envoys_own(deltas: bool) {
     }
     // Envoy's counts are final once its outlier detector has run.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let want = envoy_numbers(&envoy).await;
-    let m = mw.metrics_until(Duration::from_secs(20), |m| meshwatch_numbers(m) == want).await;
-    let got = meshwatch_numbers(&m);
+    let want = envoy_numbers(&envoy, setup).await;
+    let m = mw.metrics_until(Duration::from_secs(20), |m| meshwatch_numbers(m, setup) == want).await;
+    let got = meshwatch_numbers(&m, setup);
     let mut diff: Vec<_> = want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).map(|(k, v)| (k, v, got[k])).collect();
     diff.sort_by(|a, b| a.0.cmp(b.0));
     assert!(diff.is_empty(), "(cluster, stat), Envoy, meshwatch: {diff:?}\n{}", mw.logs());
@@ -135,7 +199,13 @@ async fn upstream_signals_equal_envoys_own(deltas: bool) {
     assert_eq!(want[&("ledger", "outlier_detection.ejections_enforced_total")], 1.0);
     assert_eq!(want[&("ledger", "membership_healthy")], 0.0);
     // The stats join the access logs' pair: the same labels count the client's 10 requests.
-    assert_eq!(m.sum("meshwatch_pair_requests_total", &pair("payments")), 10.0);
+    let (_, payments) = setup.cluster("payments");
+    assert_eq!(m.sum("meshwatch_pair_requests_total", &pair(&payments)), 10.0);
+    // Stats of no other pair: every pair with stats is one of the three.
+    let with_stats: std::collections::BTreeSet<_> =
+        m.matching("meshwatch_pair_upstream_requests_total", &[]).map(|s| s.labels["destination"].clone()).collect();
+    let expected: std::collections::BTreeSet<_> = CLUSTERS.iter().map(|c| setup.cluster(c).1).collect();
+    assert_eq!(with_stats, expected, "stats on pairs the access logs do not have");
     // Envoy's own stats are not re-exported, and nothing was rejected.
     assert!(m.matching("envoy_cluster_upstream_rq_total", &[]).next().is_none());
     assert_eq!(m.sum("meshwatch_envoy_stats_rejected_total", &[]), 0.0);
@@ -144,7 +214,7 @@ async fn upstream_signals_equal_envoys_own(deltas: bool) {
     assert!(m.matching("meshwatch_pair_upstream_requests_total", &[("destination", "meshwatch")]).next().is_none());
     promtool_check_metrics(&m.text);
 
-    if !deltas {
+    if !setup.deltas {
         // Envoy restarts (same node, counters from zero): meshwatch counts on from where it
         // was, and says it saw counters go down.
         drop(envoy);
@@ -153,7 +223,7 @@ async fn upstream_signals_equal_envoys_own(deltas: bool) {
         for _ in 0..2 {
             assert_eq!(http_get(front, "/pay/ok").await.0, 200);
         }
-        let payments = pair("payments");
+        let payments = pair(&payments);
         let m = mw
             .metrics_until(Duration::from_secs(20), |m| {
                 m.get("meshwatch_pair_upstream_requests_total", &payments) == Some(18.0)
@@ -161,18 +231,32 @@ async fn upstream_signals_equal_envoys_own(deltas: bool) {
             .await;
         assert_eq!(m.get("meshwatch_pair_upstream_requests_total", &payments), Some(18.0), "{}", mw.logs());
         assert!(m.sum("meshwatch_envoy_stats_resets_total", &[]) >= 1.0);
-        assert_eq!(envoy.stat("cluster.payments.upstream_rq_total").await, Some(2));
+        assert_eq!(envoy.stat(&format!("cluster.{}.upstream_rq_total", setup.cluster("payments").0)).await, Some(2));
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cumulative_counters_with_raw_names() {
-    upstream_signals_equal_envoys_own(false).await;
+    upstream_signals_equal_envoys_own(Setup { deltas: false, tags: Tags::Off, istio_names: false }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_counters_with_tags_as_labels() {
-    upstream_signals_equal_envoys_own(true).await;
+    upstream_signals_equal_envoys_own(Setup { deltas: true, tags: Tags::EnvoyDefault, istio_names: false }).await;
+}
+
+/// Envoy's default tag cuts `outbound|8080||payments.shop.svc.cluster.local` at its first
+/// dot (and `ledger.partner.example` too): the stats must still land on the access logs'
+/// pairs, not on phantom pairs named by the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_cluster_names_with_envoys_default_tags() {
+    upstream_signals_equal_envoys_own(Setup { deltas: false, tags: Tags::EnvoyDefault, istio_names: true }).await;
+}
+
+/// Istio's own bootstrap: default tags off, a `cluster_name` tag by Istio's expression.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_cluster_names_with_istios_tags() {
+    upstream_signals_equal_envoys_own(Setup { deltas: true, tags: Tags::Istio, istio_names: true }).await;
 }
 
 /// Envoy stats messages as the sink sends them, with deltas, replayed fast: three hours of a

@@ -10,6 +10,7 @@
 //! seen from the same node, and a counter that went down (Envoy restarted) starts again from
 //! zero. Only the cluster stats below are read; the rest of Envoy's stats are ignored.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -147,44 +148,80 @@ const STATS: [(&str, Stat); 10] = [
 ];
 
 const CLUSTER_NAME_TAG: &str = "envoy.cluster_name";
+/// The tag Istio's proxies use instead (they turn Envoy's default tags off).
+const ISTIO_CLUSTER_NAME_TAG: &str = "cluster_name";
 /// Longer cluster names are refused (`bad_name`): they are remembered per node.
 pub const MAX_CLUSTER_NAME_BYTES: usize = 1024;
 const CODE_CLASS_TAG: &str = "envoy.response_code_class";
+const ISTIO_CODE_CLASS_TAG: &str = "response_code_class";
 
-/// Sub-scopes of a cluster's raw stats that repeat its counters (`cluster.X.internal.
-/// upstream_rq_5xx`, `cluster.X.zone.a.b.upstream_rq_5xx`): not the cluster's own.
+/// Sub-scopes of a cluster's stats that repeat its counters (`cluster.X.internal.
+/// upstream_rq_5xx`, `cluster.X.zone.a.b.upstream_rq_5xx`, the retried requests' `cluster.X.
+/// retry.upstream_rq_5xx`): not the cluster's own.
 fn is_sub_scope(candidate: &str) -> bool {
-    [".internal", ".external", ".canary"].iter().any(|s| candidate.ends_with(s)) || candidate.contains(".zone.")
+    [".internal", ".external", ".canary", ".retry"].iter().any(|s| candidate.ends_with(s))
+        || candidate.contains(".zone.")
 }
 
 /// A sample that names a stat of a cluster.
 #[derive(Debug, PartialEq)]
 struct ClusterSample<'a> {
-    cluster: &'a str,
+    /// A slice of the name or the label, or put back together from both (see `classify`).
+    cluster: Cow<'a, str>,
     stat: Stat,
+}
+
+/// The stat a tag-extracted name ends with, and what comes before it (`shop.svc` of
+/// `shop.svc.upstream_rq_total`; empty when the name is the stat alone).
+fn tagged_stat<'a>(rest: &'a str, metric: &Metric) -> Option<(&'a str, Stat)> {
+    let split = |suffix: &str| -> Option<&'a str> {
+        if rest == suffix {
+            return Some("");
+        }
+        rest.strip_suffix(suffix).and_then(|r| r.strip_suffix('.'))
+    };
+    let label =
+        |key: &str| metric.label.iter().find(|l| l.name.as_deref() == Some(key)).and_then(|l| l.value.as_deref());
+    // The 5xx counter: Envoy's tag leaves `upstream_rq_xx` and the class `5`; Istio's leaves
+    // `upstream_rq` and the class `5xx` (`upstream_rq` with a `response_code` is one code).
+    if let Some(middle) = split("upstream_rq_xx") {
+        return (label(CODE_CLASS_TAG) == Some("5")).then_some((middle, Stat::Counter(1)));
+    }
+    if let Some(middle) = split("upstream_rq") {
+        return (label(ISTIO_CODE_CLASS_TAG) == Some("5xx")).then_some((middle, Stat::Counter(1)));
+    }
+    STATS.iter().find_map(|(suffix, stat)| split(suffix).map(|middle| (middle, *stat)))
 }
 
 /// What a family's name (and a sample's labels) say: a stat of a cluster, nothing read, or a
 /// cluster stat that does not name its cluster.
+///
+/// With tags as labels, the cluster is the `envoy.cluster_name` label (Envoy's default tag)
+/// or the `cluster_name` label (Istio's). Both tags' expressions stop at the first dot of
+/// names they do not know (Envoy's at any dot: `outbound|8443||payments.shop…` gives the tag
+/// `outbound|8443||payments` and the name `cluster.shop….upstream_rq_total`; Istio's past a
+/// `….svc.cluster.local`, but not in `partner.example`): what is left between `cluster.` and
+/// the stat is the rest of the cluster's name, and is put back after the label.
 fn classify<'a>(name: &'a str, metric: &'a Metric) -> Result<Option<ClusterSample<'a>>, StatsRejection> {
     let Some(rest) = name.strip_prefix("cluster.") else { return Ok(None) };
     let label =
         |key: &str| metric.label.iter().find(|l| l.name.as_deref() == Some(key)).and_then(|l| l.value.as_deref());
-    // Tag-extracted: the whole rest is the stat.
-    let tagged = if rest == "upstream_rq_xx" {
-        (label(CODE_CLASS_TAG) == Some("5")).then_some(Stat::Counter(1))
-    } else {
-        STATS.iter().find(|(s, _)| *s == rest).map(|(_, stat)| *stat)
-    };
-    if let Some(stat) = tagged {
-        return match label(CLUSTER_NAME_TAG) {
-            Some(cluster) if !cluster.is_empty() && cluster.len() <= MAX_CLUSTER_NAME_BYTES => {
-                Ok(Some(ClusterSample { cluster, stat }))
+    let tag = label(CLUSTER_NAME_TAG).or_else(|| label(ISTIO_CLUSTER_NAME_TAG));
+    let tagged = tagged_stat(rest, metric);
+    match (tag, tagged) {
+        (Some(tag), Some((middle, stat))) => {
+            let cluster = if middle.is_empty() { Cow::Borrowed(tag) } else { Cow::Owned(format!("{tag}.{middle}")) };
+            if tag.is_empty() || cluster.len() > MAX_CLUSTER_NAME_BYTES {
+                return Err(StatsRejection::BadName);
             }
-            _ => Err(StatsRejection::BadName),
-        };
+            return Ok((!is_sub_scope(&cluster)).then_some(ClusterSample { cluster, stat }));
+        }
+        // A tagged stat whose cluster tag is gone.
+        (None, Some(("", _))) => return Err(StatsRejection::BadName),
+        (Some(_), None) => return Ok(None),
+        _ => {}
     }
-    if rest == "upstream_rq_xx" || metric.label.iter().any(|l| l.name.as_deref() == Some(CLUSTER_NAME_TAG)) {
+    if rest.ends_with("upstream_rq_xx") || rest.ends_with("upstream_rq") {
         return Ok(None);
     }
     // Raw: `<cluster>.<stat>`, the cluster name possibly dotted.
@@ -193,7 +230,7 @@ fn classify<'a>(name: &'a str, metric: &'a Metric) -> Result<Option<ClusterSampl
             if cluster.is_empty() || cluster.len() > MAX_CLUSTER_NAME_BYTES {
                 return Err(StatsRejection::BadName);
             }
-            return Ok((!is_sub_scope(cluster)).then_some(ClusterSample { cluster, stat }));
+            return Ok((!is_sub_scope(cluster)).then_some(ClusterSample { cluster: Cow::Borrowed(cluster), stat }));
         }
     }
     Ok(None)
@@ -341,7 +378,7 @@ impl StatsStream {
             tally.reject(StatsRejection::NoIdentifier, tally.received);
             return (Vec::new(), tally);
         };
-        let mut gathered: HashMap<&str, Gathered> = HashMap::new();
+        let mut gathered: HashMap<Cow<'_, str>, Gathered> = HashMap::new();
         for family in families {
             let n = family.metric.len() as u64;
             let Ok(kind) = MetricType::try_from(family.r#type.unwrap_or(0)) else {
@@ -403,7 +440,7 @@ impl StatsStream {
                 // is an Envoy that restarted: every counter starts again from zero.
                 let restarted = first
                     && gathered.iter().any(|(cluster, g)| {
-                        st.clusters.get(*cluster).is_some_and(|last| {
+                        st.clusters.get(cluster.as_ref()).is_some_and(|last| {
                             g.counters
                                 .iter()
                                 .zip(last)
@@ -425,7 +462,7 @@ impl StatsStream {
                     }
                 }
                 Some(st) => {
-                    let last = match st.clusters.get_mut(cluster) {
+                    let last = match st.clusters.get_mut(cluster.as_ref()) {
                         Some(last) => last,
                         None if book.tracked >= cfg.max_tracked_clusters => {
                             let n = g.counters.iter().chain(&g.hosts).flatten().count() as u64;
@@ -435,7 +472,7 @@ impl StatsStream {
                         }
                         None => {
                             book.tracked += 1;
-                            st.clusters.entry(cluster.into()).or_default()
+                            st.clusters.entry(cluster.as_ref().into()).or_default()
                         }
                     };
                     for ((slot, now), before) in counts.fields_mut().into_iter().zip(g.counters).zip(last.iter_mut()) {
@@ -531,16 +568,17 @@ mod tests {
         assert_eq!(
             sample(istio),
             Ok(Some(ClusterSample {
-                cluster: "outbound|9080||reviews.default.svc.cluster.local",
+                cluster: "outbound|9080||reviews.default.svc.cluster.local".into(),
                 stat: Stat::Counter(0)
             }))
         );
         assert_eq!(
             sample("cluster.backend.outlier_detection.ejections_enforced_total"),
-            Ok(Some(ClusterSample { cluster: "backend", stat: Stat::Counter(7) }))
+            Ok(Some(ClusterSample { cluster: "backend".into(), stat: Stat::Counter(7) }))
         );
         assert_eq!(sample("cluster.backend.internal.upstream_rq_5xx"), Ok(None));
         assert_eq!(sample("cluster.backend.zone.a.b.upstream_rq_5xx"), Ok(None));
+        assert_eq!(sample("cluster.backend.retry.upstream_rq_5xx"), Ok(None));
         assert_eq!(sample("cluster.backend.upstream_rq_503"), Ok(None));
         assert_eq!(sample("http.ingress.downstream_rq_total"), Ok(None));
         assert_eq!(sample("cluster..upstream_rq_total"), Err(StatsRejection::BadName));
@@ -556,7 +594,7 @@ mod tests {
         );
         assert_eq!(
             classify("cluster.upstream_rq_xx", &f.metric[0]),
-            Ok(Some(ClusterSample { cluster: "b", stat: Stat::Counter(1) }))
+            Ok(Some(ClusterSample { cluster: "b".into(), stat: Stat::Counter(1) }))
         );
         let f = family(
             "cluster.upstream_rq_xx",
@@ -567,6 +605,48 @@ mod tests {
         assert_eq!(classify("cluster.upstream_rq_xx", &f.metric[0]), Ok(None));
         let f = family("cluster.upstream_rq_total", MetricType::Counter, 3.0, &[]);
         assert_eq!(classify("cluster.upstream_rq_total", &f.metric[0]), Err(StatsRejection::BadName));
+    }
+
+    #[test]
+    fn dotted_cluster_names_cut_by_a_tag_are_put_back_together() {
+        let read = |name: &str, labels: &[(&str, &str)]| {
+            let f = family(name, MetricType::Counter, 1.0, labels);
+            classify(name, &f.metric[0]).map(|s| s.map(|s| (s.cluster.into_owned(), s.stat)))
+        };
+        // Envoy's default tag stops at the first dot.
+        assert_eq!(
+            read("cluster.shop.svc.cluster.local.upstream_rq_total", &[(CLUSTER_NAME_TAG, "outbound|8443||payments")]),
+            Ok(Some(("outbound|8443||payments.shop.svc.cluster.local".into(), Stat::Counter(0))))
+        );
+        assert_eq!(
+            read("cluster.example.upstream_rq_total", &[(CLUSTER_NAME_TAG, "partner")]),
+            Ok(Some(("partner.example".into(), Stat::Counter(0))))
+        );
+        assert_eq!(
+            read("cluster.example.upstream_rq_xx", &[(CLUSTER_NAME_TAG, "partner"), (CODE_CLASS_TAG, "5")]),
+            Ok(Some(("partner.example".into(), Stat::Counter(1))))
+        );
+        assert_eq!(
+            read("cluster.example.outlier_detection.ejections_enforced_total", &[(CLUSTER_NAME_TAG, "partner")]),
+            Ok(Some(("partner.example".into(), Stat::Counter(7))))
+        );
+        // Istio's tag keeps a whole `….svc.cluster.local` name; its 5xx class is `5xx`.
+        let istio = [("cluster_name", "outbound|8443||payments.shop.svc.cluster.local")];
+        assert_eq!(
+            read("cluster.upstream_rq_total", &istio),
+            Ok(Some(("outbound|8443||payments.shop.svc.cluster.local".into(), Stat::Counter(0))))
+        );
+        let class = |c| [istio[0], ("response_code_class", c)];
+        assert_eq!(
+            read("cluster.upstream_rq", &class("5xx")),
+            Ok(Some(("outbound|8443||payments.shop.svc.cluster.local".into(), Stat::Counter(1))))
+        );
+        assert_eq!(read("cluster.upstream_rq", &class("2xx")), Ok(None));
+        assert_eq!(read("cluster.upstream_rq", &[istio[0], ("response_code", "503")]), Ok(None));
+        // A sub-scope is still not the cluster's own, and other stats are still not read.
+        assert_eq!(read("cluster.internal.upstream_rq_total", &[(CLUSTER_NAME_TAG, "backend")]), Ok(None));
+        assert_eq!(read("cluster.example.upstream_rq_503", &[(CLUSTER_NAME_TAG, "partner")]), Ok(None));
+        assert_eq!(read("cluster.upstream_rq_total", &[(CLUSTER_NAME_TAG, "")]), Err(StatsRejection::BadName));
     }
 
     #[test]
