@@ -356,6 +356,41 @@ async fn a_new_upstream_and_a_plaintext_hop_are_findings_and_known_edges_survive
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opentelemetry_access_logs_name_the_callee_by_its_certificate() {
+    otel_logs_count_what_the_access_log_counts("sidecar-frontend-otel", |t| t.to_string()).await;
+}
+
+/// The same sidecar with the attribute keys of Istio's default access-log format
+/// (`response_code`, `upstream_cluster`, `duration`, …) as users of the stock OpenTelemetry
+/// logger write them, and the certificates under snake_case keys too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opentelemetry_access_logs_with_istio_style_keys_give_the_same_pairs() {
+    otel_logs_count_what_the_access_log_counts("sidecar-frontend-otel-istio-keys", |template| {
+        let mut t = template.to_string();
+        for (dotted, snake) in [
+            ("downstream.peer.uri_san", "downstream_peer_uri_san"),
+            ("downstream.local.uri_san", "downstream_local_uri_san"),
+            ("upstream.peer.uri_san", "upstream_peer_uri_san"),
+            ("upstream.cluster", "upstream_cluster"),
+            ("response.code", "response_code"),
+            ("response.flags", "response_flags"),
+            ("duration_ms", "duration"),
+            ("bytes.received", "bytes_received"),
+            ("bytes.sent", "bytes_sent"),
+            ("downstream.remote_address", "downstream_remote_address"),
+            ("upstream.host", "upstream_host"),
+        ] {
+            t = t.replace(&format!("key: {dotted},"), &format!("key: {snake},"));
+        }
+        assert!(!t.contains("key: response.code"), "the template's keys were renamed");
+        t
+    })
+    .await;
+}
+
+/// A frontend sidecar logging with the OpenTelemetry logger (its config: `keys` applied to
+/// `deploy/envoy/sidecar-frontend-otel.yaml`) and a backend logging with the gRPC access log:
+/// both views of the same requests land on the same pair, with the same counts.
+async fn otel_logs_count_what_the_access_log_counts(name: &str, keys: fn(&str) -> String) {
     let work = TempDir::new("e2e-otel");
     gen_certs(&work.path().join("certs"));
     let data = TempDir::new("e2e-otel-data");
@@ -382,8 +417,10 @@ async fn opentelemetry_access_logs_name_the_callee_by_its_certificate() {
         work.path(),
     )
     .await;
-    let frontend = Envoy::start(
-        "sidecar-frontend-otel",
+    let template = std::fs::read_to_string(repo_root().join("deploy/envoy/sidecar-frontend-otel.yaml")).unwrap();
+    let frontend = Envoy::start_config(
+        name,
+        &keys(&template),
         &HashMap::from([
             ("frontend_outbound_http", 0),
             ("backend_inbound_http", backend.listeners["inbound_http"]),

@@ -29,16 +29,24 @@ pub enum Rejection {
     Future,
     /// Dropped because the pipeline queue stayed full.
     QueueFull,
+    /// An OpenTelemetry record of an HTTP request without a response code: its status class
+    /// cannot be told.
+    MissingStatus,
+    /// An OpenTelemetry record with nothing that names a peer (no upstream cluster or host,
+    /// no downstream address, no certificate): it would be a pair of `unknown`s.
+    MissingPeer,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 6] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::Malformed,
         Rejection::MissingTime,
         Rejection::NoIdentifier,
         Rejection::Late,
         Rejection::Future,
         Rejection::QueueFull,
+        Rejection::MissingStatus,
+        Rejection::MissingPeer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +57,8 @@ impl Rejection {
             Rejection::Late => "late",
             Rejection::Future => "future",
             Rejection::QueueFull => "queue_full",
+            Rejection::MissingStatus => "missing_status",
+            Rejection::MissingPeer => "missing_peer",
         }
     }
 }

@@ -5,9 +5,11 @@
 //! gRPC access log: its attributes are read into the fields of an access-log entry (addresses,
 //! certificates' URI SANs, upstream cluster, response code and flags, duration, bytes) and
 //! decided by `decode::record`. The node comes from the resource attributes Envoy fills
-//! (`node_name`, `cluster_name`, `log_name`, and `meshwatch.identity` if configured). What a
-//! record lacks degrades to `unknown` (counted); a record without a time is rejected alone;
-//! a batch is never refused for its records.
+//! (`node_name`, `cluster_name`, `log_name`, and `meshwatch.identity` if configured). A record
+//! without a time, an HTTP record without a response code, and one with nothing that names a
+//! peer are rejected alone, counted by reason (never made into `unknown` pairs); a peer that
+//! is named but not resolved is `unknown`, counted as unresolved; a batch is never refused for
+//! its records.
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -43,10 +45,36 @@ pub const ATTRIBUTES: [(&str, &str); 12] = [
 ];
 
 /// Also read: `path` (`%REQ(:PATH)%`, for 404 scans) and `protocol` (`%PROTOCOL%`, which
-/// Envoy prints as `-` for TCP: without it, a record is taken for HTTP). Alternative names, as the OpenTelemetry semantic conventions spell them, are
-/// accepted for the response code and flags.
-const ALIASES: [(&str, &str); 2] =
-    [("http.response.status_code", "response.code"), ("response_flags", "response.flags")];
+/// Envoy prints as `-` for TCP: without it, a record is taken for HTTP). Other spellings are
+/// accepted for the same fields: the snake_case keys of Istio's default access-log format
+/// (`response_code`, `upstream_cluster`, `duration`, …, which Envoy setups copy into the
+/// OpenTelemetry logger's attributes) and the OpenTelemetry semantic conventions' names.
+const ALIASES: [(&str, &str); 15] = [
+    ("http.response.status_code", "response.code"),
+    ("response_code", "response.code"),
+    ("response_flags", "response.flags"),
+    ("upstream_cluster", "upstream.cluster"),
+    ("upstream_host", "upstream.host"),
+    ("duration", "duration_ms"),
+    ("bytes_received", "bytes.received"),
+    ("bytes_sent", "bytes.sent"),
+    ("downstream_remote_address", "downstream.remote_address"),
+    ("downstream_peer_uri_san", "downstream.peer.uri_san"),
+    ("downstream_local_uri_san", "downstream.local.uri_san"),
+    ("upstream_peer_uri_san", "upstream.peer.uri_san"),
+    ("url.path", "path"),
+    ("server.address", "authority"),
+    ("network.protocol.name", "protocol"),
+];
+
+/// The attributes that name a peer: a record with none of them is rejected (`missing_peer`).
+const PEER_KEYS: [&str; 5] = [
+    "upstream.cluster",
+    "upstream.host",
+    "downstream.remote_address",
+    "downstream.peer.uri_san",
+    "upstream.peer.uri_san",
+];
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct ExportRequestWire {
@@ -233,6 +261,12 @@ fn log_record(rec: &LogRecordWire, node: &NodeContext, resolver: &mut Resolver<'
     if nanos == 0 {
         return (protocol_index, Outcome::Rejected(Rejection::MissingTime));
     }
+    if !tcp && a.number("response.code").is_none() {
+        return (protocol_index, Outcome::Rejected(Rejection::MissingStatus));
+    }
+    if PEER_KEYS.iter().all(|k| a.bytes(k).is_none()) {
+        return (protocol_index, Outcome::Rejected(Rejection::MissingPeer));
+    }
     let local = a.bytes("downstream.local.uri_san").map(certificate);
     let peer = a.bytes("downstream.peer.uri_san").map(certificate);
     let common = CommonWire {
@@ -396,7 +430,7 @@ mod tests {
     }
 
     #[test]
-    fn server_side_records_read_the_callers_certificate_and_missing_fields_degrade() {
+    fn server_side_records_read_the_callers_certificate() {
         let resource = vec![
             kv("node_name", "api-1"),
             kv("log_name", "inbound_otel"),
@@ -407,15 +441,69 @@ mod tests {
             kv("downstream.local.uri_san", "spiffe://mesh.test/ns/shop/sa/api"),
             kv("response.code", "200"),
         ];
-        let bare = vec![kv("response.code", "200")];
-        let (records, tally) = export(request(resource, vec![full, bare]), &mesh(), &mut Interner::new(16));
+        let plaintext = vec![kv("downstream.remote_address", "10.0.0.9:51000"), kv("response.code", "200")];
+        let (records, tally) = export(request(resource, vec![full, plaintext]), &mesh(), &mut Interner::new(16));
         assert_eq!(tally.decoded, [2, 0]);
         assert_eq!(
             (&*records[0].source, &*records[0].destination, records[0].reporter, records[0].mtls),
             ("spiffe://mesh.test/ns/shop/sa/web", "spiffe://mesh.test/ns/shop/sa/api", Reporter::Destination, true)
         );
+        // A caller known only by its address is an unresolved source, counted as such.
         assert_eq!((&*records[1].source, records[1].mtls), ("unknown", false));
         assert_eq!(tally.unresolved, [1, 0]);
+    }
+
+    #[test]
+    fn records_without_a_status_or_a_peer_are_rejected_by_reason_not_made_unknown_pairs() {
+        let resource = vec![kv("node_name", "api-1"), kv("log_name", "inbound_otel")];
+        let no_peer = vec![kv("response.code", "200"), kv("duration_ms", "3")];
+        let no_status = vec![kv("upstream.cluster", "api"), kv("response.flags", "-")];
+        let tcp_no_status = vec![kv("upstream.cluster", "db"), kv("protocol", "-")];
+        let (records, tally) =
+            export(request(resource, vec![no_peer, no_status, tcp_no_status]), &mesh(), &mut Interner::new(16));
+        assert_eq!(records.len(), 1, "only the TCP record, which has no status by nature");
+        assert_eq!(records[0].protocol, Protocol::Tcp);
+        let mut rejected = tally.rejected.clone();
+        rejected.sort_by_key(|(r, _)| r.as_str());
+        assert_eq!(rejected, vec![(Rejection::MissingPeer, 1), (Rejection::MissingStatus, 1)]);
+    }
+
+    #[test]
+    fn istio_default_format_keys_read_as_meshwatch_keys() {
+        // The keys of Istio's default access-log format, copied into the OpenTelemetry
+        // logger's attributes as a user of the stock logger writes them.
+        let resource = vec![kv("node_name", "web-1"), kv("cluster_name", "web"), kv("log_name", "outbound_otel")];
+        let snake = vec![
+            kv("upstream_cluster", "outbound|8080||api.shop.svc.cluster.local"),
+            kv("upstream_host", "10.1.2.3:8080"),
+            kv("response_code", "503"),
+            kv("response_flags", "UF"),
+            kv("duration", "12"),
+            kv("bytes_received", "300"),
+            kv("bytes_sent", "40"),
+            kv("downstream_remote_address", "10.0.0.5:40000"),
+            kv("authority", "api.shop:8080"),
+            kv("protocol", "HTTP/1.1"),
+        ];
+        let dotted = vec![
+            kv("upstream.cluster", "outbound|8080||api.shop.svc.cluster.local"),
+            kv("upstream.host", "10.1.2.3:8080"),
+            kv("response.code", "503"),
+            kv("response.flags", "UF"),
+            kv("duration_ms", "12"),
+            kv("bytes.received", "300"),
+            kv("bytes.sent", "40"),
+            kv("downstream.remote_address", "10.0.0.5:40000"),
+            kv("authority", "api.shop:8080"),
+            kv("protocol", "HTTP/1.1"),
+        ];
+        let (records, tally) = export(request(resource, vec![snake, dotted]), &mesh(), &mut Interner::new(16));
+        assert_eq!(tally.decoded, [2, 0]);
+        assert_eq!(records[0], records[1]);
+        let r = &records[0];
+        assert_eq!((r.response_code, r.duration_us, r.bytes_sent, r.bytes_received), (503, Some(12_000), 300, 40));
+        assert_eq!(&*r.source, "web");
+        assert_ne!(&*r.destination, "unknown");
     }
 
     #[test]
