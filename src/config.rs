@@ -374,6 +374,9 @@ pub struct RawService {
     pub cidrs: Vec<String>,
     #[serde(default)]
     pub clusters: Vec<String>,
+    /// Reporting Envoys (node id or cluster patterns) that are this service's own proxies.
+    #[serde(default)]
+    pub nodes: Vec<String>,
     #[serde(default)]
     pub external: bool,
 }
@@ -716,13 +719,14 @@ impl RawConfig {
             if s.name.is_empty() {
                 c.0.push(format!("{key}.name: must not be empty"));
             }
-            if s.cidrs.is_empty() && s.clusters.is_empty() {
-                c.0.push(format!("{key}: `{}` has neither cidrs nor clusters, so nothing maps to it", s.name));
+            if s.cidrs.is_empty() && s.clusters.is_empty() && s.nodes.is_empty() {
+                c.0.push(format!("{key}: `{}` has no cidrs, clusters or nodes, so nothing maps to it", s.name));
             }
             services.push(ServiceMapping {
                 name: s.name.clone(),
                 cidrs: c.cidrs(&format!("{key}.cidrs"), &s.cidrs),
                 clusters: c.patterns(&format!("{key}.clusters"), &s.clusters),
+                nodes: c.patterns(&format!("{key}.nodes"), &s.nodes),
                 external: s.external,
             });
         }
@@ -848,7 +852,7 @@ mod tests {
             "limits.max_pairs",
             "not-a-cidr",
             "mesh.services[0].name",
-            "neither cidrs nor clusters",
+            "no cidrs, clusters or nodes",
         ] {
             assert!(all.contains(key), "no problem about {key} in:\n{all}");
         }

@@ -34,8 +34,20 @@ async fn sidecars(
     external_app: u16,
     inventory_app: u16,
 ) -> (Envoy, Envoy) {
-    let backend = Envoy::start(
+    sidecars_named(work, mw_port, [backend_app, tcp_app, external_app, inventory_app], |t, _| t.to_string()).await
+}
+
+/// `sidecars`, with each bootstrap passed through `name(template, service)` first.
+async fn sidecars_named(
+    work: &std::path::Path,
+    mw_port: u16,
+    [backend_app, tcp_app, external_app, inventory_app]: [u16; 4],
+    name: fn(&str, &str) -> String,
+) -> (Envoy, Envoy) {
+    let template = |file: &str| std::fs::read_to_string(repo_root().join(format!("deploy/envoy/{file}.yaml"))).unwrap();
+    let backend = Envoy::start_config(
         "sidecar-backend",
+        &name(&template("sidecar-backend"), "backend"),
         &HashMap::from([
             ("backend_inbound_http", 0),
             ("backend_inbound_tcp", 0),
@@ -46,8 +58,9 @@ async fn sidecars(
         work,
     )
     .await;
-    let frontend = Envoy::start(
+    let frontend = Envoy::start_config(
         "sidecar-frontend",
+        &name(&template("sidecar-frontend"), "frontend"),
         &HashMap::from([
             ("frontend_outbound_http", 0),
             ("frontend_outbound_tcp", 0),
@@ -351,6 +364,73 @@ async fn a_new_upstream_and_a_plaintext_hop_are_findings_and_known_edges_survive
     assert_eq!(edge(FRONTEND, "api.example.com").unwrap()["state"], "known");
     let nodes = g["nodes"].as_array().unwrap();
     assert!(nodes.iter().any(|n| n["id"] == INVENTORY && n["title"] == "inventory"), "{body}");
+    assert!(mw.stop().success());
+}
+
+/// A sidecar as Istio names it: an Istio node id, `node.cluster` as `app.namespace`, and
+/// the metadata Istio's proxies carry (`NAMESPACE`, `SERVICE_ACCOUNT`, `WORKLOAD_NAME`), with
+/// no `meshwatch_identity`.
+fn istio_node(template: &str, service: &str) -> String {
+    let (id, ip) = (format!("{service}-1"), if service == "frontend" { "127.0.0.5" } else { "127.0.0.1" });
+    let ours = format!("  id: {id}\n  cluster: {service}\n");
+    assert!(template.contains(&ours), "{ours}");
+    let identity = format!("meshwatch_identity: spiffe://mesh.test/ns/shop/sa/{service}\n");
+    assert!(template.contains(&identity), "{identity}");
+    template
+        .replacen(
+            &ours,
+            &format!(
+                "  id: sidecar~{ip}~{service}-v1-6d5f9-x2x7q.shop~shop.svc.cluster.local\n  cluster: {service}.shop\n"
+            ),
+            1,
+        )
+        .replacen(
+            &identity,
+            &format!("NAMESPACE: shop\n    SERVICE_ACCOUNT: {service}\n    WORKLOAD_NAME: {service}-v1\n"),
+            1,
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_named_as_istio_names_them_give_one_pair_per_hop_and_one_downgrade() {
+    let work = TempDir::new("e2e-istio-nodes");
+    gen_certs(&work.path().join("certs"));
+    let data = TempDir::new("e2e-istio-nodes-data");
+    let env = [
+        ("MESHWATCH_DATA_DIR", data.path().display().to_string()),
+        ("MESHWATCH_WINDOW__LENGTH", "1s".to_string()),
+        ("MESHWATCH_WINDOW__GRACE", "2s".to_string()),
+        ("MESHWATCH_ZERO_TRUST__LEARNING", "3s".to_string()),
+    ];
+    let mw = Meshwatch::start(&repo_root().join("deploy/meshwatch-example.toml"), &env);
+    let backend_app = start_app("127.0.0.1", 100).await;
+    let tcp_app = start_tcp_app(1, 1).await;
+    let apps = [backend_app.port(), tcp_app.port(), closed_port(), closed_port()];
+    let (_backend, frontend) = sidecars_named(work.path(), mw.grpc.port(), apps, istio_node).await;
+    let out = frontend.listener("outbound_http");
+    drive_until(&mw, out, "/ok", |m| m.get("meshwatch_zero_trust_learning", &[]) == Some(0.0)).await;
+    let server = pair(FRONTEND, BACKEND, "east_west", "destination");
+    drive_until(&mw, out, "/plain/ok", |m| m.get("meshwatch_pair_plaintext_total", &server).unwrap_or(0.0) >= 1.0)
+        .await;
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_findings_total", &[]) >= 1.0).await;
+    // Both sidecars' views of the hop are one pair (a reporter each), and nothing else.
+    let pairs: std::collections::BTreeSet<_> = m
+        .matching("meshwatch_pair_first_seen_timestamp_seconds", &[])
+        .map(|s| (s.labels["source"].clone(), s.labels["destination"].clone(), s.labels["reporter"].clone()))
+        .collect();
+    let want: std::collections::BTreeSet<_> = ["source", "destination"]
+        .into_iter()
+        .map(|r| (FRONTEND.to_string(), BACKEND.to_string(), r.to_string()))
+        .collect();
+    assert_eq!(pairs, want, "{}", m.text);
+    assert_eq!(
+        findings(&mw).await,
+        vec![("mtls_downgrade".to_string(), FRONTEND.to_string(), BACKEND.to_string(), "east_west".to_string())],
+        "{}",
+        mw.logs()
+    );
+    assert_eq!(m.sum("meshwatch_findings_total", &[]), 1.0, "{}", m.text);
+    drop(frontend);
     assert!(mw.stop().success());
 }
 

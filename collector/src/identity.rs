@@ -70,6 +70,8 @@ pub struct ServiceMapping {
     pub name: String,
     pub cidrs: Vec<IpNet>,
     pub clusters: Vec<Pattern>,
+    /// Reporting Envoys (by `node.id` or `node.cluster`) that are this service's proxies.
+    pub nodes: Vec<Pattern>,
     /// The service lies outside the trust boundary (a partner API, a SaaS endpoint).
     pub external: bool,
 }
@@ -133,16 +135,17 @@ pub struct NodeContext {
 
 impl NodeContext {
     /// Builds the context from the stream identifier's node and log name.
+    ///
+    /// The node's own identity, the first that applies: its `meshwatch_identity` metadata; a
+    /// `[[mesh.services]]` entry whose `nodes` match its id or cluster; Istio's metadata
+    /// `NAMESPACE` and `SERVICE_ACCOUNT` as the SPIFFE ID its certificate carries;
+    /// `WORKLOAD_NAME` and `NAMESPACE` as `workload.namespace` (how a peer is named by the
+    /// same metadata); its `node.cluster`; its `node.id`. A namespace missing from the
+    /// metadata is read from an Istio node id (`sidecar~IP~POD.NS~NS.svc.cluster.local`).
     pub fn new(node: Option<&Node>, log_name: &str, mesh: &MeshConfig) -> NodeContext {
         let empty = Node::default();
         let node = node.unwrap_or(&empty);
-        let meta = node.metadata.as_ref();
-        let identity = meta
-            .and_then(|m| struct_str(m, &["meshwatch_identity"]).map(str::to_owned))
-            .or_else(|| meta.and_then(|m| istio_spiffe_id(m, mesh)))
-            .or_else(|| (!node.cluster.is_empty()).then(|| node.cluster.clone()))
-            .or_else(|| (!node.id.is_empty()).then(|| node.id.clone()))
-            .unwrap_or_else(|| UNKNOWN.to_owned());
+        let identity = node_identity(node, mesh).unwrap_or_else(|| UNKNOWN.to_owned());
         let is_gateway =
             mesh.gateway_nodes.iter().any(|p| p.matches(node.id.as_bytes()) || p.matches(node.cluster.as_bytes()));
         NodeContext {
@@ -152,6 +155,45 @@ impl NodeContext {
             inbound_logger: mesh.inbound_log_names.iter().any(|p| p.matches(log_name.as_bytes())),
         }
     }
+}
+
+/// The identity rule of `NodeContext::new`; `None` for a node that says nothing.
+fn node_identity(node: &Node, mesh: &MeshConfig) -> Option<String> {
+    let meta = node.metadata.as_ref();
+    let meta_str = |keys: &[&str]| meta.and_then(|m| struct_str(m, keys));
+    if let Some(id) = meta_str(&["meshwatch_identity"]) {
+        return Some(id.to_owned());
+    }
+    let matches = |p: &Pattern| p.matches(node.id.as_bytes()) || p.matches(node.cluster.as_bytes());
+    if let Some(svc) = mesh.services.iter().find(|s| s.nodes.iter().any(matches)) {
+        return Some(svc.name.clone());
+    }
+    let namespace = meta_str(&["NAMESPACE", "namespace"]).or_else(|| istio_node_namespace(&node.id));
+    if let (Some(ns), Some(sa)) = (namespace, meta_str(&["SERVICE_ACCOUNT", "service_account"])) {
+        return Some(spiffe_id(mesh, ns, sa));
+    }
+    if let (Some(ns), Some(workload)) = (namespace, meta_str(&["WORKLOAD_NAME", "workload"])) {
+        return Some(format!("{workload}.{ns}"));
+    }
+    [&node.cluster, &node.id].into_iter().find(|s| !s.is_empty()).cloned()
+}
+
+/// The namespace of an Istio proxy's node id, `TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN`
+/// (`sidecar~10.1.2.3~web-5d8f-x2.shop~shop.svc.cluster.local` → `shop`).
+fn istio_node_namespace(id: &str) -> Option<&str> {
+    let mut parts = id.split('~');
+    let (kind, _ip, pod, domain) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || !matches!(kind, "sidecar" | "router" | "waypoint") {
+        return None;
+    }
+    let ns = domain.split('.').next().filter(|ns| !ns.is_empty())?;
+    pod.ends_with(&format!(".{ns}")).then_some(ns)
+}
+
+/// `spiffe://<first trust domain>/ns/<ns>/sa/<sa>`.
+fn spiffe_id(mesh: &MeshConfig, ns: &str, sa: &str) -> String {
+    let td = mesh.trust_domains.first().map_or("cluster.local", String::as_str);
+    format!("spiffe://{td}/ns/{ns}/sa/{sa}")
 }
 
 /// Looks up the first of `keys` that holds a non-empty string in a protobuf `Struct`.
@@ -167,8 +209,7 @@ fn struct_str<'a>(s: &'a Struct, keys: &[&str]) -> Option<&'a str> {
 fn istio_spiffe_id(s: &Struct, mesh: &MeshConfig) -> Option<String> {
     let ns = struct_str(s, &["NAMESPACE", "namespace"])?;
     let sa = struct_str(s, &["SERVICE_ACCOUNT", "service_account"])?;
-    let td = mesh.trust_domains.first().map_or("cluster.local", String::as_str);
-    Some(format!("spiffe://{td}/ns/{ns}/sa/{sa}"))
+    Some(spiffe_id(mesh, ns, sa))
 }
 
 /// Bounded interning of identities, so that a flow record costs no allocation for a name
@@ -443,12 +484,21 @@ mod tests {
                     name: "payments".into(),
                     cidrs: vec!["10.7.0.0/16".parse().expect("cidr")],
                     clusters: vec![Pattern::new("payments*")],
+                    nodes: vec![],
+                    external: false,
+                },
+                ServiceMapping {
+                    name: "payments-svc".into(),
+                    cidrs: vec![],
+                    clusters: vec![],
+                    nodes: vec![Pattern::new("payments-*")],
                     external: false,
                 },
                 ServiceMapping {
                     name: "partner-api".into(),
                     cidrs: vec!["203.0.113.0/24".parse().expect("cidr")],
                     clusters: vec![],
+                    nodes: vec![],
                     external: true,
                 },
             ],
@@ -477,9 +527,21 @@ mod tests {
     }
 
     #[test]
+    fn istio_node_ids_give_their_namespace() {
+        assert_eq!(istio_node_namespace("sidecar~10.0.0.1~web-5d8f-x2.shop~shop.svc.cluster.local"), Some("shop"));
+        assert_eq!(
+            istio_node_namespace("router~10.0.0.1~gw-1.istio-system~istio-system.svc.cluster.local"),
+            Some("istio-system")
+        );
+        assert_eq!(istio_node_namespace("sidecar~10.0.0.1~pod"), None);
+        assert_eq!(istio_node_namespace("sidecar~10.0.0.1~web.other~shop.svc.cluster.local"), None);
+        assert_eq!(istio_node_namespace("web-1"), None);
+    }
+
+    #[test]
     fn node_identity_rules() {
         let m = mesh();
-        let cases: [(Node, &str, &str); 5] = [
+        let cases: [(Node, &str, &str); 9] = [
             (node("n", "c", &[("meshwatch_identity", "spiffe://mesh.test/web")]), "outbound", "spiffe://mesh.test/web"),
             (
                 node("n", "c", &[("NAMESPACE", "shop"), ("SERVICE_ACCOUNT", "cart")]),
@@ -489,6 +551,25 @@ mod tests {
             (node("n", "reviews.shop", &[]), "x", "reviews.shop"),
             (node("sidecar~10.0.0.1~pod", "", &[]), "x", "sidecar~10.0.0.1~pod"),
             (Node::default(), "x", UNKNOWN),
+            // A node named by configuration, before what its metadata says.
+            (node("payments-7f9c-x2", "payments", &[("NAMESPACE", "shop")]), "x", "payments-svc"),
+            // The workload and namespace, as a peer is named by the same metadata.
+            (node("n", "c", &[("WORKLOAD_NAME", "web-v1"), ("NAMESPACE", "shop")]), "x", "web-v1.shop"),
+            // Istio's node id gives the namespace the metadata lacks.
+            (
+                node(
+                    "sidecar~10.0.0.1~cart-5d8f-x2.shop~shop.svc.cluster.local",
+                    "cart.shop",
+                    &[("SERVICE_ACCOUNT", "cart")],
+                ),
+                "x",
+                "spiffe://mesh.test/ns/shop/sa/cart",
+            ),
+            (
+                node("sidecar~10.0.0.1~web-5d8f-x2.shop~shop.svc.cluster.local", "", &[("WORKLOAD_NAME", "web")]),
+                "x",
+                "web.shop",
+            ),
         ];
         for (n, log_name, want) in cases {
             assert_eq!(&*NodeContext::new(Some(&n), log_name, &m).identity, want);

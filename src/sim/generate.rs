@@ -204,6 +204,7 @@ pub fn mesh_config(s: &Scenario) -> MeshConfig {
                 Pattern::new(format!("outbound|8080||{}", fqdn(s, &svc.name))),
                 Pattern::new(format!("outbound|9000||{}", fqdn(s, &svc.name))),
             ],
+            nodes: vec![],
             external: false,
         })
         .collect();
@@ -211,6 +212,7 @@ pub fn mesh_config(s: &Scenario) -> MeshConfig {
         name: spiffe(s, GATEWAY),
         cidrs: GATEWAY_IP.parse::<std::net::IpAddr>().map(IpNet::from).into_iter().collect(),
         clusters: vec![],
+        nodes: vec![],
         external: false,
     });
     MeshConfig {
