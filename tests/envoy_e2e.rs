@@ -423,6 +423,18 @@ async fn sidecars_named_as_istio_names_them_give_one_pair_per_hop_and_one_downgr
         .map(|r| (FRONTEND.to_string(), BACKEND.to_string(), r.to_string()))
         .collect();
     assert_eq!(pairs, want, "{}", m.text);
+    // Istio's labels beside meshwatch's.
+    let istio_labels = [
+        ("source_workload_namespace", "shop"),
+        ("destination_workload_namespace", "shop"),
+        ("source_principal", FRONTEND),
+        ("destination_principal", BACKEND),
+    ];
+    assert_eq!(
+        m.sum("meshwatch_pair_requests_total", &with(server.clone(), istio_labels[0].0, istio_labels[0].1)),
+        m.sum("meshwatch_pair_requests_total", &server)
+    );
+    assert!(m.sum("meshwatch_pair_requests_total", &istio_labels) >= 2.0, "{}", m.text);
     assert_eq!(
         findings(&mw).await,
         vec![("mtls_downgrade".to_string(), FRONTEND.to_string(), BACKEND.to_string(), "east_west".to_string())],

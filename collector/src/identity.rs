@@ -417,6 +417,22 @@ fn spiffe_uri(cert: &CertificateWire) -> Option<&[u8]> {
     cert.subject_alt_name.iter().map(|s| s.uri.as_ref()).find(|u| u.starts_with(b"spiffe://"))
 }
 
+/// The namespace an identity names: `NS` of `spiffe://td/ns/NS/sa/SA`, and `NS` of the
+/// `name.NS` that Istio cluster names and workload metadata give (`reviews.shop`). `None`
+/// for anything else (a host name of more parts, an address, `unknown`).
+pub fn namespace_of(identity: &str) -> Option<&str> {
+    if let Some(rest) = identity.strip_prefix("spiffe://") {
+        let mut parts = rest.split('/').skip(1);
+        return match (parts.next(), parts.next()) {
+            (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
+            _ => None,
+        };
+    }
+    let (name, ns) = identity.split_once('.')?;
+    let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    (plain(name) && plain(ns) && !ns.bytes().all(|b| b.is_ascii_digit())).then_some(ns)
+}
+
 /// `spiffe://td/path` → `td`.
 pub fn spiffe_trust_domain(uri: &str) -> Option<&str> {
     let rest = uri.strip_prefix("spiffe://")?;
@@ -524,6 +540,16 @@ mod tests {
         for (pattern, name, want) in cases {
             assert_eq!(Pattern::new(pattern).matches(name.as_bytes()), want, "{pattern} ~ {name}");
         }
+    }
+
+    #[test]
+    fn identities_name_their_namespace() {
+        assert_eq!(namespace_of("spiffe://mesh.test/ns/shop/sa/cart"), Some("shop"));
+        assert_eq!(namespace_of("spiffe://mesh.test/workload/x"), None);
+        assert_eq!(namespace_of("reviews.shop"), Some("shop"));
+        assert_eq!(namespace_of("api.example.com"), None);
+        assert_eq!(namespace_of("10.0.0.1"), None);
+        assert_eq!(namespace_of("unknown"), None);
     }
 
     #[test]

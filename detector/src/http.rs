@@ -605,7 +605,11 @@ mod tests {
         s.pairs.apply(&window);
         let (status, text) = get(router(s.clone()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
-        let labels = r#"source="web",destination="api.example.com",direction="egress",reporter="source""#;
+        let labels = concat!(
+            r#"source="web",destination="api.example.com",direction="egress",reporter="source","#,
+            r#"source_workload_namespace="unknown",destination_workload_namespace="unknown","#,
+            r#"source_principal="unknown",destination_principal="unknown""#
+        );
         for line in [
             format!("meshwatch_pair_requests_total{{{labels},status_class=\"2xx\"}} 4"),
             format!("meshwatch_pair_requests_total{{{labels},status_class=\"5xx\"}} 1"),

@@ -11,7 +11,17 @@ use crate::anomaly::in_units;
 use crate::pairs::{family, label};
 use crate::score::Detector;
 
-const PAIR_SIGNAL: [&str; 5] = ["source", "destination", "direction", "reporter", "signal"];
+const PAIR_SIGNAL: [&str; 9] = [
+    "source",
+    "destination",
+    "direction",
+    "reporter",
+    "source_workload_namespace",
+    "destination_workload_namespace",
+    "source_principal",
+    "destination_principal",
+    "signal",
+];
 
 /// (name, help, labels) of every family.
 const FAMILIES: [(&str, &str, &[&str]); 11] = [
@@ -102,13 +112,8 @@ impl Collector for DetectorCollector {
                 continue;
             }
             for v in model.last_verdicts() {
-                let labels = [
-                    ("source", &*k.source),
-                    ("destination", &*k.destination),
-                    ("direction", k.direction.as_str()),
-                    ("reporter", k.reporter.as_str()),
-                    ("signal", v.signal.as_str()),
-                ];
+                let [l0, l1, l2, l3, l4, l5, l6, l7] = crate::pairs::pair_label_values(k);
+                let labels = [l0, l1, l2, l3, l4, l5, l6, l7, ("signal", v.signal.as_str())];
                 let (observed, expected, lower, upper) = in_units(v, d.window_ms);
                 for (i, value) in [v.score(), observed, expected, lower, upper].into_iter().enumerate() {
                     metrics[i].push(gauge(&labels, value));

@@ -252,7 +252,16 @@ const FAMILIES: [(&str, &str, MetricType); 21] = [
 /// Index in `FAMILIES` of the first upstream family.
 const UPSTREAM: usize = 11;
 
-const PAIR_LABELS: [&str; 4] = ["source", "destination", "direction", "reporter"];
+const PAIR_LABELS: [&str; 8] = [
+    "source",
+    "destination",
+    "direction",
+    "reporter",
+    "source_workload_namespace",
+    "destination_workload_namespace",
+    "source_principal",
+    "destination_principal",
+];
 
 impl PairCollector {
     pub fn new(table: Arc<PairTable>) -> prometheus::Result<PairCollector> {
@@ -281,11 +290,31 @@ pub(crate) fn label(name: &str, value: &str) -> proto::LabelPair {
 }
 
 fn pair_labels(k: &PairKey) -> Vec<proto::LabelPair> {
-    vec![
-        label("source", &k.source),
-        label("destination", &k.destination),
-        label("direction", k.direction.as_str()),
-        label("reporter", k.reporter.as_str()),
+    pair_label_values(k).into_iter().map(|(n, v)| label(n, v)).collect()
+}
+
+/// The labels of a pair's series: its key, and (after Istio's label names) the namespaces
+/// and SPIFFE principals its identities name, `unknown` where they name none (an egress
+/// destination, an ingress source, a name without a namespace).
+pub(crate) fn pair_label_values(k: &PairKey) -> [(&'static str, &str); 8] {
+    use meshwatch_collector::flow::Direction;
+    use meshwatch_collector::identity::namespace_of;
+    fn inside(id: &str, side_inside: bool) -> Option<&str> {
+        if side_inside { namespace_of(id) } else { None }
+    }
+    fn principal(id: &str) -> &str {
+        if id.starts_with("spiffe://") { id } else { "unknown" }
+    }
+    let (src, dst) = (&*k.source, &*k.destination);
+    [
+        ("source", src),
+        ("destination", dst),
+        ("direction", k.direction.as_str()),
+        ("reporter", k.reporter.as_str()),
+        ("source_workload_namespace", inside(src, k.direction != Direction::Ingress).unwrap_or("unknown")),
+        ("destination_workload_namespace", inside(dst, k.direction != Direction::Egress).unwrap_or("unknown")),
+        ("source_principal", principal(src)),
+        ("destination_principal", principal(dst)),
     ]
 }
 
@@ -409,6 +438,24 @@ mod tests {
             direction: Direction::EastWest,
             reporter: Reporter::Destination,
         }
+    }
+
+    #[test]
+    fn series_carry_namespaces_and_principals_as_istio_names_them() {
+        let k = PairKey {
+            source: Arc::from("spiffe://mesh.test/ns/shop/sa/web"),
+            destination: Arc::from("reviews.shop"),
+            direction: Direction::EastWest,
+            reporter: Reporter::Source,
+        };
+        let labels: std::collections::HashMap<_, _> = pair_label_values(&k).into_iter().collect();
+        assert_eq!(labels["source_workload_namespace"], "shop");
+        assert_eq!(labels["destination_workload_namespace"], "shop");
+        assert_eq!(labels["source_principal"], "spiffe://mesh.test/ns/shop/sa/web");
+        assert_eq!(labels["destination_principal"], "unknown");
+        // An outside destination has no namespace, whatever its name looks like.
+        let egress = PairKey { destination: Arc::from("partner.example"), direction: Direction::Egress, ..k };
+        assert_eq!(pair_label_values(&egress)[5], ("destination_workload_namespace", "unknown"));
     }
 
     #[test]
