@@ -7,8 +7,8 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::Identifier;
 use prost::Message;
 
-use crate::flow::{Direction, FlowRecord, Protocol, ResponseFlags};
-use crate::identity::{Evidence, Interner, MeshConfig, NodeContext, Resolver, UNKNOWN, reporter};
+use crate::flow::{Direction, FlowRecord, Protocol, Reporter, ResponseFlags};
+use crate::identity::{Evidence, Interner, MeshConfig, NodeContext, Resolver, Side, UNKNOWN, reporter};
 use crate::wire::{
     AlsMessageWire, CertificateWire, CommonWire, DurationWire, HttpEntryWire, TcpEntryWire, TimestampWire,
 };
@@ -177,7 +177,15 @@ pub(crate) fn record(
     let ev = Evidence { upstream_peer, ..evidence(common, specific.authority) };
     let rep = reporter(node, &ev);
     let source = resolver.source(rep, node, &ev);
-    let destination = resolver.destination(rep, node, &ev);
+    // A request a gateway had no route for ended at the gateway: it is the destination the
+    // client reached, not an unresolved one.
+    let unrouted =
+        rep == Reporter::Gateway && fields.flags.contains(ResponseFlags::NO_ROUTE) && ev.upstream_cluster.is_empty();
+    let destination = if unrouted {
+        Side { identity: node.identity.clone(), inside: true }
+    } else {
+        resolver.destination(rep, node, &ev)
+    };
     Outcome::Record(FlowRecord {
         end_ms: fields.end_ms,
         reporter: rep,
@@ -393,6 +401,29 @@ mod tests {
         assert_eq!(record(run(http(base_common(), Some(200)), false)).not_found_path, 0);
         assert_ne!(crate::flow::path_hash(b"/a"), crate::flow::path_hash(b"/b"));
         assert_ne!(crate::flow::path_hash(b""), 0);
+    }
+
+    #[test]
+    fn a_request_a_gateway_had_no_route_for_ends_at_the_gateway_not_at_unknown() {
+        let mesh = MeshConfig::default();
+        let gw = core::Node { id: "edge-gateway-1".into(), cluster: "edge-gateway".into(), ..Default::default() };
+        let node = NodeContext::new(Some(&gw), "ingress", &mesh);
+        let mut interner = Interner::new(16);
+        let mut resolver = Resolver { mesh: &mesh, interner: &mut interner };
+        let unrouted = al::AccessLogCommon {
+            upstream_cluster: String::new(),
+            upstream_remote_address: None,
+            downstream_remote_address: socket("203.0.113.9"),
+            response_flags: Some(al::ResponseFlags { no_route_found: true, ..Default::default() }),
+            ..base_common()
+        };
+        let r = record(http_entry(http(unrouted, Some(404)), &node, &mut resolver));
+        assert_eq!((r.reporter, &*r.source, &*r.destination), (Reporter::Gateway, "external", "edge-gateway"));
+        assert_eq!(r.direction, Direction::Ingress);
+        let mut tally = Tally::default();
+        let mut records = Vec::new();
+        tally.count(0, Outcome::Record(r), &mut records);
+        assert_eq!(tally.unresolved, [0, 0]);
     }
 
     #[test]

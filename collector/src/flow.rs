@@ -145,6 +145,8 @@ impl ResponseFlags {
         "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DR",
     ];
     pub const UPSTREAM_REQUEST_TIMEOUT: u32 = 1 << 2;
+    /// NR: no route (or, for TCP, no matching filter chain).
+    pub const NO_ROUTE: u32 = 1 << 8;
     pub const UPSTREAM_CONNECTION_FAILURE: u32 = 1 << 5;
     pub const RATE_LIMITED: u32 = 1 << 11;
     pub const UNAUTHORIZED: u32 = 1 << 12;
