@@ -10,7 +10,7 @@
 //! in log space against their learned level, with the sampling error of a quantile of `n`
 //! values added to the learned variation between windows.
 
-use crate::stats::{binomial_upper_tail, nb_lower_tail, nb_upper_tail, normal_sf};
+use crate::stats::{beta_binomial_upper_tail, nb_lower_tail, nb_upper_tail, normal_sf};
 
 /// The length of the windows (or rows) a baseline learns from: memories are durations, and
 /// this turns them into numbers of windows, so that the same traffic at 10 s or 1 h
@@ -424,50 +424,115 @@ fn normalize<const N: usize>(v: &mut [f64; N]) {
     }
 }
 
-/// A ratio (errors, denials, rate limits over requests), learned as decayed sums with a
-/// weak prior of 0.5 events in 500 requests (0.1 %).
+/// A ratio (errors, denials, rate limits over requests), learned as decayed sums of events
+/// and requests on top of a prior of `PRIOR_RATIO` over `PRIOR_REQUESTS` requests: the
+/// learnt ratio is Beta(events + 0.02, non-events + 19.98). A window is judged by the
+/// beta-binomial that follows from it, widened by the over-dispersion the pair's own windows
+/// show (`RatioSpread`): a ratio learnt from a few hundred requests is as uncertain as it is,
+/// a pair's first requests are its own normal (at 10 % errors from the first request, the
+/// learnt ratio is 9.4 % after 330 requests; a prior of 500 requests made it 4 %), and a pair
+/// whose errors come in clusters is not paged for its clusters.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RatioBaseline {
     pub events: f64,
     pub total: f64,
     /// Anomalous windows in a row: past `adapt_after` they teach again (a lasting shift).
     pub shifted: u32,
+    /// Not in this layout: stored in the model's trailer (see `PairModel::to_bytes`).
+    #[serde(skip)]
+    pub spread: RatioSpread,
 }
 
-const PRIOR_EVENTS: f64 = 0.5;
-const PRIOR_TOTAL: f64 = 500.0;
+/// The ratio a pair is assumed to have before its requests say otherwise (0.1 %)...
+pub const PRIOR_RATIO: f64 = 0.001;
+/// ...weighing as much as this many of its requests.
+pub const PRIOR_REQUESTS: f64 = 20.0;
+
+/// How much more a ratio's windows vary than a binomial's: the intra-window correlation ρ of
+/// a beta-binomial, `var(events) = n·p·q·(1 + (n − 1)·ρ)`. Learnt from `r = (e − n·p)² /
+/// (n·p·q)`, whose mean is `1 + (n − 1)·ρ`, as the ratio of the decayed means of `r − 1` and
+/// `n − 1`, less two standard errors (a low ratio's `r` is very noisy: chance alone must not
+/// widen its bands), over about a day of windows.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RatioSpread {
+    /// Decayed means of `n − 1`, `r − 1` and `(r − 1)²`.
+    moments: [f64; 3],
+    samples: u64,
+    pub rho: f64,
+}
+
+/// The most over-dispersion learnt: errors that come all at once or not at all are a signal
+/// of a kind the ratio cannot judge.
+const MAX_RHO: f64 = 0.5;
+
+impl RatioSpread {
+    fn learn(&mut self, n: f64, e: f64, p: f64, memory: f64) {
+        if n < 2.0 || p <= 0.0 || p >= 1.0 {
+            return;
+        }
+        let r = ((e - n * p).powi(2) / (n * p * (1.0 - p))).min(1e6);
+        let (x, y) = (n - 1.0, r - 1.0);
+        let a = rate(self.samples, memory);
+        for (m, v) in self.moments.iter_mut().zip([x, y, y * y]) {
+            *m += a * (v - *m);
+        }
+        self.samples += 1;
+        let [mx, my, myy] = self.moments;
+        let n_eff = (self.samples as f64).min(memory);
+        let se = ((myy - my * my).max(0.0) / n_eff).sqrt() / mx;
+        self.rho = (my / mx - 2.0 * se).clamp(0.0, MAX_RHO);
+    }
+}
 
 impl RatioBaseline {
     pub fn expected(&self) -> f64 {
-        (self.events + PRIOR_EVENTS) / (self.total + PRIOR_TOTAL)
+        let (a, b) = self.beta();
+        a / (a + b)
+    }
+
+    /// The learnt ratio as a Beta distribution's (a, b).
+    fn beta(&self) -> (f64, f64) {
+        let events = self.events.clamp(0.0, self.total.max(0.0));
+        (events + PRIOR_RATIO * PRIOR_REQUESTS, self.total.max(0.0) - events + (1.0 - PRIOR_RATIO) * PRIOR_REQUESTS)
     }
 
     pub fn update(&mut self, events: f64, total: f64, anomalous: bool, adapt_after: u32, cadence: Cadence) {
-        let keep = 1.0 - 1.0 / cadence.windows(RATIO_MEMORY_MS, 4.0);
+        let memory = cadence.windows(RATIO_MEMORY_MS, 4.0);
+        let keep = 1.0 - 1.0 / memory;
+        self.shifted = if anomalous { self.shifted.saturating_add(1) } else { 0 };
+        let teaches = self.shifted == 0 || self.shifted >= adapt_after;
+        if teaches {
+            self.spread.learn(total, events, self.expected(), memory);
+        }
         self.events *= keep;
         self.total *= keep;
-        self.shifted = if anomalous { self.shifted.saturating_add(1) } else { 0 };
-        if self.shifted == 0 || self.shifted >= adapt_after {
+        if teaches {
             self.events += events;
             self.total += total;
         }
     }
 
-    /// `events` of `total` against the learned ratio: binomial upper tail (only an increase
-    /// is an anomaly).
-    pub fn assess(&self, events: u64, total: u64, threshold_p: f64) -> Option<Assessment> {
+    /// `events` of `total` against the learned ratio: beta-binomial upper tail (only an
+    /// increase is an anomaly). `pairs` is Σ n·(n − 1) over the windows summed (their
+    /// requests `n`), which says how much of the learnt over-dispersion the sum carries.
+    pub fn assess(&self, events: u64, total: u64, pairs: f64, threshold_p: f64) -> Option<Assessment> {
         if total == 0 {
             return None;
         }
-        let p0 = self.expected();
-        let p_value = if total <= 20_000 {
-            binomial_upper_tail(events, total, p0)
-        } else {
-            let n = total as f64;
-            normal_sf((events as f64 - n * p0) / (n * p0 * (1.0 - p0)).sqrt())
-        };
+        let (a, b) = self.beta();
+        let p0 = a / (a + b);
         let n = total as f64;
-        let sd = (p0 * (1.0 - p0) / n).sqrt();
+        // The variance over the binomial's: the learnt ratio's own uncertainty, and the
+        // windows' over-dispersion (a sum of windows of n_i requests: 1 + ρ·Σ n_i(n_i − 1) / N).
+        let inflation = 1.0 + (n - 1.0) / (a + b + 1.0) + self.spread.rho * pairs.max(0.0) / n;
+        let sd = (p0 * (1.0 - p0) / n * inflation).sqrt();
+        let p_value = if total <= 20_000 {
+            // The beta-binomial of that variance: concentration c with (n − 1)/(c + 1) = inflation − 1.
+            let c = if n > 1.0 { ((n - 1.0) / (inflation - 1.0).max(1e-12) - 1.0).max(1e-6) } else { a + b };
+            beta_binomial_upper_tail(events, total, p0 * c, (1.0 - p0) * c)
+        } else {
+            normal_sf((events as f64 / n - p0) / sd)
+        };
         let zt = z_for_p(threshold_p);
         Some(Assessment {
             p_value,
@@ -629,7 +694,7 @@ impl BytesBaseline {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const W: i64 = 10_000;
@@ -694,12 +759,12 @@ mod tests {
             r.update(1.0, 1_000.0, false, 360, Cadence::default());
         }
         // Large samples: 5 % of 1,000 against 0.1 % is overwhelming.
-        assert!(r.assess(50, 1_000, 1e-6).expect("requests").p_value < 1e-20);
+        assert!(r.assess(50, 1_000, 999_000.0, 1e-6).expect("requests").p_value < 1e-20);
         // 3 of 4 is improbable under 0.1 %, but only at the level a multi-window rule and an
         // absolute minimum must weigh: the p-value is still far from zero.
-        let small = r.assess(3, 4, 1e-6).expect("requests");
+        let small = r.assess(3, 4, 12.0, 1e-6).expect("requests");
         assert!(small.p_value > 1e-9, "{small:?}");
-        assert!(r.assess(0, 0, 1e-6).is_none());
+        assert!(r.assess(0, 0, 0.0, 1e-6).is_none());
     }
 
     #[test]
@@ -762,12 +827,16 @@ mod tests {
     }
 
     /// Deterministic draws for the tests: xorshift uniforms, Poisson by inversion (normal
-    /// approximation above 50), and clustered counts `s · Poisson(λ / s)` whose variance is
-    /// `s` times their mean.
-    struct Draws(u64);
+    /// approximation above 50), binomial by counting, and clustered counts `s · Poisson(λ / s)`
+    /// whose variance is `s` times their mean.
+    pub(crate) struct Draws(pub(crate) u64);
 
     impl Draws {
-        fn uniform(&mut self) -> f64 {
+        pub(crate) fn binomial(&mut self, n: u64, p: f64) -> f64 {
+            (0..n).filter(|_| self.uniform() < p).count() as f64
+        }
+
+        pub(crate) fn uniform(&mut self) -> f64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;

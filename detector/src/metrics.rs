@@ -11,17 +11,11 @@ use crate::anomaly::in_units;
 use crate::pairs::{family, label};
 use crate::score::Detector;
 
-const PAIR_SIGNAL: [&str; 9] = [
-    "source",
-    "destination",
-    "direction",
-    "reporter",
-    "source_workload_namespace",
-    "destination_workload_namespace",
-    "source_principal",
-    "destination_principal",
-    "signal",
-];
+/// A pair's labels, then the signal.
+const PAIR_SIGNAL: [&str; 9] = {
+    let l = crate::pairs::PAIR_LABELS;
+    [l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7], "signal"]
+};
 
 /// (name, help, labels) of every family.
 const FAMILIES: [(&str, &str, &[&str]); 11] = [

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use meshwatch_collector::window::PairStats;
 
 use crate::baseline::{
-    Assessment, BytesBaseline, Cadence, CountBaseline, LatencyBaseline, LearntSpread, RatioBaseline,
+    Assessment, BytesBaseline, Cadence, CountBaseline, LatencyBaseline, LearntSpread, RatioBaseline, RatioSpread,
 };
 use crate::upstream::{UpstreamModel, UpstreamObs};
 
@@ -110,6 +110,13 @@ impl DetectorConfig {
     /// Whether hot flags (bit 0 the latest window) hold `k` among the last `n` windows.
     pub fn k_of_n(&self, history: u32) -> bool {
         (history & ((1u32 << self.n.min(31)) - 1)).count_ones() >= self.k
+    }
+
+    /// Windows a signal's own baseline must have learnt from before it is judged: 30 (a
+    /// level and a spread to judge by), or the whole warm-up when that is shorter, so that a
+    /// pair past its warm-up is judged on every signal it has data for.
+    pub fn min_signal_windows(&self) -> u64 {
+        self.warmup_windows.min(30)
     }
 }
 
@@ -368,6 +375,8 @@ pub struct CountView {
 pub struct RatioView {
     pub expected: f64,
     pub requests: f64,
+    /// The learnt intra-window correlation ρ (0: binomial).
+    pub overdispersion: f64,
 }
 
 /// A latency quantile's baseline.
@@ -500,12 +509,18 @@ impl Default for PairModel {
 
 /// A count of requests or connections (`x`, summed over a scale) against what its baseline
 /// expected: the assessment, and whether it is hot (significant, and at least double or down
-/// to under a third, five apart). `None` before the baseline has 30 windows, and for silence
-/// where less than one was expected.
-pub(crate) fn rate_verdict(baseline: &CountBaseline, x: f64, expected: f64, p: f64) -> Option<(Assessment, bool)> {
-    if baseline.windows < 30 || (x == 0.0 && expected < 0.5) {
+/// to under a third, five apart). `None` before the baseline has its `min_signal_windows`, and
+/// for silence where less than one was expected.
+pub(crate) fn rate_verdict(
+    baseline: &CountBaseline,
+    x: f64,
+    expected: f64,
+    cfg: &DetectorConfig,
+) -> Option<(Assessment, bool)> {
+    if baseline.windows < cfg.min_signal_windows() || (x == 0.0 && expected < 0.5) {
         return None;
     }
+    let p = cfg.threshold_p;
     let a = baseline.assess(x, expected, p);
     let significant = a.p_value < p;
     let high = significant && a.high && x >= 2.0 * expected && x - expected >= 5.0;
@@ -516,6 +531,7 @@ pub(crate) fn rate_verdict(baseline: &CountBaseline, x: f64, expected: f64, p: f
 /// Ends the bytes of a model with a trailer (see `PairModel::to_bytes`).
 const TRAILER_MAGIC: [u8; 4] = *b"MWt1";
 const TRAILER_MAGIC_V2: [u8; 4] = *b"MWt2";
+const TRAILER_MAGIC_V3: [u8; 4] = *b"MWt3";
 
 /// Whether a ratio's assessment over `scale` windows is hot: significant, at least 3 events,
 /// at least double the expected ratio and a point above it, and (over several windows) events
@@ -550,19 +566,20 @@ impl PairModel {
     /// The model as bytes, for the store; `from_bytes` gives back a model that scores and
     /// learns exactly as this one. The upstream model follows the rest, so that bytes written
     /// before it existed still read (as a model without one); then a trailer, its length and
-    /// a magic: `TRAILER_MAGIC_V2`, the half-hour median and the rate baselines' learnt
-    /// spreads. Older bytes still read: `TRAILER_MAGIC` (the half-hour median alone; spreads
-    /// start from the stored dispersion) and, before any trailer, bytes that end with a flag
-    /// (0 or 1), never with a magic.
+    /// a magic: `TRAILER_MAGIC_V3`, the half-hour median, the rate baselines' learnt spreads
+    /// and the ratio baselines' learnt over-dispersion. Older bytes still read:
+    /// `TRAILER_MAGIC_V2` (no over-dispersion: ratios start binomial), `TRAILER_MAGIC` (the
+    /// half-hour median alone; spreads start from the stored dispersion) and, before any
+    /// trailer, bytes that end with a flag (0 or 1), never with a magic.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = postcard::to_stdvec(self).unwrap_or_default();
         if let Some(u) = &self.upstream {
             bytes.extend(postcard::to_stdvec(u.as_ref()).unwrap_or_default());
         }
-        let trailer = postcard::to_stdvec(&(&self.slow, self.spreads())).unwrap_or_default();
+        let trailer = postcard::to_stdvec(&(&self.slow, self.spreads(), self.ratio_spreads())).unwrap_or_default();
         bytes.extend(&trailer);
         bytes.extend((trailer.len() as u32).to_le_bytes());
-        bytes.extend(TRAILER_MAGIC_V2);
+        bytes.extend(TRAILER_MAGIC_V3);
         bytes
     }
 
@@ -576,6 +593,28 @@ impl PairModel {
             up.map(|u| u.requests.spread.clone()),
             up.map(|u| u.ejections.spread.clone()),
         ]
+    }
+
+    /// The ratio baselines: errors, denials, rate limits, then the upstream ratios.
+    fn ratio_baselines(&mut self) -> [Option<&mut RatioBaseline>; 9] {
+        let mut out: [Option<&mut RatioBaseline>; 9] = Default::default();
+        let own = [&mut self.errors, &mut self.denials, &mut self.rate_limits];
+        let up = self.upstream.as_deref_mut().map(|u| u.ratios.iter_mut());
+        for (slot, b) in out.iter_mut().zip(own.into_iter().chain(up.into_iter().flatten())) {
+            *slot = Some(b);
+        }
+        out
+    }
+
+    /// The ratio baselines' learnt over-dispersion, in `ratio_baselines`' order.
+    fn ratio_spreads(&self) -> [Option<RatioSpread>; 9] {
+        let mut out: [Option<RatioSpread>; 9] = Default::default();
+        let own = [&self.errors, &self.denials, &self.rate_limits];
+        let up = self.upstream.as_deref().map(|u| u.ratios.iter());
+        for (slot, b) in out.iter_mut().zip(own.into_iter().chain(up.into_iter().flatten())) {
+            *slot = Some(b.spread.clone());
+        }
+        out
     }
 
     /// A model holding only `upstream`, to test how it is stored.
@@ -599,15 +638,21 @@ impl PairModel {
             let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
             rest.split_at_checked(rest.len().checked_sub(len)?)
         }
-        let (bytes, slow, spreads) = if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V2) {
+        type Spreads = [Option<LearntSpread>; 4];
+        type RatioSpreads = [Option<RatioSpread>; 9];
+        let (bytes, slow, spreads, ratio_spreads) = if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V3) {
             let (rest, t) = trailer(rest)?;
-            let (slow, spreads): (SlowMedian, [Option<LearntSpread>; 4]) = postcard::from_bytes(t).ok()?;
-            (rest, slow, Some(spreads))
+            let (slow, spreads, ratios): (SlowMedian, Spreads, RatioSpreads) = postcard::from_bytes(t).ok()?;
+            (rest, slow, Some(spreads), ratios)
+        } else if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V2) {
+            let (rest, t) = trailer(rest)?;
+            let (slow, spreads): (SlowMedian, Spreads) = postcard::from_bytes(t).ok()?;
+            (rest, slow, Some(spreads), Default::default())
         } else if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC) {
             let (rest, t) = trailer(rest)?;
-            (rest, postcard::from_bytes(t).ok()?, None)
+            (rest, postcard::from_bytes(t).ok()?, None, Default::default())
         } else {
-            (bytes, SlowMedian::default(), None)
+            (bytes, SlowMedian::default(), None, Default::default())
         };
         let (mut model, rest): (PairModel, _) = postcard::take_from_bytes(bytes).ok()?;
         if !rest.is_empty() {
@@ -618,6 +663,11 @@ impl PairModel {
             model.upstream = Some(Box::new(upstream));
         }
         model.slow = slow;
+        for (baseline, spread) in model.ratio_baselines().into_iter().zip(ratio_spreads) {
+            if let (Some(b), Some(spread)) = (baseline, spread) {
+                b.spread = spread;
+            }
+        }
         match spreads {
             Some(spreads) => {
                 for (baseline, spread) in model.count_baselines().into_iter().zip(spreads) {
@@ -649,7 +699,8 @@ impl PairModel {
             relative_error: b.spread.kappa.max(b.spread.min_kappa).sqrt(),
             shifted_windows: b.shifted,
         };
-        let ratio = |b: &RatioBaseline| RatioView { expected: b.expected(), requests: b.total };
+        let ratio =
+            |b: &RatioBaseline| RatioView { expected: b.expected(), requests: b.total, overdispersion: b.spread.rho };
         let latency = |b: &LatencyBaseline| {
             (b.windows > 0).then(|| LatencyView {
                 expected_seconds: b.mean.exp() * 1e-6,
@@ -858,7 +909,7 @@ impl PairModel {
         let (_, q, min_n) = Signal::LatencyP50.quantile()?;
         let baseline = &self.latency[0];
         let pooled = self.slow.recent();
-        if baseline.windows < 30 || pooled.requests < min_n {
+        if baseline.windows < cfg.min_signal_windows() || pooled.requests < min_n {
             return None;
         }
         let a = baseline.assess(
@@ -930,7 +981,7 @@ impl PairModel {
                 } else {
                     (&self.connections, sum(|s| s.obs.connections), sum(|s| s.connections_expected))
                 };
-                let (a, hot) = rate_verdict(baseline, x, expected, p)?;
+                let (a, hot) = rate_verdict(baseline, x, expected, cfg)?;
                 let rate = if signal == Signal::RequestRate { "request_rate" } else { "connection_rate" };
                 let kind = match (a.high, x == 0.0) {
                     (true, _) => {
@@ -961,14 +1012,15 @@ impl PairModel {
                 let events: f64 = recent().map(|s| s.obs.events(signal)).sum();
                 let with_events = recent().filter(|s| s.obs.events(signal) > 0.0).count();
                 let total = sum(|s| s.obs.requests);
-                let a = baseline.assess(events as u64, total as u64, p)?;
+                let pairs = sum(|s| s.obs.requests * (s.obs.requests - 1.0).max(0.0));
+                let a = baseline.assess(events as u64, total as u64, pairs, p)?;
                 let hot = ratio_hot(&a, events, with_events, scale, cfg);
                 Some(verdict(a, hot, signal.as_str()))
             }
             Signal::LatencyP50 | Signal::LatencyP90 | Signal::LatencyP99 => {
                 let (slot, q, min_n) = signal.quantile()?;
                 let baseline = &self.latency[slot];
-                if baseline.windows < 30 {
+                if baseline.windows < cfg.min_signal_windows() {
                     return None;
                 }
                 let (mut n, mut weighted, mut windows) = (0.0, 0.0, 0.0);
@@ -989,7 +1041,7 @@ impl PairModel {
             }
             Signal::BytesOut | Signal::BytesIn => {
                 let baseline = if signal == Signal::BytesOut { &self.bytes_out } else { &self.bytes_in };
-                if baseline.windows < 30 {
+                if baseline.windows < cfg.min_signal_windows() {
                     return None;
                 }
                 let bytes = sum(if signal == Signal::BytesOut {
@@ -1012,6 +1064,7 @@ impl PairModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::baseline::tests::Draws;
 
     /// An hour of warm-up instead of a day, so that tests stay short.
     fn test_config() -> DetectorConfig {
@@ -1052,6 +1105,99 @@ mod tests {
         let cfg = test_config();
         let m = warm(&cfg);
         assert!(!m.learning(&cfg));
+    }
+
+    #[test]
+    fn a_pair_at_ten_percent_errors_from_its_first_request_raises_nothing_over_a_day() {
+        // A warm-up of two minutes (the shortest a user is likely to set) and of an hour;
+        // a busy pair and a quiet one.
+        for warmup_windows in [12, 360] {
+            let cfg = DetectorConfig { warmup_windows, ..DetectorConfig::default() };
+            for requests in [30u64, 3] {
+                let mut draws = Draws(0x9e37_79b9_7f4a_7c15 ^ requests);
+                let mut m = PairModel::default();
+                for i in 0..8_640 {
+                    let n = requests + (i % 3) as u64;
+                    let o = obs(n as f64, 20.0, draws.binomial(n, 0.1));
+                    let step = m.observe(&o, i * W, &cfg);
+                    assert!(
+                        step.fired.is_empty(),
+                        "warm-up {warmup_windows}, {requests} requests, window {i}: {:?}",
+                        step.fired
+                    );
+                }
+                let learnt = m.errors.expected();
+                assert!((0.08..0.12).contains(&learnt), "{learnt}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pair_whose_errors_come_in_clusters_learns_it_and_is_not_paged_for_them() {
+        // One window in twenty is a cluster at 30 % errors, the rest at 0.5 %: a mean of 2 %
+        // with ρ ≈ 0.2. A binomial calls a cluster impossible; for this pair it is ordinary.
+        let cfg = test_config();
+        let run = |learn_spread: bool| {
+            let mut draws = Draws(0x2545_f491_4f6c_dd1d);
+            let mut m = PairModel::default();
+            let mut fired = Vec::new();
+            for i in 0..8_640 {
+                let p = if draws.uniform() < 0.05 { 0.3 } else { 0.005 };
+                let o = obs(50.0, 20.0, draws.binomial(50, p));
+                if !learn_spread {
+                    m.errors.spread = RatioSpread::default();
+                }
+                fired.extend(m.observe(&o, i * W, &cfg).fired.into_iter().filter(|v| v.signal == Signal::ErrorRatio));
+            }
+            (m, fired)
+        };
+        let (m, fired) = run(true);
+        assert!((0.12..0.3).contains(&m.errors.spread.rho), "{:?}", m.errors.spread);
+        assert!(fired.is_empty(), "{} error-ratio detections: {:?}", fired.len(), fired.first());
+        let (_, binomial) = run(false);
+        assert!(binomial.len() >= 10, "a binomial pages on the clusters: {}", binomial.len());
+        // And a real burst still pages: every window at 30 % for five minutes.
+        let (mut m, _) = run(true);
+        let mut draws = Draws(7);
+        let burst: Vec<_> = (8_640..8_670)
+            .flat_map(|i| m.observe(&obs(50.0, 20.0, draws.binomial(50, 0.3)), i * W, &cfg).fired)
+            .filter(|v| v.signal == Signal::ErrorRatio)
+            .collect();
+        assert!(!burst.is_empty(), "a lasting burst is still an anomaly");
+    }
+
+    #[test]
+    fn independent_errors_learn_no_over_dispersion() {
+        let cfg = test_config();
+        let mut draws = Draws(0x9e37_79b9);
+        let mut m = PairModel::default();
+        for i in 0..8_640 {
+            m.observe(&obs(50.0, 20.0, draws.binomial(50, 0.02)), i * W, &cfg);
+        }
+        assert!(m.errors.spread.rho < 0.005, "{:?}", m.errors.spread);
+    }
+
+    #[test]
+    fn a_short_warm_up_is_the_gate_of_every_signal() {
+        // Two minutes of 10 s windows: latency, rate and bytes are judged from the 13th
+        // window on, not after 30.
+        let cfg = DetectorConfig { warmup_windows: 12, ..DetectorConfig::default() };
+        let mut m = PairModel::default();
+        for i in 0..12 {
+            assert!(m.observe(&steady(i), i * W, &cfg).fired.is_empty());
+        }
+        assert!(!m.learning(&cfg));
+        let mut fired = Vec::new();
+        for i in 12..16 {
+            let mut o = steady(i);
+            o.latency = o.latency.map(|l| l + 2.0f64.ln());
+            o.requests *= 4.0;
+            o.bytes_out *= 40.0;
+            fired.extend(m.observe(&o, i * W, &cfg).fired.into_iter().map(|v| v.signal));
+        }
+        for s in [Signal::LatencyP50, Signal::RequestRate, Signal::BytesOut] {
+            assert!(fired.contains(&s), "{s:?} not judged: {fired:?}");
+        }
     }
 
     #[test]
@@ -1220,7 +1366,7 @@ mod tests {
         assert_eq!(restored.to_bytes(), m.to_bytes());
         assert_eq!(PairModel::from_bytes(&m.to_bytes()[..m.to_bytes().len() - 1]), None);
         // Bytes from before the half-hour median existed (no trailer) read with an empty one.
-        let trailer = postcard::to_stdvec(&(&m.slow, m.spreads())).expect("encodes").len() + 8;
+        let trailer = postcard::to_stdvec(&(&m.slow, m.spreads(), m.ratio_spreads())).expect("encodes").len() + 8;
         let bytes = m.to_bytes();
         let body = &bytes[..bytes.len() - trailer];
         let legacy = PairModel::from_bytes(body).expect("legacy bytes decode");
@@ -1239,6 +1385,17 @@ mod tests {
         assert_eq!(migrated.requests.spread.phi, m.requests.dispersion.max(1.0));
         assert_eq!(migrated.requests.spread.kappa, crate::baseline::MODEL_ERROR * crate::baseline::MODEL_ERROR);
         assert_ne!(m.requests.spread, migrated.requests.spread);
+        // Bytes with the second trailer (no ratio over-dispersion) read with binomial ratios
+        // and everything else as it was.
+        let mut v2 = body.to_vec();
+        let t2 = postcard::to_stdvec(&(&m.slow, m.spreads())).expect("encodes");
+        v2.extend(&t2);
+        v2.extend((t2.len() as u32).to_le_bytes());
+        v2.extend(TRAILER_MAGIC_V2);
+        let before_ratios = PairModel::from_bytes(&v2).expect("second-trailer bytes decode");
+        assert_eq!(before_ratios.requests.spread, m.requests.spread);
+        assert_eq!(before_ratios.errors.spread, RatioSpread::default());
+        assert_eq!((before_ratios.errors.events, before_ratios.errors.total), (m.errors.events, m.errors.total));
     }
 
     /// A window of `n` requests whose latencies are log-normal (median 20 ms, log-sd 0.5),

@@ -252,7 +252,7 @@ const FAMILIES: [(&str, &str, MetricType); 21] = [
 /// Index in `FAMILIES` of the first upstream family.
 const UPSTREAM: usize = 11;
 
-const PAIR_LABELS: [&str; 8] = [
+pub(crate) const PAIR_LABELS: [&str; 8] = [
     "source",
     "destination",
     "direction",

@@ -197,6 +197,52 @@ pub fn binomial_upper_tail(k: u64, n: u64, p: f64) -> f64 {
     sum.min(1.0)
 }
 
+/// ln B(a, b), the beta function.
+fn ln_beta(a: f64, b: f64) -> f64 {
+    ln_gamma(a) + ln_gamma(b) - ln_gamma(a + b)
+}
+
+/// P(X ≥ k) for X ~ beta-binomial(n, a, b): a binomial whose probability is itself uncertain,
+/// Beta(a, b) (mean a / (a + b); variance of X is n·p·q·(a + b + n) / (a + b + 1)). Summed
+/// from k upward (the pmf falls from there once k is above the mean), or the complement below
+/// the mean.
+pub fn beta_binomial_upper_tail(k: u64, n: u64, a: f64, b: f64) -> f64 {
+    if k == 0 {
+        return 1.0;
+    }
+    if k > n || a <= 0.0 {
+        return 0.0;
+    }
+    if b <= 0.0 {
+        return 1.0;
+    }
+    let nf = n as f64;
+    let ln_pmf = |i: f64| {
+        ln_gamma(nf + 1.0) - ln_gamma(i + 1.0) - ln_gamma(nf - i + 1.0) + ln_beta(i + a, nf - i + b) - ln_beta(a, b)
+    };
+    let mean = nf * a / (a + b);
+    let (from, to, upward) = if (k as f64) > mean { (k, n, true) } else { (0, k - 1, false) };
+    let mut sum = 0.0;
+    let mut i = if upward { from } else { to } as f64;
+    let mut term = ln_pmf(i).exp();
+    loop {
+        sum += term;
+        let last = if upward { i >= to as f64 } else { i <= from as f64 };
+        if last || term < sum * 1e-12 {
+            break;
+        }
+        // pmf(i + 1) / pmf(i) = (n − i)(i + a) / ((i + 1)(n − i − 1 + b)), and its inverse.
+        if upward {
+            term *= (nf - i) * (i + a) / ((i + 1.0) * (nf - i - 1.0 + b));
+            i += 1.0;
+        } else {
+            term *= i * (nf - i + b) / ((nf - i + 1.0) * (i - 1.0 + a));
+            i -= 1.0;
+        }
+    }
+    if upward { sum.min(1.0) } else { (1.0 - sum).clamp(0.0, 1.0) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +274,21 @@ mod tests {
         assert!(close(binomial_upper_tail(3, 4, 0.001), 3.996e-9, 1e-3));
         assert!(close(binomial_upper_tail(1, 1, 0.5), 0.5, 1e-12));
         assert_eq!(binomial_upper_tail(0, 10, 0.1), 1.0);
+    }
+
+    #[test]
+    fn beta_binomial_tails_known_values() {
+        // Beta(1, 1) is uniform: every count of n is equally likely, 1 / (n + 1).
+        assert!(close(beta_binomial_upper_tail(7, 9, 1.0, 1.0), 0.3, 1e-9));
+        assert!(close(beta_binomial_upper_tail(2, 9, 1.0, 1.0), 0.8, 1e-9));
+        // A very sure probability is binomial.
+        assert!(close(beta_binomial_upper_tail(3, 4, 1e6, 999e6), 3.996e-9, 1e-3));
+        assert!(close(beta_binomial_upper_tail(12, 100, 5e8, 4.5e9), binomial_upper_tail(12, 100, 0.1), 1e-4));
+        // An uncertain one makes the tail heavier.
+        assert!(beta_binomial_upper_tail(3, 4, 0.1, 99.9) > 100.0 * binomial_upper_tail(3, 4, 0.001));
+        assert!(close(beta_binomial_upper_tail(3, 30, 0.02, 100.0), 9.478_44e-5, 1e-5));
+        assert_eq!(beta_binomial_upper_tail(0, 4, 1.0, 1.0), 1.0);
+        assert_eq!(beta_binomial_upper_tail(5, 4, 1.0, 1.0), 0.0);
     }
 
     #[test]

@@ -267,8 +267,16 @@ fn spiffe_trust_domain(id: &str) -> Option<&str> {
 }
 
 fn days(ms: i64) -> String {
-    let d = ms as f64 / 86_400_000.0;
-    if d >= 1.0 { format!("{d:.1} days") } else { format!("{:.1} h", ms as f64 / 3_600_000.0) }
+    let ms = ms.max(0) as f64;
+    if ms >= 86_400_000.0 {
+        format!("{:.1} days", ms / 86_400_000.0)
+    } else if ms >= 3_600_000.0 {
+        format!("{:.1} h", ms / 3_600_000.0)
+    } else if ms >= 60_000.0 {
+        format!("{:.0} min", ms / 60_000.0)
+    } else {
+        format!("{:.0} s", ms / 1000.0)
+    }
 }
 
 /// "N requests or connections in S s", formatted only when a reason is written.
@@ -653,7 +661,9 @@ impl Trust {
                 (RATE_LIMIT_SURGE, l, l_by.len(), &mut reach.limited, limited),
             ];
             for (kind, events, spread, base, this) in checks {
-                let hot = base.assess(events, n, SURGE_P).is_some_and(|a| {
+                // Without the windows' over-dispersion (pairs 0): a surge is judged against the
+                // learnt ratio and its uncertainty only (the trust book does not store a spread).
+                let hot = base.assess(events, n, 0.0, SURGE_P).is_some_and(|a| {
                     a.p_value < SURGE_P
                         && a.observed >= (2.0 * a.expected).max(a.expected + 0.01)
                         && events >= 5
@@ -789,6 +799,14 @@ mod tests {
 
     fn kinds(a: &Anomalies) -> Vec<(String, String, String)> {
         a.iter().map(|x| (x.kind.clone(), x.source.clone(), x.destination.clone())).collect()
+    }
+
+    #[test]
+    fn histories_read_in_a_unit_that_shows_them() {
+        assert_eq!(days(2 * 86_400_000 + 43_200_000), "2.5 days");
+        assert_eq!(days(4_000_000), "1.1 h");
+        assert_eq!(days(5 * 60_000 + 10_000), "5 min");
+        assert_eq!(days(4_200), "4 s");
     }
 
     #[test]

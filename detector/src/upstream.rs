@@ -83,7 +83,7 @@ pub struct UpstreamModel {
     pub(crate) requests: CountBaseline,
     pub(crate) ejections: CountBaseline,
     /// Errors, timeouts, retries, connect failures, overflows, unhealthy hosts.
-    ratios: [RatioBaseline; 6],
+    pub(crate) ratios: [RatioBaseline; 6],
     ring: VecDeque<Slot>,
     pub windows: u64,
     history: [u32; SIGNALS],
@@ -201,7 +201,7 @@ impl UpstreamModel {
             Signal::OutlierEjections => {
                 let baseline = &self.ejections;
                 let x: f64 = recent().map(|s| s.obs.ejections).sum();
-                if baseline.windows < 30 {
+                if baseline.windows < cfg.min_signal_windows() {
                     return None;
                 }
                 // Ejections are rare events: the exact Poisson tail against the learnt rate,
@@ -216,7 +216,7 @@ impl UpstreamModel {
             Signal::UpstreamRequestRate => {
                 let x = recent().map(|s| s.obs.requests).sum();
                 let expected = recent().map(|s| s.requests_expected).sum();
-                let (a, hot) = rate_verdict(&self.requests, x, expected, p)?;
+                let (a, hot) = rate_verdict(&self.requests, x, expected, cfg)?;
                 let kind = match (a.high, x == 0.0) {
                     (true, _) => "upstream_request_rate_high",
                     (false, true) => "upstream_vanished",
@@ -226,9 +226,10 @@ impl UpstreamModel {
             }
             _ => {
                 let k = RATIOS.iter().position(|s| *s == signal)?;
-                let (events, trials) =
-                    recent().map(|s| s.obs.ratio(signal)).fold((0.0, 0.0), |(e, t), (x, n)| (e + x, t + n));
-                let a = self.ratios[k].assess(events as u64, trials as u64, p)?;
+                let (events, trials, pairs) = recent()
+                    .map(|s| s.obs.ratio(signal))
+                    .fold((0.0, 0.0, 0.0), |(e, t, pp), (x, n)| (e + x, t + n, pp + n * (n - 1.0).max(0.0)));
+                let a = self.ratios[k].assess(events as u64, trials as u64, pairs, p)?;
                 let with_events = recent().filter(|s| s.obs.ratio(signal).0 > 0.0).count();
                 let hot = ratio_hot(&a, events, with_events, scale, cfg);
                 Some(verdict(a, hot, signal.as_str()))
