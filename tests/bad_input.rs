@@ -306,12 +306,21 @@ async fn export_logs(mw: &Meshwatch, body: Bytes) -> Result<Bytes, tonic::Status
     grpc.unary(tonic::Request::new(body), path, BytesCodec).await.map(|r| r.into_inner())
 }
 
-/// An ExportLogsServiceRequest with two records, one with a time (now) and one without;
-/// hand-encoded, so that the tests do not lean on meshwatch's own mirrors.
+/// An ExportLogsServiceRequest with two records, one with a time (now), a response code and
+/// an upstream cluster, and one with nothing; hand-encoded, so that the tests do not lean on
+/// meshwatch's own mirrors.
 fn two_log_records() -> Bytes {
+    // KeyValue { key: 1, value: 2 = AnyValue { string_value: 1 } }, as attribute (field 6).
+    let attribute = |key: &str, value: &str| {
+        let any = [vec![0x0a, value.len() as u8], value.as_bytes().to_vec()].concat();
+        let kv = [vec![0x0a, key.len() as u8], key.as_bytes().to_vec(), vec![0x12, any.len() as u8], any].concat();
+        [vec![0x32, kv.len() as u8], kv].concat()
+    };
     let now_ns = (now_s() as u64) * 1_000_000_000;
     let mut timed = vec![0x09];
     timed.extend_from_slice(&now_ns.to_le_bytes());
+    timed.extend(attribute("response.code", "200"));
+    timed.extend(attribute("upstream.cluster", "backend"));
     let log_records = [vec![0x12, timed.len() as u8], timed, vec![0x12, 0x00]].concat();
     let scope_logs = [vec![0x12, log_records.len() as u8], log_records].concat();
     Bytes::from([vec![0x0a, scope_logs.len() as u8], scope_logs].concat())
@@ -358,6 +367,7 @@ async fn otlp_logs_bad_bodies_and_records_without_time_are_refused_alone() {
     let reply = export_logs(&mw, two_log_records()).await.expect("a batch is not refused for one record");
     // partial_success { rejected_log_records: 1, error_message: … }
     assert!(reply.starts_with(&[0x0a]) && reply[2..4] == [0x08, 0x01], "{reply:?}");
+    assert!(String::from_utf8_lossy(&reply).contains("log records rejected: missing_time 1"), "{reply:?}");
     let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum(DECODED, &[]) >= 1.0).await;
     assert_eq!(m.get(REJECTED, &[("reason", "missing_time")]), Some(1.0), "{}", m.text);
     assert_eq!(m.get("meshwatch_als_messages_rejected_total", &[("reason", "malformed")]), Some(1.0));

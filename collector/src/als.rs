@@ -271,7 +271,9 @@ impl OtlpLogsService {
         if rejected == 0 {
             return Some(Bytes::new());
         }
-        let message = "log records without a time were rejected".to_string();
+        // The reasons, as they are counted: "log records rejected: missing_time 1, missing_peer 2".
+        let reasons: Vec<String> = tally.rejected.iter().map(|(r, n)| format!("{} {n}", r.as_str())).collect();
+        let message = format!("log records rejected: {}", reasons.join(", "));
         let mut inner = Vec::new();
         prost::encoding::int64::encode(1, &i64::try_from(rejected).unwrap_or(i64::MAX), &mut inner);
         prost::encoding::string::encode(2, &message, &mut inner);
