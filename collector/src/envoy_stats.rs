@@ -171,6 +171,11 @@ struct ClusterSample<'a> {
     stat: Stat,
 }
 
+/// The value of a sample's label `key`.
+fn label_value<'a>(metric: &'a Metric, key: &str) -> Option<&'a str> {
+    metric.label.iter().find(|l| l.name.as_deref() == Some(key)).and_then(|l| l.value.as_deref())
+}
+
 /// The stat a tag-extracted name ends with, and what comes before it (`shop.svc` of
 /// `shop.svc.upstream_rq_total`; empty when the name is the stat alone).
 fn tagged_stat<'a>(rest: &'a str, metric: &Metric) -> Option<(&'a str, Stat)> {
@@ -180,8 +185,7 @@ fn tagged_stat<'a>(rest: &'a str, metric: &Metric) -> Option<(&'a str, Stat)> {
         }
         rest.strip_suffix(suffix).and_then(|r| r.strip_suffix('.'))
     };
-    let label =
-        |key: &str| metric.label.iter().find(|l| l.name.as_deref() == Some(key)).and_then(|l| l.value.as_deref());
+    let label = |key: &str| label_value(metric, key);
     // The 5xx counter: Envoy's tag leaves `upstream_rq_xx` and the class `5`; Istio's leaves
     // `upstream_rq` and the class `5xx` (`upstream_rq` with a `response_code` is one code).
     if let Some(middle) = split("upstream_rq_xx") {
@@ -204,8 +208,7 @@ fn tagged_stat<'a>(rest: &'a str, metric: &Metric) -> Option<(&'a str, Stat)> {
 /// the stat is the rest of the cluster's name, and is put back after the label.
 fn classify<'a>(name: &'a str, metric: &'a Metric) -> Result<Option<ClusterSample<'a>>, StatsRejection> {
     let Some(rest) = name.strip_prefix("cluster.") else { return Ok(None) };
-    let label =
-        |key: &str| metric.label.iter().find(|l| l.name.as_deref() == Some(key)).and_then(|l| l.value.as_deref());
+    let label = |key: &str| label_value(metric, key);
     let tag = label(CLUSTER_NAME_TAG).or_else(|| label(ISTIO_CLUSTER_NAME_TAG));
     let tagged = tagged_stat(rest, metric);
     match (tag, tagged) {

@@ -168,14 +168,8 @@ fn node_identity(node: &Node, mesh: &MeshConfig) -> Option<String> {
     if let Some(svc) = mesh.services.iter().find(|s| s.nodes.iter().any(matches)) {
         return Some(svc.name.clone());
     }
-    let namespace = meta_str(&["NAMESPACE", "namespace"]).or_else(|| istio_node_namespace(&node.id));
-    if let (Some(ns), Some(sa)) = (namespace, meta_str(&["SERVICE_ACCOUNT", "service_account"])) {
-        return Some(spiffe_id(mesh, ns, sa));
-    }
-    if let (Some(ns), Some(workload)) = (namespace, meta_str(&["WORKLOAD_NAME", "workload"])) {
-        return Some(format!("{workload}.{ns}"));
-    }
-    [&node.cluster, &node.id].into_iter().find(|s| !s.is_empty()).cloned()
+    meta.and_then(|m| istio_identity(m, mesh, istio_node_namespace(&node.id)))
+        .or_else(|| [&node.cluster, &node.id].into_iter().find(|s| !s.is_empty()).cloned())
 }
 
 /// The namespace of an Istio proxy's node id, `TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN`
@@ -187,7 +181,7 @@ fn istio_node_namespace(id: &str) -> Option<&str> {
         return None;
     }
     let ns = domain.split('.').next().filter(|ns| !ns.is_empty())?;
-    pod.ends_with(&format!(".{ns}")).then_some(ns)
+    pod.strip_suffix(ns).is_some_and(|p| p.ends_with('.')).then_some(ns)
 }
 
 /// `spiffe://<first trust domain>/ns/<ns>/sa/<sa>`.
@@ -204,12 +198,17 @@ fn struct_str<'a>(s: &'a Struct, keys: &[&str]) -> Option<&'a str> {
     })
 }
 
-/// `spiffe://<first trust domain>/ns/<NAMESPACE>/sa/<SERVICE_ACCOUNT>`, from Istio metadata
-/// (node metadata in upper case, peer metadata in lower case).
-fn istio_spiffe_id(s: &Struct, mesh: &MeshConfig) -> Option<String> {
-    let ns = struct_str(s, &["NAMESPACE", "namespace"])?;
-    let sa = struct_str(s, &["SERVICE_ACCOUNT", "service_account"])?;
-    Some(spiffe_id(mesh, ns, sa))
+/// The identity Istio metadata names (node metadata in upper case, peer metadata in lower
+/// case), one rule for nodes and peers: `NAMESPACE` + `SERVICE_ACCOUNT` as
+/// `spiffe://<first trust domain>/ns/<ns>/sa/<sa>`, else `WORKLOAD_NAME` + `NAMESPACE` as
+/// `<workload>.<ns>`; `namespace` stands in for a missing `NAMESPACE`.
+fn istio_identity(s: &Struct, mesh: &MeshConfig, namespace: Option<&str>) -> Option<String> {
+    let ns = struct_str(s, &["NAMESPACE", "namespace"]).or(namespace)?;
+    if let Some(sa) = struct_str(s, &["SERVICE_ACCOUNT", "service_account"]) {
+        return Some(spiffe_id(mesh, ns, sa));
+    }
+    let workload = struct_str(s, &["WORKLOAD_NAME", "workload"])?;
+    Some(format!("{workload}.{ns}"))
 }
 
 /// Bounded interning of identities, so that a flow record costs no allocation for a name
@@ -404,11 +403,7 @@ impl<'m> Resolver<'m, '_> {
             return None;
         }
         let s = Struct::decode(value.value.clone()).ok()?;
-        istio_spiffe_id(&s, self.mesh).or_else(|| {
-            let workload = struct_str(&s, &["WORKLOAD_NAME", "workload"])?;
-            let ns = struct_str(&s, &["NAMESPACE", "namespace"])?;
-            Some(format!("{workload}.{ns}"))
-        })
+        istio_identity(&s, self.mesh, None)
     }
 }
 
