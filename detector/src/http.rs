@@ -39,11 +39,13 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(ui))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/pairs", get(pairs))
         .route("/api/v1/pairs/{id}", get(pair))
+        .route("/api/v1/pairs/{id}/trail", get(trail))
         .route("/api/v1/anomalies", get(anomalies))
         .route("/api/v1/anomalies/{id}", get(anomaly))
         .route("/api/v1/findings", get(findings))
@@ -65,6 +67,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
             (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response()
         }
     }
+}
+
+/// The web UI: one page, its script and style inline, nothing fetched but the API.
+const UI: &str = include_str!("ui.html");
+
+async fn ui() -> Response {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], UI).into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -186,6 +195,16 @@ async fn pair(State(state): State<AppState>, Path(id): Path<String>) -> Response
     let model = d.model(key).map(|m| m.detail(next_ms, d.window_ms, &d.cfg));
     let view = PairDetailView { pair: pair_view(key, entry, &d), last_window_start_ms: d.last_start_ms, model };
     axum::Json(view).into_response()
+}
+
+/// The last hours of a pair's signals (`trail::Trails`): empty for a pair without a trail.
+async fn trail(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let table = state.pairs.snapshot();
+    let Some((key, _)) = table.iter().find(|(k, _)| pair_id(k) == id) else {
+        return not_found(format!("no pair with id {id}"));
+    };
+    let d = crate::lock(&state.detector);
+    axum::Json(d.trails.view(key)).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -19,6 +19,7 @@ pub mod score;
 pub mod stats;
 pub mod store;
 pub mod timefmt;
+pub mod trail;
 pub mod trust;
 pub mod upstream;
 

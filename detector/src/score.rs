@@ -9,6 +9,7 @@ use meshwatch_collector::window::{ClosedWindow, PairKey, PairStats};
 use crate::alert::{AlertConfig, Alerts, Silence};
 use crate::anomaly::Anomalies;
 use crate::model::{DetectorConfig, Obs, PairModel};
+use crate::trail::{TRAIL_PAIRS, Trails};
 use crate::trust::{Trust, TrustConfig};
 use crate::upstream::UpstreamObs;
 
@@ -34,6 +35,8 @@ pub struct Detector {
     /// Start of the last window scored.
     pub last_start_ms: Option<i64>,
     since_checkpoint: u32,
+    /// The last hours of the pairs' signals, for the web UI (not persisted).
+    pub trails: Trails,
 }
 
 /// What processing one closed window did.
@@ -58,6 +61,7 @@ impl Detector {
             alert_cfg: AlertConfig::default(),
             last_start_ms: None,
             since_checkpoint: 0,
+            trails: Trails::new(window_ms, TRAIL_PAIRS),
         }
     }
 
@@ -130,6 +134,7 @@ impl Detector {
                 step.fired.extend(more.fired);
                 step.cleared.extend(more.cleared);
             }
+            self.trails.record(key, start_ms, &step.verdicts, !step.fired.is_empty(), self.window_ms);
             for v in &step.fired {
                 done.anomalies_started += u32::from(self.anomalies.fire(key, v, end_ms, self.window_ms));
             }
