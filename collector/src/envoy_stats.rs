@@ -8,7 +8,8 @@
 //! `emit_tags_as_labels`). Counters are cumulative (Envoy's default) or deltas
 //! (`report_counters_as_deltas`); cumulative ones become increments against the last value
 //! seen from the same node, and a counter that went down (Envoy restarted) starts again from
-//! zero. Only the cluster stats below are read; the rest of Envoy's stats are ignored.
+//! zero. Only the cluster stats below are read; the rest of Envoy's stats are ignored, but
+//! for Istio's own request metrics, which say who the clusters' callees are (`IstioAlias`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -19,7 +20,7 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::io::prometheus::client::{Metric, MetricFamily, MetricType};
 
 use crate::flow::{Direction, Identity, Reporter, UpstreamCounts, UpstreamRecord};
-use crate::identity::{Evidence, Interner, MeshConfig, NodeContext, Pattern, Resolver};
+use crate::identity::{Evidence, Interner, MeshConfig, NodeContext, Pattern, Resolver, istio_cluster_host};
 
 /// The full path of the one method.
 pub const STREAM_METRICS_PATH: &str = "/envoy.service.metrics.v3.MetricsService/StreamMetrics";
@@ -239,6 +240,46 @@ fn classify<'a>(name: &'a str, metric: &'a Metric) -> Result<Option<ClusterSampl
     Ok(None)
 }
 
+/// Istio's standard metrics that a source proxy reports per callee: with a callee's service
+/// and, over mTLS, its principal.
+const ISTIO_METRICS: [&str; 2] = ["istio_requests_total", "istio_tcp_connections_opened_total"];
+
+/// Aliases a stream remembers (services of one node's callees); more are not learnt.
+pub const MAX_ALIASES: usize = 4_096;
+
+/// What one sample of Istio's metrics says: a callee's service (`destination_service`,
+/// `payments.shop.svc.cluster.local`, the host of the cluster `outbound|8443||payments.shop.
+/// svc.cluster.local`) is the principal `destination_principal` (a SPIFFE ID), as the caller's
+/// sidecar saw it (`reporter="source"`). With mTLS, access logs name the callee by that
+/// principal while cluster stats name it by the cluster: the alias puts the cluster's stats on
+/// the access logs' pair.
+#[derive(Debug, PartialEq)]
+struct IstioAlias<'a> {
+    service: &'a str,
+    principal: &'a str,
+}
+
+/// `None` for a sample of another metric; `Some(None)` for an Istio metric sample that names
+/// no alias (the callee's view, no principal); else the alias. Tags are labels
+/// (`emit_tags_as_labels`) or in Istio's raw name, `reporter=.=source;.;…;.;istio_requests_total`.
+fn istio_alias<'a>(name: &'a str, metric: &'a Metric) -> Option<Option<IstioAlias<'a>>> {
+    let raw = ISTIO_METRICS.iter().find_map(|m| name.strip_suffix(m).and_then(|r| r.strip_suffix(";.;")));
+    if raw.is_none() && !ISTIO_METRICS.contains(&name) {
+        return None;
+    }
+    let tag = |key: &str| match raw {
+        Some(raw) => raw.split(";.;").find_map(|kv| kv.split_once("=.=").filter(|(k, _)| *k == key).map(|(_, v)| v)),
+        None => label_value(metric, key),
+    };
+    let (Some("source"), Some(service), Some(principal)) =
+        (tag("reporter"), tag("destination_service"), tag("destination_principal"))
+    else {
+        return Some(None);
+    };
+    let named = principal.starts_with("spiffe://") && !service.is_empty() && service != "unknown";
+    Some(named.then_some(IstioAlias { service, principal }))
+}
+
 /// One sample's number: the counter's or the gauge's value, finite and not negative.
 fn value(kind: MetricType, stat: Stat, metric: &Metric) -> Result<f64, StatsRejection> {
     let v = match (stat, kind) {
@@ -329,6 +370,8 @@ impl CounterBook {
 pub struct StatsStream {
     node: Option<StreamNode>,
     interner: Interner,
+    /// Callee services → principals, from Istio's metrics (`IstioAlias`), up to `MAX_ALIASES`.
+    aliases: HashMap<Box<str>, Box<str>>,
 }
 
 #[derive(Debug)]
@@ -349,7 +392,7 @@ struct Gathered {
 
 impl StatsStream {
     pub fn new(interner_capacity: usize) -> StatsStream {
-        StatsStream { node: None, interner: Interner::new(interner_capacity) }
+        StatsStream { node: None, interner: Interner::new(interner_capacity), aliases: HashMap::new() }
     }
 
     /// Takes the stream's identifier (the node).
@@ -390,6 +433,20 @@ impl StatsStream {
             };
             let name = family.name.as_deref().unwrap_or("");
             for metric in &family.metric {
+                match istio_alias(name, metric) {
+                    Some(Some(alias)) => {
+                        if self.aliases.len() < MAX_ALIASES || self.aliases.contains_key(alias.service) {
+                            self.aliases.insert(alias.service.into(), alias.principal.into());
+                        }
+                        tally.used += 1;
+                        continue;
+                    }
+                    Some(None) => {
+                        tally.ignored += 1;
+                        continue;
+                    }
+                    None => {}
+                }
                 let sample = match classify(name, metric) {
                     Ok(Some(s)) if !cfg.ignore_clusters.iter().any(|p| p.matches(s.cluster.as_bytes())) => s,
                     Ok(_) => {
@@ -500,11 +557,17 @@ impl StatsStream {
                 [Some(total), Some(healthy)] => Some((total as u64, (healthy as u64).min(total as u64))),
                 _ => None,
             };
-            let destination = resolver.destination(
-                Reporter::Source,
-                &node.ctx,
-                &Evidence { upstream_cluster: cluster.as_bytes(), ..Evidence::default() },
-            );
+            let alias = istio_cluster_host(cluster.as_bytes())
+                .and_then(|host| std::str::from_utf8(host).ok())
+                .and_then(|host| self.aliases.get(host));
+            let destination = match alias {
+                Some(principal) => resolver.spiffe_side(principal),
+                None => resolver.destination(
+                    Reporter::Source,
+                    &node.ctx,
+                    &Evidence { upstream_cluster: cluster.as_bytes(), ..Evidence::default() },
+                ),
+            };
             let source: Identity = node.ctx.identity.clone();
             records.push(UpstreamRecord {
                 time_ms: g.time_ms,
@@ -686,6 +749,60 @@ mod tests {
             assert_eq!(r[0].counts.requests, 5);
         }
         assert_eq!(book.tracked(), 0, "deltas need no memory");
+    }
+
+    #[test]
+    fn istio_metrics_put_a_clusters_stats_on_the_callees_principal() {
+        let mut book = CounterBook::default();
+        let mut s = StatsStream::new(64);
+        s.identify(Some(&node("frontend", Some("delta"))), &MeshConfig::default(), &StatsConfig::default());
+        let payments = "spiffe://cluster.local/ns/shop/sa/payments";
+        let ledger = "spiffe://cluster.local/ns/shop/sa/ledger";
+        let istio = |labels: &[(&str, &str)]| family("istio_requests_total", MetricType::Counter, 7.0, labels);
+        let families = [
+            // Tags as labels.
+            istio(&[
+                ("reporter", "source"),
+                ("destination_service", "payments.shop.svc.cluster.local"),
+                ("destination_principal", payments),
+                ("response_code", "200"),
+            ]),
+            // Istio's raw name, tags inside.
+            family(
+                &format!(
+                    "reporter=.=source;.;destination_service=.=ledger.shop.svc.cluster.local;.;\
+                     destination_principal=.={ledger};.;response_code=.=503;.;istio_requests_total"
+                ),
+                MetricType::Counter,
+                2.0,
+                &[],
+            ),
+            // The callee's own view, and a plaintext callee: no alias.
+            istio(&[
+                ("reporter", "destination"),
+                ("destination_service", "search.shop.svc.cluster.local"),
+                ("destination_principal", "spiffe://cluster.local/ns/shop/sa/search"),
+            ]),
+            istio(&[
+                ("reporter", "source"),
+                ("destination_service", "search.shop.svc.cluster.local"),
+                ("destination_principal", "unknown"),
+            ]),
+            raw("outbound|8443||payments.shop.svc.cluster.local", "upstream_rq_total", 5.0),
+            raw("outbound|80||ledger.shop.svc.cluster.local", "upstream_rq_5xx", 1.0),
+            raw("outbound|80||search.shop.svc.cluster.local", "upstream_rq_total", 3.0),
+        ];
+        let (mut records, tally) = run(&mut s, &mut book, &families);
+        records.sort_by(|a, b| a.destination.cmp(&b.destination));
+        let named: Vec<(&str, bool)> =
+            records.iter().map(|r| (&*r.destination, r.direction == Direction::EastWest)).collect();
+        assert_eq!(named, [("search.shop", true), (ledger, true), (payments, true)]);
+        assert_eq!((records[2].counts.requests, records[1].counts.errors), (5, 1), "the cluster stats, not Istio's");
+        assert_eq!((tally.used, tally.ignored), (5, 2));
+        // Later flushes of the stream keep the alias.
+        let (r, _) =
+            run(&mut s, &mut book, &[raw("outbound|8443||payments.shop.svc.cluster.local", "upstream_rq_total", 1.0)]);
+        assert_eq!(&*r[0].destination, payments);
     }
 
     #[test]

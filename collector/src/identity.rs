@@ -297,7 +297,7 @@ impl<'m> Resolver<'m, '_> {
         Side { identity: self.interner.intern(name), inside }
     }
 
-    fn spiffe_side(&mut self, uri: &str) -> Side {
+    pub(crate) fn spiffe_side(&mut self, uri: &str) -> Side {
         let inside = spiffe_trust_domain(uri).is_some_and(|td| self.mesh.trust_domains.iter().any(|t| t == td));
         self.side(uri, inside)
     }
@@ -435,7 +435,7 @@ pub fn spiffe_trust_domain(uri: &str) -> Option<&str> {
 }
 
 /// The host of Istio's `outbound|port|subset|host` and `inbound|port|subset|host` names.
-fn istio_cluster_host(cluster: &[u8]) -> Option<&[u8]> {
+pub(crate) fn istio_cluster_host(cluster: &[u8]) -> Option<&[u8]> {
     if !(cluster.starts_with(b"outbound|") || cluster.starts_with(b"inbound|")) {
         return None;
     }
