@@ -52,7 +52,30 @@ impl Cadence {
     pub fn day(&self) -> u64 {
         (DAY_MS as i64 / self.window_ms).max(1) as u64
     }
+
+    /// Whole windows in `ms` (rounded, at least one).
+    pub fn count(&self, ms: i64) -> u32 {
+        ((ms as f64 / self.window_ms as f64).round() as i64).clamp(1, i64::from(u32::MAX)) as u32
+    }
+
+    /// The scales a signal is judged over, in windows: the window alone, then `SCALES_MS` in
+    /// this cadence's windows (repeats dropped), at most `max_windows`. At 10 s windows 1, 3,
+    /// 4, 6, 12 and 30; at 60 s 1, 2 and 5; at 5 min and longer the window alone.
+    pub fn scales(&self, max_windows: usize) -> impl Iterator<Item = usize> + '_ {
+        let mut last = 1;
+        std::iter::once(1).chain(SCALES_MS.into_iter().filter_map(move |ms| {
+            let w = self.count(ms) as usize;
+            (w > last && w <= max_windows).then(|| {
+                last = w;
+                w
+            })
+        }))
+    }
 }
+
+/// The spans a signal is judged over besides its window alone: sums over up to five minutes,
+/// so that a small lasting deviation adds up.
+pub const SCALES_MS: [i64; 5] = [30_000, 40_000, 60_000, 120_000, 300_000];
 
 const DAY_MS: f64 = 86_400_000.0;
 const HOUR_MS: f64 = 3_600_000.0;
@@ -698,6 +721,18 @@ pub(crate) mod tests {
     use super::*;
 
     const W: i64 = 10_000;
+
+    #[test]
+    fn scales_are_the_same_spans_of_time_at_any_window_length() {
+        let scales = |window_ms: i64| Cadence::of(window_ms).scales(30).collect::<Vec<_>>();
+        assert_eq!(scales(10_000), [1, 3, 4, 6, 12, 30]);
+        assert_eq!(scales(60_000), [1, 2, 5]);
+        assert_eq!(scales(300_000), [1]);
+        assert_eq!(scales(3_600_000), [1]);
+        // Five-second windows would need a ring of 60 for five minutes: the ring's 30 is the limit.
+        assert_eq!(scales(5_000), [1, 6, 8, 12, 24]);
+        assert_eq!((Cadence::of(60_000).count(600_000), Cadence::of(3_600_000).count(600_000)), (10, 1));
+    }
 
     #[test]
     fn z_for_p_inverts_the_tail() {

@@ -97,7 +97,7 @@ struct SignalView {
     expected: f64,
     lower: f64,
     upper: f64,
-    /// Windows the verdict covers (one of `model::SCALES`, or the half hour of a quiet
+    /// Windows the verdict covers (one of `Cadence::scales`, or the half hour of a quiet
     /// pair's median).
     scale_windows: usize,
     anomalous: bool,

@@ -94,7 +94,7 @@ async fn alert(detector: &Mutex<Detector>, store: &Store, routes: &Routes) {
 
 /// Runs until the collector closes `windows`: folds each closed window into the pair table,
 /// scores it, and persists what changed (pairs every window, a full checkpoint of the models
-/// every `score::CHECKPOINT_WINDOWS` windows and when anomalies start or end). Alerts follow
+/// every `score::CHECKPOINT_MS` of event time and when anomalies start or end). Alerts follow
 /// every window, and every second (silences end in wall time); their notifications are queued
 /// in the store for the senders. At the end, writes a last checkpoint and flushes the store.
 pub async fn run(

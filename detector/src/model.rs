@@ -14,13 +14,13 @@ use crate::baseline::{
 };
 use crate::upstream::{UpstreamModel, UpstreamObs};
 
-/// Scales (in windows) at which every signal is scored; the ring keeps the largest.
-pub const SCALES: [usize; 6] = [1, 3, 4, 6, 12, 30];
-const RING: usize = 30;
+/// Windows the ring keeps: the largest scale (`Cadence::scales`), and the recent windows of
+/// the API.
+pub(crate) const RING: usize = 30;
 
-/// Windows in a block of `SlowMedian`, and the completed blocks it keeps: the median
-/// latency of a pair too quiet to judge over 30 windows is judged over the last half hour.
-const BLOCK: u32 = 30;
+/// A block of `SlowMedian` (five minutes), and the completed blocks it keeps: the median
+/// latency of a pair too quiet to judge over its scales is judged over the last half hour.
+const BLOCK_MS: i64 = 300_000;
 const BLOCKS: usize = 6;
 
 /// Requests a latency median is learnt from (per window, or pooled over windows).
@@ -66,9 +66,9 @@ struct SlowMedian {
 }
 
 impl SlowMedian {
-    fn push(&mut self, o: &Obs) {
+    fn push(&mut self, o: &Obs, cadence: Cadence) {
         self.current.add(o);
-        if self.current.span >= BLOCK {
+        if self.current.span >= cadence.count(BLOCK_MS) {
             if self.blocks.len() == BLOCKS {
                 self.blocks.pop_front();
             }
@@ -791,7 +791,7 @@ impl PairModel {
             self.ring.pop_front();
         }
         self.ring.push_back(slot);
-        self.slow.push(obs);
+        self.slow.push(obs, cfg.cadence);
         let ready = !self.learning(cfg);
         if self.windows == cfg.warmup_windows {
             // What was hot while learning does not count toward the first detections.
@@ -878,7 +878,7 @@ impl PairModel {
     /// The verdict of `signal` at the scale where it is most significant.
     fn assess(&self, signal: Signal, cfg: &DetectorConfig) -> Option<Verdict> {
         let mut best: Option<Verdict> = None;
-        for scale in SCALES {
+        for scale in cfg.cadence.scales(RING) {
             if scale > self.ring.len() {
                 break;
             }

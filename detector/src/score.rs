@@ -15,10 +15,10 @@ use crate::upstream::UpstreamObs;
 
 /// A gap longer than this (a restart, a stalled collector) is not filled with zeros: the
 /// pairs were not observed, which is not the same as silent.
-pub const MAX_GAP_WINDOWS: i64 = 360;
+pub const MAX_GAP_MS: i64 = 3_600_000;
 
-/// Windows between checkpoints of the models to the store.
-pub const CHECKPOINT_WINDOWS: u32 = 60;
+/// Event time between checkpoints of the models to the store (at least a window).
+pub const CHECKPOINT_MS: i64 = 600_000;
 
 #[derive(Debug)]
 pub struct Detector {
@@ -99,7 +99,7 @@ impl Detector {
         }
         if let Some(last) = self.last_start_ms {
             let missing = (w.start_ms - last) / self.window_ms - 1;
-            if (1..=MAX_GAP_WINDOWS).contains(&missing) {
+            if (1..=i64::from(self.cfg.cadence.count(MAX_GAP_MS))).contains(&missing) {
                 for k in 1..=missing {
                     self.score_window(last + k * self.window_ms, &HashMap::new(), &mut done);
                 }
@@ -117,7 +117,7 @@ impl Detector {
         done.anomalies_started += found.started;
         done.anomalies_ended += found.ended;
         self.since_checkpoint += done.windows_scored;
-        if self.since_checkpoint >= CHECKPOINT_WINDOWS {
+        if self.since_checkpoint >= self.cfg.cadence.count(CHECKPOINT_MS) {
             done.checkpoint_due = true;
         }
         done

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use meshwatch_collector::window::UpstreamStats;
 
 use crate::baseline::{Assessment, CountBaseline, RatioBaseline};
-use crate::model::{DetectorConfig, SCALES, Signal, Step, Verdict, keep_better, rate_verdict, ratio_hot, track};
+use crate::model::{DetectorConfig, Signal, Step, Verdict, keep_better, rate_verdict, ratio_hot, track};
 use crate::stats::poisson_upper_tail;
 
 const RING: usize = 30;
@@ -178,7 +178,7 @@ impl UpstreamModel {
 
     fn assess(&self, signal: Signal, cfg: &DetectorConfig) -> Option<Verdict> {
         let mut best: Option<Verdict> = None;
-        for scale in SCALES.into_iter().take_while(|s| *s <= self.ring.len()) {
+        for scale in cfg.cadence.scales(RING).take_while(|s| *s <= self.ring.len()) {
             if let Some(v) = self.assess_at(signal, scale, cfg) {
                 keep_better(&mut best, v);
             }
