@@ -130,6 +130,8 @@ struct LiveEdge {
     scan: bool,
     counts: [Counts; 2],
     noise_factor: f64,
+    /// The latency level the deploys so far have left (1 before the first).
+    deploy_factor: f64,
     /// Entry templates: client side, server side with mTLS, server side plaintext.
     templates: [Option<Template>; 3],
 }
@@ -287,6 +289,7 @@ impl Generator {
                 scan: false,
                 counts: Default::default(),
                 noise_factor: 1.0,
+                deploy_factor: 1.0,
                 templates: Default::default(),
             })
             .collect();
@@ -301,6 +304,9 @@ impl Generator {
                 noise: 0.0,
                 burst: 1.0,
                 error_ratio: 0.0,
+                error_clusters: 0.0,
+                deploy_every_ms: 0,
+                deploy_shift: 0.0,
                 latency_median_ms: 15.0,
                 latency_sigma: 0.4,
                 request_bytes: 400.0,
@@ -318,6 +324,7 @@ impl Generator {
                     scan,
                     counts: Default::default(),
                     noise_factor: 1.0,
+                    deploy_factor: 1.0,
                     templates: Default::default(),
                 })
             };
@@ -596,6 +603,16 @@ impl Generator {
         if edge.noise > 0.0 {
             let fresh = e.rng.lognormal(1.0, edge.noise);
             e.noise_factor = (e.noise_factor * fresh).sqrt();
+        }
+        // A deploy now and then: the latency moves to a new level and stays there.
+        if edge.deploy_every_ms > 0 && e.rng.chance((end - start) as f64 / edge.deploy_every_ms as f64) {
+            e.deploy_factor *= e.rng.lognormal(1.0, edge.deploy_shift);
+        }
+        latency_factor *= e.deploy_factor;
+        // Errors in clusters: this slice's ratio drawn around the edge's (Beta, mean kept).
+        if edge.error_clusters > 0.0 && error_ratio > 0.0 && error_ratio < 1.0 {
+            let n = (1.0 - edge.error_clusters) / edge.error_clusters;
+            error_ratio = e.rng.beta(error_ratio * n, (1.0 - error_ratio) * n);
         }
         let from = start.max(e.from_ms);
         let to = end.min(e.until_ms);
@@ -966,6 +983,67 @@ mod tests {
         assert_eq!(truth.len(), 1);
         assert_eq!(truth[0].kind, "error_burst");
         assert_eq!(truth[0].end_ms - truth[0].start_ms, 600_000);
+    }
+
+    /// The evidence of one incident on a one-edge mesh at `rate` requests a second, the edge
+    /// with `settings` added, over `hours`.
+    fn edge_evidence(incident: &str, settings: &str, rate: f64, hours: u32, seed: u64) -> Evidence {
+        let text = format!(
+            r#"
+            name = "e"
+            start = "2026-01-05"
+            duration = "{hours}h"
+            namespace = "shop"
+            services = [{{ name = "api" }}, {{ name = "pay.example.com", external = true }}]
+            [[edges]]
+            from = "api"
+            to = "pay.example.com"
+            rate = {rate}
+            noise = 0
+            {settings}
+            [[incidents]]
+            from = "api"
+            to = "pay.example.com"
+            {incident}
+            "#
+        );
+        let mut g = Generator::new(Scenario::parse(&text).expect("valid"), seed, 10_000);
+        while g.next_slice(0).is_some() {}
+        g.evidence().remove(0).expect("the incident has evidence")
+    }
+
+    #[test]
+    fn error_clusters_make_errors_vary_as_a_beta_binomial() {
+        // 5 % errors for three hours in 10 s slices of ~200 requests: the errors of a slice
+        // vary by n·p·(1 − p)·(1 + (n − 1)·ρ), about 1 + 199·ρ times the binomial variance.
+        let burst = "kind = \"error_burst\"\nstart = \"0s\"\nduration = \"3h\"\nmagnitude = 0.05";
+        for (rho, expected) in [(0.0, 1.0), (0.05, 10.95)] {
+            let e = edge_evidence(burst, &format!("error_clusters = {rho}"), 20.0, 3, 9);
+            let ratios: Vec<(f64, f64)> = e.slices.iter().map(|s| (s.errors as f64, s.requests as f64)).collect();
+            let p = ratios.iter().map(|r| r.0).sum::<f64>() / ratios.iter().map(|r| r.1).sum::<f64>();
+            assert!((p - 0.05).abs() < 0.01, "ρ {rho}: mean ratio {p}");
+            let excess = ratios.iter().map(|(x, n)| (x - n * p).powi(2) / (n * p * (1.0 - p))).sum::<f64>()
+                / ratios.len() as f64;
+            assert!((excess / expected - 1.0).abs() < 0.35, "ρ {rho}: variance {excess} times the binomial");
+        }
+    }
+
+    #[test]
+    fn deploys_leave_the_latency_at_a_new_level() {
+        // A latency "shift" of ×1 over the last hour of twelve measures where deploys left the
+        // median: with none it is where it started, with one every half hour (log-sd 0.2 each)
+        // it has wandered about 0.2·√22 ≈ 0.9 in log.
+        let probe = "kind = \"latency_shift\"\nstart = \"11h\"\nduration = \"1h\"\nmagnitude = 1";
+        let drift = |settings: &str, seed: u64| {
+            let e = edge_evidence(probe, settings, 2.0, 12, seed);
+            let requests: u64 = e.slices.iter().map(|s| s.requests).sum();
+            (e.slices.iter().map(|s| s.log_ratio_sum).sum::<f64>() / requests as f64).abs()
+        };
+        for seed in 1..=4 {
+            assert!(drift("", seed) < 0.05, "seed {seed}: no deploys, {}", drift("", seed));
+        }
+        let moved = (1..=4).filter(|&seed| drift("deploy_every = \"30m\"\ndeploy_shift = 0.2", seed) > 0.1).count();
+        assert!(moved >= 3, "{moved} of 4");
     }
 
     #[test]

@@ -100,6 +100,12 @@ struct RawEdge {
     burst: f64,
     #[serde(default = "default_error_ratio")]
     error_ratio: f64,
+    #[serde(default)]
+    error_clusters: f64,
+    #[serde(default)]
+    deploy_every: Option<String>,
+    #[serde(default = "default_deploy_shift")]
+    deploy_shift: f64,
     #[serde(default = "default_latency_ms")]
     latency_ms: f64,
     #[serde(default = "default_latency_tail")]
@@ -123,6 +129,9 @@ fn default_burst() -> f64 {
 }
 fn default_error_ratio() -> f64 {
     0.001
+}
+fn default_deploy_shift() -> f64 {
+    0.1
 }
 fn default_latency_ms() -> f64 {
     20.0
@@ -306,6 +315,13 @@ pub struct Edge {
     /// Mean size of a burst of requests (1: independent arrivals).
     pub burst: f64,
     pub error_ratio: f64,
+    /// Over-dispersion of errors: each slice's error ratio is Beta-distributed around
+    /// `error_ratio` with this intra-class correlation (0: independent requests).
+    pub error_clusters: f64,
+    /// Mean time between deploy-like lasting shifts of the edge's latency (none when 0), and
+    /// the log-normal sigma of each shift's factor.
+    pub deploy_every_ms: i64,
+    pub deploy_shift: f64,
     pub latency_median_ms: f64,
     pub latency_sigma: f64,
     pub request_bytes: f64,
@@ -517,6 +533,24 @@ impl Scenario {
             if !(e.burst >= 1.0 && e.burst <= 1_000.0) {
                 problems.push(format!("{what}: burst {} must be from 1 to 1000", e.burst));
             }
+            if !(0.0..0.5).contains(&e.error_clusters) {
+                problems.push(format!("{what}.error_clusters: {} must be from 0 to under 0.5", e.error_clusters));
+            }
+            if !(0.0..=1.0).contains(&e.deploy_shift) {
+                problems.push(format!("{what}.deploy_shift: {} must be from 0 to 1", e.deploy_shift));
+            }
+            let deploy_every_ms = match e.deploy_every.as_deref().map(parse_offset_ms) {
+                None => 0,
+                Some(Ok(ms)) if ms >= 60_000 => ms,
+                Some(Ok(_)) => {
+                    problems.push(format!("{what}.deploy_every: at least a minute"));
+                    0
+                }
+                Some(Err(err)) => {
+                    problems.push(format!("{what}.deploy_every: {err}"));
+                    0
+                }
+            };
             let daily = daily_shape(e.daily, &format!("{what}.daily"), &mut problems);
             let weekly = weekly_shape(e.weekly, &format!("{what}.weekly"), &mut problems);
             let Some(from) = lookup(&e.from, &format!("{what}.from"), &mut problems) else { continue };
@@ -543,6 +577,9 @@ impl Scenario {
                     noise: e.noise,
                     burst: e.burst,
                     error_ratio: e.error_ratio,
+                    error_clusters: e.error_clusters,
+                    deploy_every_ms,
+                    deploy_shift: e.deploy_shift,
                     latency_median_ms: e.latency_ms,
                     latency_sigma: e.latency_tail,
                     request_bytes: e.request_bytes,
