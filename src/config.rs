@@ -352,6 +352,11 @@ pub struct RawWindow {
 pub struct RawLimits {
     pub max_pairs: Option<i64>,
     pub max_identity_bytes: Option<i64>,
+    pub max_connections: Option<i64>,
+    pub connection_idle: Option<String>,
+    pub request_timeout: Option<String>,
+    pub max_streams_per_connection: Option<i64>,
+    pub identify_within: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -390,6 +395,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub queue_batches: usize,
     pub als: AlsConfig,
+    /// Per listener (gRPC and HTTP): connections open, and when one is closed.
+    pub grpc_connections: crate::listen::ConnectionLimits,
+    pub http_connections: crate::listen::ConnectionLimits,
+    /// HTTP/2 streams at once on one gRPC connection.
+    pub max_streams_per_connection: u32,
     pub stats: StatsConfig,
     pub window: WindowConfig,
     pub clock: Clock,
@@ -592,6 +602,17 @@ impl RawConfig {
             1024,
             256 << 20,
         );
+        let l = &self.limits;
+        let max_connections = c.count("limits.max_connections", l.max_connections, 1024, 1, 1 << 20);
+        let second = Duration::from_secs(1);
+        let connection_idle =
+            c.duration("limits.connection_idle", l.connection_idle.as_deref(), Duration::from_secs(120), second);
+        let request_timeout =
+            c.duration("limits.request_timeout", l.request_timeout.as_deref(), Duration::from_secs(30), second);
+        let identify_within =
+            c.duration("limits.identify_within", l.identify_within.as_deref(), Duration::from_secs(30), second);
+        let max_streams_per_connection =
+            c.count("limits.max_streams_per_connection", l.max_streams_per_connection, 128, 1, 1 << 16) as u32;
         let queue_batches = c.count("ingest.queue_batches", self.ingest.queue_batches, 1024, 1, 1 << 20);
         let enqueue_timeout = c.duration(
             "ingest.enqueue_timeout",
@@ -743,7 +764,18 @@ impl RawConfig {
             http_listen,
             shutdown_grace,
             queue_batches,
-            als: AlsConfig { max_message_bytes, enqueue_timeout, ..als_defaults },
+            als: AlsConfig { max_message_bytes, enqueue_timeout, identify_within, ..als_defaults },
+            grpc_connections: crate::listen::ConnectionLimits {
+                max_connections,
+                idle: connection_idle,
+                answer_within: None,
+            },
+            http_connections: crate::listen::ConnectionLimits {
+                max_connections,
+                idle: connection_idle,
+                answer_within: Some(request_timeout),
+            },
+            max_streams_per_connection,
             stats: StatsConfig {
                 counters: stats_counters,
                 ignore_clusters: stats_ignore_clusters,

@@ -10,6 +10,7 @@
 pub mod backtest;
 pub mod config;
 pub mod eval;
+pub mod listen;
 pub mod serve;
 pub mod sim;
 pub mod telemetry;

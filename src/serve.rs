@@ -26,6 +26,8 @@ use meshwatch_detector::store::{Store, StoreError};
 use meshwatch_detector::trust::Trust;
 use prometheus::Registry;
 use tokio::net::TcpListener;
+
+use crate::listen::BoundedListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -181,16 +183,21 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     health.set_serving::<AlsService>().await;
     health.set_serving::<OtlpLogsService>().await;
     health.set_serving::<StatsSinkService>().await;
+    let connection_metrics = crate::listen::ConnectionMetrics::register(&registry)?;
+    let grpc_incoming = BoundedListener::new(grpc_listener, "grpc", config.grpc_connections, &connection_metrics);
+    let http_incoming = BoundedListener::new(http_listener, "http", config.http_connections, &connection_metrics);
+    // Pings keep a quiet access-log stream's connection from counting as idle (an Envoy
+    // answers them) and find peers that are gone.
+    let ping = (config.grpc_connections.idle / 3).max(std::time::Duration::from_secs(1));
     let grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
+        .http2_keepalive_interval(Some(ping))
+        .http2_keepalive_timeout(Some(ping))
         .add_service(health_service)
         .add_service(als.otlp_logs())
         .add_service(als)
         .add_service(stats_sink)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(grpc_incoming, shutdown.clone().cancelled_owned());
     let ready = Arc::new(AtomicBool::new(false));
     let app = router(AppState {
         registry,
@@ -201,7 +208,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         api_token: config.alerting.api_token.clone(),
     })
     .merge(otlp_http);
-    let http = axum::serve(http_listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = axum::serve(http_incoming, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(async move { http.await.map_err(ServeError::Http) });
 

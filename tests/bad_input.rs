@@ -507,3 +507,124 @@ mod stats {
         assert!(mw.stop().success());
     }
 }
+
+/// Reads until the server closes the connection (end of stream or an error), for up to
+/// `limit`; whether it did.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // An HTTP/2 server's settings frame, or a response.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Opens `n` connections to `addr` and sends nothing: how many the server closed within
+/// `limit`, and the ones it did not.
+async fn silent_connections(
+    addr: std::net::SocketAddr,
+    n: usize,
+    limit: Duration,
+) -> (usize, Vec<tokio::net::TcpStream>) {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        set.spawn(async move { if closed_within(&mut s, limit).await { None } else { Some(s) } });
+    }
+    let mut open = Vec::new();
+    let mut closed = 0;
+    while let Some(r) = set.join_next().await {
+        match r.unwrap() {
+            Some(s) => open.push(s),
+            None => closed += 1,
+        }
+    }
+    (closed, open)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_bounded_and_silent_or_dripping_ones_are_closed() {
+    let (mw, _data) = start(&[
+        ("MESHWATCH_LIMITS__MAX_CONNECTIONS", "20"),
+        ("MESHWATCH_LIMITS__CONNECTION_IDLE", "2s"),
+        ("MESHWATCH_LIMITS__REQUEST_TIMEOUT", "2s"),
+        ("MESHWATCH_LIMITS__IDENTIFY_WITHIN", "2s"),
+    ]);
+    for addr in [mw.http, mw.grpc] {
+        // 30 silent connections: 20 are let in, 10 closed at once; while the 20 are open, a
+        // client is refused too.
+        let (refused, mut held) = silent_connections(addr, 30, Duration::from_millis(700)).await;
+        assert_eq!((refused, held.len()), (10, 20), "{addr}");
+        let (refused, _) = silent_connections(addr, 1, Duration::from_millis(700)).await;
+        assert_eq!(refused, 1, "{addr}: a 21st connection");
+        // Silent for the idle time: every one of them is closed, and the listener serves again.
+        for s in &mut held {
+            assert!(closed_within(s, Duration::from_secs(4)).await, "{addr}: a silent connection stayed open");
+        }
+    }
+    assert_eq!(http_get(mw.http, "/healthz").await.0, 200);
+
+    // A request dripped a header line at a time is never answered: closed after 2 s although
+    // bytes keep coming.
+    use tokio::io::AsyncWriteExt;
+    let mut drip = tokio::net::TcpStream::connect(mw.http).await.unwrap();
+    drip.write_all(b"GET /healthz HTTP/1.1\r\nHost: meshwatch.test\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    for i in 0..12 {
+        if drip.write_all(format!("X-Drip-{i}: 1\r\n").as_bytes()).await.is_err()
+            || closed_within(&mut drip, Duration::from_millis(500)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a dripping request stayed open for {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    // An access-log stream that never sends its identifier is ended.
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", mw.grpc)).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(STREAM_ACCESS_LOGS_PATH);
+    let silent = tokio_stream::pending::<Bytes>();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(6),
+        grpc.client_streaming(tonic::Request::new(silent), path, BytesCodec),
+    )
+    .await
+    .expect("the stream was ended");
+    assert_eq!(ended.map(|_| ()).unwrap_err().code(), tonic::Code::DeadlineExceeded);
+
+    // A stream that identified itself and then has nothing to send for longer than the idle
+    // time stays open: the server's pings, which the client answers, are traffic.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(STREAM_ACCESS_LOGS_PATH);
+    let quiet = tokio::spawn(async move {
+        grpc.ready().await.unwrap();
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        grpc.client_streaming(tonic::Request::new(stream), path, BytesCodec).await.map(|_| ())
+    });
+    tx.send(message(identifier("quiet"), vec![entry(Some(now_s()), "backend", Some(200))])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tx.send(message(None, vec![entry(Some(now_s()), "backend", Some(200))])).await.unwrap();
+    drop(tx);
+    quiet.await.unwrap().expect("the quiet stream was not cut");
+
+    let m = mw.metrics().await;
+    for listener in ["http", "grpc"] {
+        assert!(m.sum("meshwatch_connections_refused_total", &[("listener", listener)]) >= 11.0, "{listener}");
+        let idle = m.sum("meshwatch_connections_closed_total", &[("listener", listener), ("reason", "idle")]);
+        assert!(idle >= 20.0, "{listener}: {idle}");
+    }
+    assert!(m.sum("meshwatch_connections_closed_total", &[("listener", "http"), ("reason", "unanswered")]) >= 1.0);
+    assert!(m.sum("meshwatch_als_messages_rejected_total", &[("reason", "no_identifier")]) >= 1.0);
+    assert_eq!(m.sum("meshwatch_als_entries_decoded_total", &[]), 2.0, "both entries of the quiet stream");
+    assert!(mw.stop().success());
+}

@@ -75,11 +75,49 @@ pub struct AlsConfig {
     pub enqueue_timeout: Duration,
     /// Identities kept interned per stream.
     pub interner_capacity: usize,
+    /// A stream whose first message (its identifier) has not come by then is ended.
+    pub identify_within: Duration,
 }
 
 impl Default for AlsConfig {
     fn default() -> Self {
-        AlsConfig { max_message_bytes: 4 << 20, enqueue_timeout: Duration::from_secs(1), interner_capacity: 4096 }
+        AlsConfig {
+            max_message_bytes: 4 << 20,
+            enqueue_timeout: Duration::from_secs(1),
+            interner_capacity: 4096,
+            identify_within: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What waiting for a stream's next message gave.
+pub(crate) enum Next {
+    Shutdown,
+    /// The stream's first message did not come within `identify_within` (counted as
+    /// `no_identifier`): a stream that never says who it is holds a slot for nothing.
+    NoIdentifier(Status),
+    Message(Result<Option<Bytes>, Status>),
+}
+
+/// The next message of a stream; the first must come within `identify_within`.
+pub(crate) async fn next_message(
+    stream: &mut tonic::Streaming<Bytes>,
+    first: bool,
+    cfg: &AlsConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+    rejected: &prometheus::IntCounterVec,
+) -> Next {
+    let within = if first { cfg.identify_within } else { Duration::MAX };
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => Next::Shutdown,
+        next = tokio::time::timeout(within, stream.message()) => match next {
+            Ok(message) => Next::Message(message),
+            Err(_) => {
+                rejected.with_label_values(&["no_identifier"]).inc();
+                Next::NoIdentifier(Status::deadline_exceeded("no message (with the node identifier) in time"))
+            }
+        },
     }
 }
 
@@ -326,12 +364,15 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
     m.all.streams_open.inc();
     let _open = OpenStream(&m.all.streams_open);
     let mut decoder = StreamDecoder::new(shared.cfg.interner_capacity);
+    let mut first = true;
     loop {
-        let next = tokio::select! {
-            biased;
-            () = shared.shutdown.cancelled() => return Ok(()),
-            next = stream.message() => next,
+        let next = match next_message(&mut stream, first, &shared.cfg, &shared.shutdown, &m.all.messages_rejected).await
+        {
+            Next::Shutdown => return Ok(()),
+            Next::NoIdentifier(status) => return Err(status),
+            Next::Message(next) => next,
         };
+        first = false;
         match next {
             Ok(Some(bytes)) => {
                 let (records, tally) = {

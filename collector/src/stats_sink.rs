@@ -14,7 +14,9 @@ use tonic::server::ClientStreamingService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
-use crate::als::{AlsConfig, OpenStream, raw_grpc, raw_grpc_service, send_or_drop, stream_error_reason};
+use crate::als::{
+    AlsConfig, Next, OpenStream, next_message, raw_grpc, raw_grpc_service, send_or_drop, stream_error_reason,
+};
 use crate::decode::Rejection;
 use crate::envoy_stats::{CounterBook, STREAM_METRICS_PATH, StatsConfig, StatsStream, StatsTally};
 use crate::identity::MeshConfig;
@@ -83,12 +85,14 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
     m.streams_open.inc();
     let _open = OpenStream(&m.streams_open);
     let mut state = StatsStream::new(shared.als.interner_capacity);
+    let mut first = true;
     loop {
-        let next = tokio::select! {
-            biased;
-            () = shared.shutdown.cancelled() => return Ok(()),
-            next = stream.message() => next,
+        let next = match next_message(&mut stream, first, &shared.als, &shared.shutdown, &m.messages_rejected).await {
+            Next::Shutdown => return Ok(()),
+            Next::NoIdentifier(status) => return Err(status),
+            Next::Message(next) => next,
         };
+        first = false;
         let bytes = match next {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Ok(()),

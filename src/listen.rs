@@ -1,0 +1,261 @@
+//! Bounded listeners: no client can hold what the others need. Per listener, at most
+//! `max_connections` are open (one more is accepted and closed at once, counted); a connection
+//! that sends nothing for `idle` is closed (half-open and forgotten connections); on the HTTP
+//! listener, a request that is not answered within `answer_within` of its first byte is
+//! closed (a client that drips its request, a byte at a time, never gets one).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep, sleep};
+use tracing::warn;
+
+/// What bounds one listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    /// Nothing read for this long closes a connection.
+    pub idle: Duration,
+    /// Read, and nothing written back for this long, closes a connection (HTTP only: on
+    /// gRPC, a stream of access logs is read for as long as it lasts and never answered).
+    pub answer_within: Option<Duration>,
+}
+
+/// `meshwatch_connections_*{listener}`.
+#[derive(Clone, Debug)]
+pub struct ConnectionMetrics {
+    open: IntGaugeVec,
+    refused: IntCounterVec,
+    closed: IntCounterVec,
+}
+
+impl ConnectionMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<ConnectionMetrics> {
+        let open = IntGaugeVec::new(Opts::new("meshwatch_connections_open", "Connections open."), &["listener"])?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "meshwatch_connections_refused_total",
+                "Connections closed as soon as accepted: the listener had limits.max_connections open.",
+            ),
+            &["listener"],
+        )?;
+        let closed = IntCounterVec::new(
+            Opts::new(
+                "meshwatch_connections_closed_total",
+                "Connections meshwatch closed: `idle` (nothing read for limits.connection_idle), `unanswered` (a request not complete within limits.request_timeout).",
+            ),
+            &["listener", "reason"],
+        )?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(closed.clone()))?;
+        Ok(ConnectionMetrics { open, refused, closed })
+    }
+}
+
+/// Admits connections to one listener.
+#[derive(Clone, Debug)]
+struct Gate {
+    limits: ConnectionLimits,
+    permits: Arc<Semaphore>,
+    open: IntGauge,
+    refused: IntCounter,
+    idle: IntCounter,
+    unanswered: IntCounter,
+}
+
+impl Gate {
+    fn new(name: &str, limits: ConnectionLimits, m: &ConnectionMetrics) -> Gate {
+        Gate {
+            limits,
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            open: m.open.with_label_values(&[name]),
+            refused: m.refused.with_label_values(&[name]),
+            idle: m.closed.with_label_values(&[name, "idle"]),
+            unanswered: m.closed.with_label_values(&[name, "unanswered"]),
+        }
+    }
+
+    /// The connection, guarded; `None` (and the connection closed) at the cap.
+    fn admit(&self, stream: TcpStream) -> Option<Guarded> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.refused.inc();
+            return None;
+        };
+        let _ = stream.set_nodelay(true);
+        self.open.inc();
+        Some(Guarded {
+            inner: stream,
+            _permit: permit,
+            read_by: Box::pin(sleep(self.limits.idle)),
+            answer_by: None,
+            gate: self.clone(),
+        })
+    }
+}
+
+/// A connection that closes itself when idle or unanswered.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    read_by: Pin<Box<Sleep>>,
+    /// Armed by the first byte read after the last one written.
+    answer_by: Option<Pin<Box<Sleep>>>,
+    gate: Gate,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.gate.open.dec();
+    }
+}
+
+fn closed(why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, why)
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.read_by.as_mut().reset(Instant::now() + this.gate.limits.idle);
+                    if let (None, Some(within)) = (&this.answer_by, this.gate.limits.answer_within) {
+                        this.answer_by = Some(Box::pin(sleep(within)));
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if this.read_by.as_mut().poll(cx).is_ready() {
+                    this.gate.idle.inc();
+                    return Poll::Ready(Err(closed("idle")));
+                }
+                if let Some(deadline) = this.answer_by.as_mut()
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    this.gate.unanswered.inc();
+                    return Poll::Ready(Err(closed("unanswered")));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.answer_by = None;
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.answer_by = None;
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// A bounded listener, for tonic (a stream of connections) and axum (`Listener`).
+#[derive(Debug)]
+pub struct BoundedListener {
+    listener: TcpListener,
+    gate: Gate,
+    /// After an accept error (out of file descriptors): wait before the next accept.
+    backoff: Option<Pin<Box<Sleep>>>,
+}
+
+impl BoundedListener {
+    pub fn new(listener: TcpListener, name: &str, limits: ConnectionLimits, m: &ConnectionMetrics) -> Self {
+        BoundedListener { listener, gate: Gate::new(name, limits, m), backoff: None }
+    }
+
+    fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<(Guarded, std::net::SocketAddr)> {
+        loop {
+            if let Some(b) = self.backoff.as_mut() {
+                if b.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.backoff = None;
+            }
+            match self.listener.poll_accept(cx) {
+                Poll::Ready(Ok((stream, addr))) => {
+                    if let Some(g) = self.gate.admit(stream) {
+                        return Poll::Ready((g, addr));
+                    }
+                }
+                Poll::Ready(Err(error)) => {
+                    // Per-connection errors (reset before accept) and resource exhaustion
+                    // alike: the listener stays up.
+                    warn!(%error, "cannot accept a connection");
+                    self.backoff = Some(Box::pin(sleep(Duration::from_millis(100))));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl tokio_stream::Stream for BoundedListener {
+    type Item = io::Result<Guarded>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_admit(cx).map(|(g, _)| Some(Ok(g)))
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = Guarded;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        std::future::poll_fn(|cx| self.poll_admit(cx)).await
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
