@@ -352,6 +352,7 @@ pub struct RawWindow {
 pub struct RawLimits {
     pub max_pairs: Option<i64>,
     pub max_identity_bytes: Option<i64>,
+    pub evict_idle: Option<String>,
     pub max_connections: Option<i64>,
     pub connection_idle: Option<String>,
     pub request_timeout: Option<String>,
@@ -603,6 +604,8 @@ impl RawConfig {
             256 << 20,
         );
         let l = &self.limits;
+        let evict_idle =
+            c.duration("limits.evict_idle", l.evict_idle.as_deref(), Duration::from_secs(600), Duration::from_secs(1));
         let max_connections = c.count("limits.max_connections", l.max_connections, 1024, 1, 1 << 20);
         let second = Duration::from_secs(1);
         let connection_idle =
@@ -786,6 +789,7 @@ impl RawConfig {
                 grace_ms: grace.as_millis() as i64,
                 max_future_ms: max_future.as_millis() as i64,
                 max_pairs,
+                evict_idle_ms: evict_idle.as_millis() as i64,
             },
             clock,
             detector,

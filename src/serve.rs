@@ -12,7 +12,7 @@ use meshwatch_collector::als::{AlsService, OtlpLogsService};
 use meshwatch_collector::metrics::CollectorMetrics;
 use meshwatch_collector::pipeline;
 use meshwatch_collector::stats_sink::StatsSinkService;
-use meshwatch_collector::window::Aggregator;
+use meshwatch_collector::window::{Aggregator, Seen};
 use meshwatch_detector::Routes;
 use meshwatch_detector::alert::Alerts;
 use meshwatch_detector::anomaly::Anomalies;
@@ -122,7 +122,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
 
     let registry = Registry::new();
     let collector_metrics = CollectorMetrics::new(&registry)?;
-    let aggregator = Aggregator::new(config.window, restored.iter().map(|(k, _)| k.clone()));
+    let aggregator = Aggregator::new(
+        config.window,
+        restored.iter().map(|(k, e)| (k.clone(), Seen { last_ms: e.last_seen_ms, flows: e.total_flows })),
+    );
     collector_metrics.pairs_tracked.set(i64::try_from(aggregator.pair_count()).unwrap_or(i64::MAX));
     let table = Arc::new(PairTable::restore(restored));
     registry.register(Box::new(PairCollector::new(table.clone())?))?;

@@ -628,3 +628,41 @@ async fn connections_are_bounded_and_silent_or_dripping_ones_are_closed() {
     assert_eq!(m.sum("meshwatch_als_entries_decoded_total", &[]), 2.0, "both entries of the quiet stream");
     assert!(mw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_made_up_pairs_does_not_hold_the_pair_cap() {
+    let (mw, data) = start(&[("MESHWATCH_LIMITS__MAX_PAIRS", "50"), ("MESHWATCH_LIMITS__EVICT_IDLE", "2s")]);
+    // A pair in use, then 200 made-up destinations in one message: 49 are let in, the rest
+    // overflow.
+    let busy: Vec<_> = (0..20).map(|_| entry(Some(now_s()), "backend", Some(200))).collect();
+    send(&mw, vec![message(identifier("outbound"), busy)]).await.unwrap();
+    let flood: Vec<_> = (0..200).map(|i| entry(Some(now_s()), &format!("made-up-{i}"), Some(200))).collect();
+    send(&mw, vec![message(identifier("outbound"), flood)]).await.unwrap();
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.get("meshwatch_pairs_tracked", &[]) == Some(50.0)).await;
+    assert_eq!(m.sum("meshwatch_pairs_overflow_entries_total", &[]), 151.0);
+    // Once the burst's pairs have been silent for limits.evict_idle, a new pair takes a place
+    // of theirs; the pair in use keeps its own.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    send(&mw, vec![message(identifier("outbound"), vec![entry(Some(now_s()), "newcomer", Some(200))])]).await.unwrap();
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_pairs_evicted_total", &[]) > 0.0).await;
+    assert_eq!(m.sum("meshwatch_pairs_evicted_total", &[]), 49.0);
+    assert_eq!(m.sum("meshwatch_pairs_overflow_entries_total", &[]), 151.0, "the newcomer did not overflow");
+    let (_, body) = http_get(mw.http, "/api/v1/pairs").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let destinations: Vec<&str> =
+        v["pairs"].as_array().unwrap().iter().map(|p| p["destination"].as_str().unwrap()).collect();
+    // The pair in use (its cluster mapped to its SPIFFE ID by the example configuration),
+    // the newcomer, and the overflow pair that counted the rest of the burst.
+    let mut destinations = destinations;
+    destinations.sort();
+    assert_eq!(destinations, ["__overflow__", "newcomer", "spiffe://mesh.test/ns/shop/sa/backend"]);
+    assert!(mw.stop().success());
+    // The pairs given up are gone from the store too: a restart restores the other three.
+    let env =
+        [("MESHWATCH_DATA_DIR", data.path().display().to_string()), ("MESHWATCH_LIMITS__MAX_PAIRS", "50".to_string())];
+    let mw = Meshwatch::start(&repo_root().join("deploy/meshwatch-example.toml"), &env);
+    let (_, body) = http_get(mw.http, "/api/v1/pairs").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["pairs"].as_array().unwrap().len(), 3, "{body}");
+    assert!(mw.stop().success());
+}

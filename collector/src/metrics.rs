@@ -18,6 +18,7 @@ pub struct CollectorMetrics {
     pub queue_depth: IntGauge,
     pub queue_capacity: IntGauge,
     pub pairs_tracked: IntGauge,
+    pub pairs_evicted: IntCounter,
     pub pairs_max: IntGauge,
     pub overflow_entries: IntCounter,
     pub windows_open: IntGauge,
@@ -182,6 +183,11 @@ impl CollectorMetrics {
                 "Distinct pairs tracked (source, destination, direction, reporter).",
             )?,
             pairs_max: gauge(registry, "meshwatch_pairs_max", "Configured cap on distinct pairs.")?,
+            pairs_evicted: counter(
+                registry,
+                "meshwatch_pairs_evicted_total",
+                "Pairs given up at the cap to admit new ones: fewer than 10 flows, silent for limits.evict_idle.",
+            )?,
             overflow_entries: counter(
                 registry,
                 "meshwatch_pairs_overflow_entries_total",

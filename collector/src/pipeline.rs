@@ -212,6 +212,7 @@ async fn emit(
             metrics.window_close_lag.set(lag);
         }
         metrics.windows_closed.inc();
+        metrics.pairs_evicted.inc_by(w.evicted.len() as u64);
         let span = tracing::debug_span!(
             target: crate::TRACE_TARGET,
             "window.close",

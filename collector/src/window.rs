@@ -6,7 +6,7 @@
 //! a pair beyond the cap is counted under one `__overflow__` pair per direction and reporter.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use crate::decode::Rejection;
@@ -190,12 +190,27 @@ impl PairStats {
 }
 
 /// A closed window: every pair that had traffic in `[start_ms, end_ms)`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClosedWindow {
     pub start_ms: i64,
     pub end_ms: i64,
     pub pairs: Vec<(PairKey, PairStats)>,
+    /// Pairs given up since the last window closed, to make room at the cap (`Seen`): the
+    /// table, the models and the store forget them.
+    pub evicted: Vec<PairKey>,
 }
+
+/// What the aggregator remembers of an admitted pair: when it last had traffic (event time)
+/// and how many requests and connections it carried. At the cap, a pair with fewer than
+/// `TRANSIENT_FLOWS` silent for `WindowConfig::evict_idle_ms` gives its place to a new pair:
+/// a burst of made-up identities must not hold every place for good.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub last_ms: i64,
+    pub flows: u64,
+}
+
+pub const TRANSIENT_FLOWS: u64 = 10;
 
 /// Window settings, validated (all positive).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,11 +222,19 @@ pub struct WindowConfig {
     pub max_future_ms: i64,
     /// Distinct pairs tracked, overflow pairs not included.
     pub max_pairs: usize,
+    /// At the cap, a pair with under `TRANSIENT_FLOWS` silent this long can be given up.
+    pub evict_idle_ms: i64,
 }
 
 impl Default for WindowConfig {
     fn default() -> Self {
-        WindowConfig { length_ms: 10_000, grace_ms: 5_000, max_future_ms: 60_000, max_pairs: 10_000 }
+        WindowConfig {
+            length_ms: 10_000,
+            grace_ms: 5_000,
+            max_future_ms: 60_000,
+            max_pairs: 10_000,
+            evict_idle_ms: 600_000,
+        }
     }
 }
 
@@ -229,15 +252,47 @@ pub enum Added {
 pub struct Aggregator {
     cfg: WindowConfig,
     open: BTreeMap<i64, HashMap<PairKey, PairStats>>,
-    pairs: HashSet<PairKey>,
+    pairs: HashMap<PairKey, Seen>,
+    /// Given up since the last window closed.
+    evicted: Vec<PairKey>,
+    /// Event time of the last search for pairs to give up (at most one a second).
+    swept_ms: i64,
     /// Everything before this time is closed; entries for it are late.
     closed_until_ms: i64,
 }
 
 impl Aggregator {
     /// `known` are the pairs admitted before (restored from the store).
-    pub fn new(cfg: WindowConfig, known: impl IntoIterator<Item = PairKey>) -> Aggregator {
-        Aggregator { cfg, open: BTreeMap::new(), pairs: known.into_iter().collect(), closed_until_ms: i64::MIN }
+    pub fn new(cfg: WindowConfig, known: impl IntoIterator<Item = (PairKey, Seen)>) -> Aggregator {
+        Aggregator {
+            cfg,
+            open: BTreeMap::new(),
+            pairs: known.into_iter().collect(),
+            evicted: Vec::new(),
+            swept_ms: i64::MIN,
+            closed_until_ms: i64::MIN,
+        }
+    }
+
+    /// At the cap, gives up the pairs that carried a few flows and have been silent for
+    /// `evict_idle_ms` at event time `t_ms` (searched for at most once a second of event
+    /// time); returns how many.
+    fn make_room(&mut self, t_ms: i64) -> usize {
+        if t_ms.saturating_sub(self.swept_ms) < 1_000 {
+            return 0;
+        }
+        self.swept_ms = t_ms;
+        let before = t_ms.saturating_sub(self.cfg.evict_idle_ms);
+        let evicted = &mut self.evicted;
+        let n = self.pairs.len();
+        self.pairs.retain(|k, s| {
+            let transient = s.flows < TRANSIENT_FLOWS && s.last_ms < before;
+            if transient {
+                evicted.push(k.clone());
+            }
+            !transient
+        });
+        n - self.pairs.len()
     }
 
     pub fn config(&self) -> &WindowConfig {
@@ -293,12 +348,13 @@ impl Aggregator {
         if start < self.closed_until_ms {
             return Err(Rejection::Late);
         }
-        // At the cap, a pair not admitted before counts under the overflow pair.
-        let key = if self.pairs.len() >= self.cfg.max_pairs && !key.is_overflow() && !self.pairs.contains(&key) {
-            PairKey::overflow(key.direction, key.reporter)
-        } else {
-            key
-        };
+        // At the cap, a pair not admitted before takes the place of one given up, or counts
+        // under the overflow pair.
+        let full = |a: &Self| a.pairs.len() >= a.cfg.max_pairs && !key.is_overflow() && !a.pairs.contains_key(&key);
+        if full(self) {
+            self.make_room(t_ms);
+        }
+        let key = if full(self) { PairKey::overflow(key.direction, key.reporter) } else { key };
         let window = self.open.entry(start).or_default();
         match window.entry(key) {
             Entry::Occupied(e) => {
@@ -308,10 +364,10 @@ impl Aggregator {
             Entry::Vacant(v) => {
                 let added = if v.key().is_overflow() {
                     Added::Overflowed
-                } else if self.pairs.contains(v.key()) {
+                } else if self.pairs.contains_key(v.key()) {
                     Added::Counted
                 } else {
-                    self.pairs.insert(v.key().clone());
+                    self.pairs.insert(v.key().clone(), Seen { last_ms: t_ms, flows: 0 });
                     Added::NewPair
                 };
                 Ok((v.insert(PairStats::default()), added))
@@ -329,8 +385,15 @@ impl Aggregator {
             if end > horizon {
                 break;
             }
-            let pairs = entry.remove().into_iter().collect();
-            closed.push(ClosedWindow { start_ms: start, end_ms: end, pairs });
+            let pairs: Vec<(PairKey, PairStats)> = entry.remove().into_iter().collect();
+            for (k, stats) in &pairs {
+                if let Some(seen) = self.pairs.get_mut(k) {
+                    seen.last_ms = seen.last_ms.max(start);
+                    seen.flows = seen.flows.saturating_add(stats.total_requests() + stats.tcp_connections);
+                }
+            }
+            let evicted = std::mem::take(&mut self.evicted);
+            closed.push(ClosedWindow { start_ms: start, end_ms: end, pairs, evicted });
         }
         // Every window that ends at or before the horizon is closed now, open or not.
         self.closed_until_ms = self.closed_until_ms.max(self.window_start(horizon));
@@ -366,7 +429,7 @@ mod tests {
     }
 
     fn cfg(max_pairs: usize) -> WindowConfig {
-        WindowConfig { length_ms: 10_000, grace_ms: 5_000, max_future_ms: 60_000, max_pairs }
+        WindowConfig { length_ms: 10_000, grace_ms: 5_000, max_future_ms: 60_000, max_pairs, evict_idle_ms: 600_000 }
     }
 
     #[test]
@@ -417,6 +480,30 @@ mod tests {
     }
 
     #[test]
+    fn at_the_cap_pairs_of_a_burst_give_their_place_once_silent() {
+        // A pair in use (20 requests) and two made up for one request each fill the cap of 3.
+        let mut a = Aggregator::new(cfg(3), []);
+        for i in 0..20 {
+            a.add(&rec("web", "api", 1_000 + i, 200), 0).unwrap();
+        }
+        a.add(&rec("x1", "api", 1_000, 200), 0).unwrap();
+        a.add(&rec("x2", "api", 1_000, 200), 0).unwrap();
+        assert_eq!(a.close_due(30_000).len(), 1);
+        // Within the idle time (10 minutes) a new pair overflows; after it, it takes a place of
+        // the burst's, and the pair in use keeps its own.
+        let later = 5 * 60_000;
+        assert_eq!(a.add(&rec("new", "api", later, 200), later), Ok(Added::Overflowed));
+        let much_later = 11 * 60_000;
+        assert_eq!(a.add(&rec("new", "api", much_later, 200), much_later), Ok(Added::NewPair));
+        assert_eq!(a.add(&rec("web", "api", much_later, 200), much_later), Ok(Added::Counted));
+        let closed = a.close_all();
+        let mut evicted: Vec<&str> = closed.iter().flat_map(|w| w.evicted.iter().map(|k| &*k.source)).collect();
+        evicted.sort();
+        assert_eq!(evicted, ["x1", "x2"]);
+        assert_eq!(a.pair_count(), 2);
+    }
+
+    #[test]
     fn known_pairs_are_admitted_after_a_restart() {
         let key = PairKey {
             source: Arc::from("a"),
@@ -424,7 +511,7 @@ mod tests {
             direction: Direction::EastWest,
             reporter: Reporter::Source,
         };
-        let mut a = Aggregator::new(cfg(1), [key]);
+        let mut a = Aggregator::new(cfg(1), [(key, Seen { last_ms: 0, flows: 100 })]);
         assert_eq!(a.add(&rec("a", "b", 1, 200), 0), Ok(Added::Counted));
         assert_eq!(a.add(&rec("x", "y", 1, 200), 0), Ok(Added::Overflowed));
     }

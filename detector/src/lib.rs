@@ -26,7 +26,7 @@ pub mod upstream;
 use std::sync::{Arc, Mutex};
 
 use meshwatch_collector::pipeline::wall_clock_ms;
-use meshwatch_collector::window::ClosedWindow;
+use meshwatch_collector::window::{ClosedWindow, PairKey};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error};
 
@@ -43,9 +43,15 @@ pub fn lock(detector: &Mutex<Detector>) -> std::sync::MutexGuard<'_, Detector> {
     detector.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn persist(store: &Store, records: Vec<meshwatch_proto::v1::PairRecord>, checkpoint: Option<Checkpoint>) {
+async fn persist(
+    store: &Store,
+    records: Vec<meshwatch_proto::v1::PairRecord>,
+    evicted: Vec<PairKey>,
+    checkpoint: Option<Checkpoint>,
+) {
     let s = store.clone();
     let result = tokio::task::spawn_blocking(move || {
+        s.remove_pairs(&evicted)?;
         s.save_pairs(&records)?;
         if let Some(c) = checkpoint {
             s.save_checkpoint(&c)?;
@@ -147,8 +153,8 @@ pub async fn run(
         drop(entered);
         async {
             alert(&detector, &store, &routes).await;
-            if !changed.is_empty() || checkpoint.is_some() {
-                persist(&store, changed, checkpoint).await;
+            if !changed.is_empty() || !window.evicted.is_empty() || checkpoint.is_some() {
+                persist(&store, changed, window.evicted.clone(), checkpoint).await;
             }
         }
         .instrument(span)
@@ -156,7 +162,7 @@ pub async fn run(
     }
     alert(&detector, &store, &routes).await;
     let last = lock(&detector).checkpoint();
-    persist(&store, Vec::new(), Some(last)).await;
+    persist(&store, Vec::new(), Vec::new(), Some(last)).await;
     match tokio::task::spawn_blocking(move || store.flush()).await {
         Ok(Ok(())) => debug!("store flushed"),
         Ok(Err(e)) => error!(error = %e, "cannot flush the store"),

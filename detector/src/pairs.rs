@@ -67,9 +67,13 @@ impl PairTable {
         self.read().get(key).cloned()
     }
 
-    /// Folds a closed window in; returns the records of the pairs it touched, to persist.
+    /// Folds a closed window in (forgetting the pairs it gives up); returns the records of
+    /// the pairs it touched, to persist.
     pub fn apply(&self, window: &ClosedWindow) -> Vec<v1::PairRecord> {
         let mut pairs = self.pairs.write().unwrap_or_else(|e| e.into_inner());
+        for key in &window.evicted {
+            pairs.remove(key);
+        }
         let mut changed = Vec::with_capacity(window.pairs.len());
         for (key, stats) in &window.pairs {
             let entry = pairs
@@ -474,7 +478,12 @@ mod tests {
         let mut s = PairStats::default();
         s.requests[2] = 3;
         s.tcp_connections = 1;
-        let w = |start| ClosedWindow { start_ms: start, end_ms: start + 10, pairs: vec![(key("a"), s.clone())] };
+        let w = |start| ClosedWindow {
+            start_ms: start,
+            end_ms: start + 10,
+            pairs: vec![(key("a"), s.clone())],
+            evicted: Vec::new(),
+        };
         t.apply(&w(100));
         let changed = t.apply(&w(200));
         assert_eq!(changed.len(), 1);

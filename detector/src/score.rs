@@ -105,6 +105,10 @@ impl Detector {
                 }
             }
         }
+        for key in &w.evicted {
+            self.models.remove(key);
+            self.trails.forget(key);
+        }
         let stats: HashMap<&PairKey, &PairStats> =
             w.pairs.iter().filter(|(k, _)| !k.is_overflow()).map(|(k, s)| (k, s)).collect();
         for key in stats.keys() {
@@ -202,7 +206,7 @@ mod tests {
         for _ in 0..requests {
             s.latency.add(20_000);
         }
-        ClosedWindow { start_ms, end_ms: start_ms + 10_000, pairs: vec![(key(), s)] }
+        ClosedWindow { start_ms, end_ms: start_ms + 10_000, pairs: vec![(key(), s)], evicted: Vec::new() }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use meshwatch_collector::window::PairKey;
 use meshwatch_proto::v1;
 use prost::Message;
 use tracing::warn;
@@ -124,6 +125,20 @@ impl Store {
             batch.insert(key, r.encode_to_vec());
         }
         self.pairs.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Forgets pairs given up at the cap: their records and models.
+    pub fn remove_pairs(&self, keys: &[PairKey]) -> Result<(), StoreError> {
+        let mut pairs = sled::Batch::default();
+        let mut models = sled::Batch::default();
+        for k in keys {
+            let key = crate::pairs::key_to_proto(k).encode_to_vec();
+            pairs.remove(key.clone());
+            models.remove(key);
+        }
+        self.pairs.apply_batch(pairs)?;
+        self.models.apply_batch(models)?;
         Ok(())
     }
 

@@ -141,6 +141,10 @@ impl Trails {
         TrailView { step_ms: self.step_ms, signals }
     }
 
+    pub fn forget(&mut self, key: &PairKey) {
+        self.trails.remove(key);
+    }
+
     /// Pairs with a trail.
     pub fn len(&self) -> usize {
         self.trails.len()

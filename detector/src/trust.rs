@@ -769,7 +769,7 @@ mod tests {
     }
 
     fn window(start_ms: i64, pairs: Vec<(PairKey, PairStats)>) -> ClosedWindow {
-        ClosedWindow { start_ms, end_ms: start_ms + W, pairs }
+        ClosedWindow { start_ms, end_ms: start_ms + W, pairs, evicted: Vec::new() }
     }
 
     const A: &str = "spiffe://mesh.test/ns/shop/sa/a";
