@@ -10,41 +10,11 @@ use std::time::Duration;
 use common::*;
 use meshwatch::sim::scenario::Scenario;
 
-const SCENARIO: &str = r#"
-name = "latency-incident"
-start = "2026-01-05"
-duration = "3h"
-namespace = "shop"
-seed = 4
-services = [{ name = "frontend" }, { name = "catalog" }, { name = "cart" }, { name = "db" }]
-[[edges]]
-from = "internet"
-to = "frontend"
-rate = 8
-[[edges]]
-from = "frontend"
-to = ["catalog", "cart"]
-rate = 5
-latency_ms = 15
-[[edges]]
-from = "catalog"
-to = "db"
-protocol = "tcp"
-rate = 1
-[[incidents]]
-kind = "latency_shift"
-from = "frontend"
-to = "catalog"
-start = "1h30m"
-duration = "15m"
-magnitude = 2.5
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_latency_incident_is_flagged_on_its_pair_and_nothing_else_is() {
     let dir = TempDir::new("detect");
-    let scenario = Scenario::parse(SCENARIO).unwrap();
-    let (scenario_path, config) = replay_files(dir.path(), SCENARIO, "[detector]\nwarmup = \"1h\"");
+    let scenario = Scenario::parse(LATENCY_SCENARIO).unwrap();
+    let (scenario_path, config) = replay_files(dir.path(), LATENCY_SCENARIO, "[detector]\nwarmup = \"1h\"");
     let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
     let mw = Meshwatch::start(&config, &env);
     simulate_into(&mw, &scenario_path, &["--duration", "2h"]);

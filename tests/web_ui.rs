@@ -14,34 +14,11 @@ use std::time::Duration;
 
 use common::*;
 
-const SCENARIO: &str = r#"
-name = "web-ui"
-start = "2026-01-05"
-duration = "3h"
-namespace = "shop"
-seed = 11
-services = [{ name = "frontend" }, { name = "catalog" }, { name = "cart" }, { name = "db" }]
-[[edges]]
-from = "internet"
-to = "frontend"
-rate = 8
-[[edges]]
-from = "frontend"
-to = ["catalog", "cart"]
-rate = 5
-latency_ms = 15
-[[edges]]
-from = "catalog"
-to = "db"
-protocol = "tcp"
-rate = 1
-[[incidents]]
-kind = "latency_shift"
-from = "frontend"
-to = "catalog"
-start = "1h30m"
-duration = "15m"
-magnitude = 2.5
+/// The latency scenario of `detect.rs` with a new edge added near its end.
+fn scenario() -> String {
+    format!(
+        "{LATENCY_SCENARIO}{}",
+        r#"
 [[incidents]]
 kind = "new_edge"
 from = "cart"
@@ -49,7 +26,9 @@ to = "db"
 start = "1h55m"
 duration = "1h"
 magnitude = 2
-"#;
+"#
+    )
+}
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const CATALOG: &str = "spiffe://cluster.local/ns/shop/sa/catalog";
@@ -97,7 +76,7 @@ fn tags<'a>(dom: &'a str, tag: &str, attrs: &[(&str, &str)]) -> Vec<&'a str> {
 async fn the_page_shows_the_mesh_the_new_edge_the_anomaly_and_the_pair_band() {
     let dir = TempDir::new("web-ui");
     let (scenario_path, config) =
-        replay_files(dir.path(), SCENARIO, "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"");
+        replay_files(dir.path(), &scenario(), "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"");
     let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
     let mw = Meshwatch::start(&config, &env);
     simulate_into(&mw, &scenario_path, &["--duration", "2h"]);

@@ -704,3 +704,35 @@ pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// Four services behind a gateway, one of them over TCP, three hours from a Monday, with a
+/// latency shift ×2.5 on frontend → catalog from 1h30m for 15 minutes.
+pub const LATENCY_SCENARIO: &str = r#"
+name = "latency-incident"
+start = "2026-01-05"
+duration = "3h"
+namespace = "shop"
+seed = 4
+services = [{ name = "frontend" }, { name = "catalog" }, { name = "cart" }, { name = "db" }]
+[[edges]]
+from = "internet"
+to = "frontend"
+rate = 8
+[[edges]]
+from = "frontend"
+to = ["catalog", "cart"]
+rate = 5
+latency_ms = 15
+[[edges]]
+from = "catalog"
+to = "db"
+protocol = "tcp"
+rate = 1
+[[incidents]]
+kind = "latency_shift"
+from = "frontend"
+to = "catalog"
+start = "1h30m"
+duration = "15m"
+magnitude = 2.5
+"#;
