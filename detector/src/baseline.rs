@@ -464,6 +464,26 @@ pub struct RatioBaseline {
     /// Not in this layout: stored in the model's trailer (see `PairModel::to_bytes`).
     #[serde(skip)]
     pub spread: RatioSpread,
+    /// Hot windows that started no detection yet, with their age in windows: they teach once
+    /// old enough to be sure they started none (`Lesson::Hot`). Not stored: a restart loses
+    /// at most a few windows' lessons.
+    #[serde(skip)]
+    deferred: Vec<(f64, f64, u32)>,
+}
+
+/// What one window of a ratio may teach its baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lesson {
+    /// An ordinary window: it teaches.
+    Normal,
+    /// A hot window that started no detection (yet): it teaches `n` windows later if none
+    /// started by then. Events that come in clusters are a pair's ordinary spread, which its
+    /// over-dispersion must learn; a window kept out for being hot would teach that clusters
+    /// never happen.
+    Hot { n: u32 },
+    /// A window of an active detection: it does not teach (and the hot windows before it,
+    /// its start, never will).
+    Detecting,
 }
 
 /// The ratio a pair is assumed to have before its requests say otherwise (0.1 %)...
@@ -502,6 +522,8 @@ impl RatioSpread {
         self.samples += 1;
         let [mx, my, myy] = self.moments;
         let n_eff = (self.samples as f64).min(memory);
+        // Two standard errors of the windows seen: a few windows of errors on a pair that
+        // never erred (a change, or the first clusters) do not make it over-dispersed at once.
         let se = ((myy - my * my).max(0.0) / n_eff).sqrt() / mx;
         self.rho = (my / mx - 2.0 * se).clamp(0.0, MAX_RHO);
     }
@@ -519,19 +541,46 @@ impl RatioBaseline {
         (events + PRIOR_RATIO * PRIOR_REQUESTS, self.total.max(0.0) - events + (1.0 - PRIOR_RATIO) * PRIOR_REQUESTS)
     }
 
-    pub fn update(&mut self, events: f64, total: f64, anomalous: bool, adapt_after: u32, cadence: Cadence) {
+    pub fn update(&mut self, events: f64, total: f64, lesson: Lesson, adapt_after: u32, cadence: Cadence) {
         let memory = cadence.windows(RATIO_MEMORY_MS, 4.0);
         let keep = 1.0 - 1.0 / memory;
+        let anomalous = lesson != Lesson::Normal;
         self.shifted = if anomalous { self.shifted.saturating_add(1) } else { 0 };
         let teaches = self.shifted == 0 || self.shifted >= adapt_after;
+        match lesson {
+            Lesson::Detecting => self.deferred.clear(),
+            // Bounded: a detection clears them, and they teach once `n` windows old.
+            Lesson::Hot { n } if !teaches && self.deferred.len() < 32 => self.deferred.push((events, total, n)),
+            _ => {}
+        }
+        // The hot windows old enough to be sure they started nothing.
+        let due: Vec<(f64, f64)> = {
+            let mut due = Vec::new();
+            self.deferred.retain_mut(|(e, t, left)| {
+                *left = left.saturating_sub(1);
+                let ready = *left == 0 && lesson != Lesson::Detecting;
+                if ready {
+                    due.push((*e, *t));
+                }
+                !ready
+            });
+            due
+        };
         if teaches {
             self.spread.learn(total, events, self.expected(), memory);
+        }
+        for &(e, t) in &due {
+            self.spread.learn(t, e, self.expected(), memory);
         }
         self.events *= keep;
         self.total *= keep;
         if teaches {
             self.events += events;
             self.total += total;
+        }
+        for (e, t) in due {
+            self.events += e;
+            self.total += t;
         }
     }
 
@@ -791,7 +840,7 @@ pub(crate) mod tests {
     fn three_errors_in_four_requests_at_night_are_not_an_error_burst() {
         let mut r = RatioBaseline::default();
         for _ in 0..10_000 {
-            r.update(1.0, 1_000.0, false, 360, Cadence::default());
+            r.update(1.0, 1_000.0, Lesson::Normal, 360, Cadence::default());
         }
         // Large samples: 5 % of 1,000 against 0.1 % is overwhelming.
         assert!(r.assess(50, 1_000, 999_000.0, 1e-6).expect("requests").p_value < 1e-20);

@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 use meshwatch_collector::window::PairStats;
 
 use crate::baseline::{
-    Assessment, BytesBaseline, Cadence, CountBaseline, LatencyBaseline, LearntSpread, RatioBaseline, RatioSpread,
+    Assessment, BytesBaseline, Cadence, CountBaseline, LatencyBaseline, LearntSpread, Lesson, RatioBaseline,
+    RatioSpread,
 };
 use crate::upstream::{UpstreamModel, UpstreamObs};
 
@@ -819,12 +820,18 @@ impl PairModel {
         // first day looks like is the normal to learn, however far from the priors.
         let ready = !self.learning(cfg);
         let hot = |s: Signal| ready && self.hot_now(s);
+        // A ratio's hot window teaches later if it started no detection (see `Lesson`).
+        let lesson = |s: Signal| match (ready && self.active[s.index()], hot(s)) {
+            (true, _) => Lesson::Detecting,
+            (false, true) => Lesson::Hot { n: cfg.n },
+            (false, false) => Lesson::Normal,
+        };
         let (h_req, h_conn, h_err, h_den, h_rl) = (
             hot(Signal::RequestRate),
             hot(Signal::ConnectionRate),
-            hot(Signal::ErrorRatio),
-            hot(Signal::DenialRatio),
-            hot(Signal::RateLimitRatio),
+            lesson(Signal::ErrorRatio),
+            lesson(Signal::DenialRatio),
+            lesson(Signal::RateLimitRatio),
         );
         let h_lat = [hot(Signal::LatencyP50), hot(Signal::LatencyP90), hot(Signal::LatencyP99)];
         let (h_out, h_in) = (hot(Signal::BytesOut), hot(Signal::BytesIn));

@@ -20,7 +20,7 @@ use meshwatch_collector::window::ClosedWindow;
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{Anomalies, FindingRecord, bytes_text};
-use crate::baseline::{Cadence, RatioBaseline};
+use crate::baseline::{Cadence, Lesson, RatioBaseline};
 
 pub const NEW_EDGE: &str = "new_edge";
 pub const NEW_EGRESS: &str = "new_egress_destination";
@@ -672,7 +672,8 @@ impl Trust {
                 let expected = base.expected();
                 // A lasting surge becomes the normal after an hour.
                 let cadence = Cadence::of(w.end_ms - w.start_ms);
-                base.update(this as f64, requests as f64, hot, cadence.hour(), cadence);
+                let lesson = if hot { Lesson::Detecting } else { Lesson::Normal };
+                base.update(this as f64, requests as f64, lesson, cadence.hour(), cadence);
                 if hot && learned {
                     let what = if kind == DENIAL_SURGE { "denied" } else { "rate-limited" };
                     let ratio = events as f64 / n.max(1) as f64;

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use meshwatch_collector::window::UpstreamStats;
 
-use crate::baseline::{Assessment, CountBaseline, RatioBaseline};
+use crate::baseline::{Assessment, CountBaseline, Lesson, RatioBaseline};
 use crate::model::{DetectorConfig, Signal, Step, Verdict, keep_better, rate_verdict, ratio_hot, track};
 use crate::stats::poisson_upper_tail;
 
@@ -165,7 +165,20 @@ impl UpstreamModel {
         }
         let hot = |s: Signal| ready && self.history[slot_of(s)] & 1 == 1;
         let (h_req, h_ej) = (hot(Signal::UpstreamRequestRate), hot(Signal::OutlierEjections));
-        let hot_ratios = RATIOS.map(hot);
+        // As in `PairModel::learn` (`Lesson`); a hot window whose detection would repeat the
+        // access logs' never teaches.
+        let hot_ratios = RATIOS.map(|s| {
+            let i = slot_of(s);
+            let repeats = logged_errors
+                && matches!(s, Signal::UpstreamErrorRatio | Signal::UpstreamTimeoutRatio | Signal::ConnectFailureRatio);
+            if (ready && self.active[i]) || (repeats && hot(s)) {
+                Lesson::Detecting
+            } else if hot(s) {
+                Lesson::Hot { n: cfg.n }
+            } else {
+                Lesson::Normal
+            }
+        });
         self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
         self.ejections.update(obs.ejections, t_ms, h_ej, cfg.adapt_after, cfg.cadence);
         for ((baseline, signal), h) in self.ratios.iter_mut().zip(RATIOS).zip(hot_ratios) {
