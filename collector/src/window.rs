@@ -282,7 +282,8 @@ impl Aggregator {
             return 0;
         }
         self.swept_ms = t_ms;
-        let before = t_ms.saturating_sub(self.cfg.evict_idle_ms);
+        // Silent that long, and with nothing in a window still open.
+        let before = t_ms.saturating_sub(self.cfg.evict_idle_ms).min(self.closed_until_ms);
         let evicted = &mut self.evicted;
         let n = self.pairs.len();
         self.pairs.retain(|k, s| {

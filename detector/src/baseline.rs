@@ -772,6 +772,31 @@ pub(crate) mod tests {
     const W: i64 = 10_000;
 
     #[test]
+    fn a_hot_ratio_window_teaches_later_unless_it_starts_a_detection() {
+        let cadence = Cadence::default();
+        let quiet = |b: &mut RatioBaseline, windows: usize| {
+            for _ in 0..windows {
+                b.update(0.0, 50.0, Lesson::Normal, 360, cadence);
+            }
+        };
+        let mut b = RatioBaseline::default();
+        quiet(&mut b, 1_000);
+        let before = b.events;
+        // A cluster that starts nothing: it is learnt three windows later.
+        b.update(10.0, 50.0, Lesson::Hot { n: 3 }, 360, cadence);
+        quiet(&mut b, 1);
+        assert!(b.events < before + 1.0, "taught at once: {} → {}", before, b.events);
+        quiet(&mut b, 2);
+        assert!(b.events > before + 9.0, "not taught: {} → {}", before, b.events);
+        // A cluster that starts a detection never is, nor are the detection's windows.
+        let before = b.events;
+        b.update(10.0, 50.0, Lesson::Hot { n: 3 }, 360, cadence);
+        b.update(10.0, 50.0, Lesson::Detecting, 360, cadence);
+        quiet(&mut b, 5);
+        assert!(b.events < before, "{before} → {}", b.events);
+    }
+
+    #[test]
     fn scales_are_the_same_spans_of_time_at_any_window_length() {
         let scales = |window_ms: i64| Cadence::of(window_ms).scales(30).collect::<Vec<_>>();
         assert_eq!(scales(10_000), [1, 3, 4, 6, 12, 30]);
