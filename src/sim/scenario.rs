@@ -744,8 +744,14 @@ mod tests {
         }
         loaded.sort_by(|a, b| a.0.cmp(&b.0));
         let names: Vec<&str> = loaded.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["bursty-mesh.toml", "demo.toml", "quiet-mesh.toml", "shop.toml", "small-mesh.toml"]);
+        assert_eq!(
+            names,
+            ["bursty-mesh.toml", "demo.toml", "quiet-mesh.toml", "rough-mesh.toml", "shop.toml", "small-mesh.toml"]
+        );
         let (_, bursty) = &loaded[0];
         assert!(bursty.edges.iter().any(|e| e.burst == 8.0), "bursty-mesh has bursts of 8");
+        let (_, rough) = &loaded[3];
+        assert!(rough.edges.iter().any(|e| e.error_clusters == 0.1), "rough-mesh has clusters of errors");
+        assert!(rough.edges.iter().all(|e| e.deploy_every_ms > 0), "rough-mesh has deploys on every edge");
     }
 }
