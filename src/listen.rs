@@ -119,6 +119,16 @@ impl Drop for Guarded {
     }
 }
 
+impl Guarded {
+    /// A write that sent bytes answers what was read: the answer deadline is off.
+    fn answered(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.answer_by = None;
+        }
+        r
+    }
+}
+
 fn closed(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, why)
 }
@@ -159,10 +169,7 @@ impl AsyncWrite for Guarded {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.answer_by = None;
-        }
-        r
+        this.answered(r)
     }
 
     fn poll_write_vectored(
@@ -172,10 +179,7 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.answer_by = None;
-        }
-        r
+        this.answered(r)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -184,6 +184,11 @@ impl PairStats {
         self.requests.iter().sum()
     }
 
+    /// Requests plus TCP connections.
+    pub fn flows(&self) -> u64 {
+        self.total_requests() + self.tcp_connections
+    }
+
     pub fn duration_count(&self) -> u64 {
         self.duration_buckets.iter().sum()
     }
@@ -390,7 +395,7 @@ impl Aggregator {
             for (k, stats) in &pairs {
                 if let Some(seen) = self.pairs.get_mut(k) {
                     seen.last_ms = seen.last_ms.max(start);
-                    seen.flows = seen.flows.saturating_add(stats.total_requests() + stats.tcp_connections);
+                    seen.flows = seen.flows.saturating_add(stats.flows());
                 }
             }
             let evicted = std::mem::take(&mut self.evicted);

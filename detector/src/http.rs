@@ -184,27 +184,29 @@ struct PairDetailView {
     model: Option<ModelDetail>,
 }
 
+/// The pair with API id `id`.
+fn pair_by_id(state: &AppState, id: &str) -> Option<(PairKey, PairEntry)> {
+    state.pairs.find(|k| pair_id(k) == id)
+}
+
+fn no_pair(id: &str) -> Response {
+    not_found(format!("no pair with id {id}"))
+}
+
 async fn pair(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let table = state.pairs.snapshot();
-    let Some((key, entry)) = table.iter().find(|(k, _)| pair_id(k) == id) else {
-        return (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"error": format!("no pair with id {id}")})))
-            .into_response();
-    };
+    let Some((key, entry)) = pair_by_id(&state, &id) else { return no_pair(&id) };
     let d = crate::lock(&state.detector);
     let next_ms = d.last_start_ms.map_or(0, |t| t + d.window_ms);
-    let model = d.model(key).map(|m| m.detail(next_ms, d.window_ms, &d.cfg));
-    let view = PairDetailView { pair: pair_view(key, entry, &d), last_window_start_ms: d.last_start_ms, model };
+    let model = d.model(&key).map(|m| m.detail(next_ms, d.window_ms, &d.cfg));
+    let view = PairDetailView { pair: pair_view(&key, &entry, &d), last_window_start_ms: d.last_start_ms, model };
     axum::Json(view).into_response()
 }
 
 /// The last hours of a pair's signals (`trail::Trails`): empty for a pair without a trail.
 async fn trail(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let table = state.pairs.snapshot();
-    let Some((key, _)) = table.iter().find(|(k, _)| pair_id(k) == id) else {
-        return not_found(format!("no pair with id {id}"));
-    };
+    let Some((key, _)) = pair_by_id(&state, &id) else { return no_pair(&id) };
     let d = crate::lock(&state.detector);
-    axum::Json(d.trails.view(key)).into_response()
+    axum::Json(d.trails.view(&key)).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]

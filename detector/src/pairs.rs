@@ -29,10 +29,6 @@ pub struct PairTable {
     pairs: RwLock<HashMap<PairKey, PairEntry>>,
 }
 
-fn flows(s: &PairStats) -> u64 {
-    s.total_requests() + s.tcp_connections
-}
-
 impl PairTable {
     /// A table holding the pairs restored from the store.
     pub fn restore(records: impl IntoIterator<Item = (PairKey, PairEntry)>) -> PairTable {
@@ -63,6 +59,11 @@ impl PairTable {
         all
     }
 
+    /// The pair whose key `matches`, without copying the table.
+    pub fn find(&self, matches: impl Fn(&PairKey) -> bool) -> Option<(PairKey, PairEntry)> {
+        self.read().iter().find(|(k, _)| matches(k)).map(|(k, e)| (k.clone(), e.clone()))
+    }
+
     pub fn get(&self, key: &PairKey) -> Option<PairEntry> {
         self.read().get(key).cloned()
     }
@@ -81,7 +82,7 @@ impl PairTable {
                 .or_insert_with(|| PairEntry { first_seen_ms: window.start_ms, ..PairEntry::default() });
             entry.totals.merge(stats);
             entry.last_seen_ms = entry.last_seen_ms.max(window.start_ms);
-            entry.total_flows = entry.total_flows.saturating_add(flows(stats));
+            entry.total_flows = entry.total_flows.saturating_add(stats.flows());
             changed.push(to_record(key, entry));
         }
         changed
@@ -396,9 +397,9 @@ impl Collector for PairCollector {
                     metrics[7].push(counter(labels.clone(), Some(("flag", name)), s.response_flags[i]));
                 }
             }
-            if flows(s) > 0 {
+            if s.flows() > 0 {
                 metrics[8].push(counter(labels.clone(), None, s.mtls));
-                metrics[9].push(counter(labels.clone(), None, flows(s).saturating_sub(s.mtls)));
+                metrics[9].push(counter(labels.clone(), None, s.flows().saturating_sub(s.mtls)));
             }
             let up = &s.upstream;
             if up.flushes > 0 {

@@ -383,7 +383,7 @@ impl Trust {
             let e = window
                 .entry(EdgeKey { source: k.source.clone(), destination: k.destination.clone(), direction: k.direction })
                 .or_default();
-            let flows = s.total_requests() + s.tcp_connections;
+            let flows = s.flows();
             e.flows = e.flows.max(flows);
             e.errors = e.errors.max(s.errors);
             e.requests = e.requests.max(s.total_requests());

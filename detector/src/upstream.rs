@@ -102,6 +102,12 @@ const RATIOS: [Signal; 6] = [
 ];
 
 /// An upstream signal's place in the model's arrays.
+/// The upstream signals whose detection would repeat the access logs' `error_ratio` while
+/// that is on (the failures the access logs already count).
+fn repeats_access_logs(s: Signal) -> bool {
+    matches!(s, Signal::UpstreamErrorRatio | Signal::UpstreamTimeoutRatio | Signal::ConnectFailureRatio)
+}
+
 fn slot_of(s: Signal) -> usize {
     s.index().saturating_sub(Signal::CORE)
 }
@@ -155,11 +161,7 @@ impl UpstreamModel {
             {
                 v.hot = false;
             }
-            let repeats = logged_errors
-                && matches!(
-                    signal,
-                    Signal::UpstreamErrorRatio | Signal::UpstreamTimeoutRatio | Signal::ConnectFailureRatio
-                );
+            let repeats = logged_errors && repeats_access_logs(*signal);
             track(*signal, verdict, &mut self.history[i], &mut self.active[i], ready && !repeats, cfg, &mut step);
             self.last[i] = verdict;
         }
@@ -169,9 +171,7 @@ impl UpstreamModel {
         // access logs' never teaches.
         let hot_ratios = RATIOS.map(|s| {
             let i = slot_of(s);
-            let repeats = logged_errors
-                && matches!(s, Signal::UpstreamErrorRatio | Signal::UpstreamTimeoutRatio | Signal::ConnectFailureRatio);
-            if (ready && self.active[i]) || (repeats && hot(s)) {
+            if (ready && self.active[i]) || (logged_errors && repeats_access_logs(s) && hot(s)) {
                 Lesson::Detecting
             } else if hot(s) {
                 Lesson::Hot { n: cfg.n }
