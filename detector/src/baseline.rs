@@ -484,6 +484,10 @@ pub enum Lesson {
     /// A window of an active detection: it does not teach (and the hot windows before it,
     /// its start, never will).
     Detecting,
+    /// Not hot, but part of a rise that a longer span finds suspect: it teaches the spread,
+    /// but the level only if the rise lasts (`adapt_after` windows in a row), so that a slow
+    /// burst is judged before it is learnt.
+    Suspect,
 }
 
 /// The ratio a pair is assumed to have before its requests say otherwise (0.1 %)...
@@ -492,13 +496,14 @@ pub const PRIOR_RATIO: f64 = 0.001;
 pub const PRIOR_REQUESTS: f64 = 20.0;
 
 /// How much more a ratio's windows vary than a binomial's: the intra-window correlation ρ of
-/// a beta-binomial, `var(events) = n·p·q·(1 + (n − 1)·ρ)`. Learnt from `r = (e − n·p)² /
-/// (n·p·q)`, whose mean is `1 + (n − 1)·ρ`, as the ratio of the decayed means of `r − 1` and
-/// `n − 1`, less two standard errors (a low ratio's `r` is very noisy: chance alone must not
-/// widen its bands), over about a day of windows.
+/// a beta-binomial, `var(events) = n·p·q·(1 + (n − 1)·ρ)`. Learnt over about a day of windows
+/// as `Σ((e − n·p)² − n·p·q) / Σ(n − 1)·n·p·q` (each window weighs by its binomial variance,
+/// so that the many windows of a low ratio that hold no event do not drown the few that show
+/// its clusters), less one standard error, with `PRIOR_PAIRS` of binomial evidence before any
+/// window (the first events of a pair that never erred do not make it over-dispersed at once).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RatioSpread {
-    /// Decayed means of `n − 1`, `r − 1` and `(r − 1)²`.
+    /// Decayed means of `x = (n − 1)·n·p·q`, `y = (e − n·p)² − n·p·q` and `y²`.
     moments: [f64; 3],
     samples: u64,
     pub rho: f64,
@@ -508,13 +513,29 @@ pub struct RatioSpread {
 /// of a kind the ratio cannot judge.
 const MAX_RHO: f64 = 0.5;
 
+/// The binomial evidence a ratio's spread starts from, in units of `x` (about the expected
+/// number of pairs of events within windows): a pair needs at least this much traffic at its
+/// ratio before its own windows set ρ.
+const PRIOR_PAIRS: f64 = 30.0;
+
 impl RatioSpread {
+    /// A spread stored before its moments were weighted (`TRAILER_MAGIC_V3`): its ρ, taken as
+    /// a day of evidence once the next window gives it a scale.
+    pub fn migrated(rho: f64) -> RatioSpread {
+        RatioSpread { moments: [0.0; 3], samples: 0, rho: rho.clamp(0.0, MAX_RHO) }
+    }
+
     fn learn(&mut self, n: f64, e: f64, p: f64, memory: f64) {
         if n < 2.0 || p <= 0.0 || p >= 1.0 {
             return;
         }
-        let r = ((e - n * p).powi(2) / (n * p * (1.0 - p))).min(1e6);
-        let (x, y) = (n - 1.0, r - 1.0);
+        let v = n * p * (1.0 - p);
+        let (x, y) = ((n - 1.0) * v, ((e - n * p).powi(2) - v).min(1e6 * v));
+        if self.samples == 0 && self.rho > 0.0 {
+            // Migrated (`migrated`): the ρ learnt before stands for a day of windows like this one.
+            self.moments = [x, self.rho * x, (self.rho * x).powi(2)];
+            self.samples = memory as u64;
+        }
         let a = rate(self.samples, memory);
         for (m, v) in self.moments.iter_mut().zip([x, y, y * y]) {
             *m += a * (v - *m);
@@ -522,10 +543,12 @@ impl RatioSpread {
         self.samples += 1;
         let [mx, my, myy] = self.moments;
         let n_eff = (self.samples as f64).min(memory);
-        // Two standard errors of the windows seen: a few windows of errors on a pair that
-        // never erred (a change, or the first clusters) do not make it over-dispersed at once.
+        let mx = mx + PRIOR_PAIRS / n_eff;
+        // One standard error below the estimate: rare events make `y` very noisy, and an
+        // estimate held far below the truth pages on every cluster (too wide a band only
+        // costs a later detection).
         let se = ((myy - my * my).max(0.0) / n_eff).sqrt() / mx;
-        self.rho = (my / mx - 2.0 * se).clamp(0.0, MAX_RHO);
+        self.rho = (my / mx - se).clamp(0.0, MAX_RHO);
     }
 }
 
@@ -566,7 +589,9 @@ impl RatioBaseline {
             });
             due
         };
-        if teaches {
+        // A suspect window teaches the spread at once (clusters are what it must learn) and
+        // the level only if the rise lasts.
+        if teaches || lesson == Lesson::Suspect {
             self.spread.learn(total, events, self.expected(), memory);
         }
         for &(e, t) in &due {
@@ -952,9 +977,34 @@ pub(crate) mod tests {
             ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
         }
 
-        fn poisson(&mut self, lambda: f64) -> f64 {
+        fn normal(&mut self) -> f64 {
+            (-2.0 * self.uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.uniform()).cos()
+        }
+
+        /// Gamma of shape `a` (Marsaglia and Tsang; below 1 by boosting the shape).
+        fn gamma(&mut self, a: f64) -> f64 {
+            if a < 1.0 {
+                return self.gamma(a + 1.0) * self.uniform().powf(1.0 / a);
+            }
+            let d = a - 1.0 / 3.0;
+            let c = 1.0 / (9.0 * d).sqrt();
+            loop {
+                let x = self.normal();
+                let v = (1.0 + c * x).powi(3);
+                if v > 0.0 && self.uniform().ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+                    return d * v;
+                }
+            }
+        }
+
+        pub(crate) fn beta(&mut self, a: f64, b: f64) -> f64 {
+            let (x, y) = (self.gamma(a), self.gamma(b));
+            if x + y > 0.0 { x / (x + y) } else { a / (a + b) }
+        }
+
+        pub(crate) fn poisson(&mut self, lambda: f64) -> f64 {
             if lambda > 50.0 {
-                let z = (-2.0 * self.uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.uniform()).cos();
+                let z = self.normal();
                 return (lambda + z * lambda.sqrt()).round().max(0.0);
             }
             let (mut k, mut p, mut cdf, u) = (0.0, (-lambda).exp(), (-lambda).exp(), self.uniform());

@@ -347,6 +347,75 @@ pub struct PairModel {
     /// (see `to_bytes`).
     #[serde(skip)]
     slow: SlowMedian,
+    /// The ratios' evidence over spans longer than the ring. Stored in the trailer.
+    #[serde(skip)]
+    long: LongRatios,
+    /// Per ratio (errors, denials, rate limits): whether the latest window's long-span
+    /// evidence is suspect (see `LongRatios`). Not persisted.
+    #[serde(skip)]
+    suspect: [bool; 3],
+}
+
+/// The ratios' long spans, in blocks of `LongRatios` besides the ring: evidence that adds up
+/// over about 10, 30 and 60 minutes (at 10 s windows), for deviations too small or pairs too
+/// quiet to show within the ring.
+const LONG_SPANS: [usize; 3] = [1, 5, 11];
+
+/// A long span's tail probability below which its windows do not teach the ratio's level
+/// (while the ring shows the rise too), so that a slow burst is not learnt before it is judged.
+const SUSPECT_P: f64 = 1e-3;
+
+/// The windows that left the ring, in blocks of `BLOCK_MS` (the latest `LONG_SPANS`' most, and
+/// the one being filled): per block `Σn`, `Σn(n − 1)`, then the events of each ratio (errors,
+/// denials, rate limits). A long span is the ring, the open block and its latest blocks.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LongRatios {
+    blocks: VecDeque<[f64; 5]>,
+    open: [f64; 5],
+    open_windows: u32,
+    /// Per ratio, windows since its last detection was active: a long span never reaches back
+    /// into one (the errors of an incident that ended are not a new one).
+    since_detection: [u32; 3],
+}
+
+impl Default for LongRatios {
+    fn default() -> Self {
+        LongRatios { blocks: VecDeque::new(), open: [0.0; 5], open_windows: 0, since_detection: [u32::MAX; 3] }
+    }
+}
+
+impl LongRatios {
+    /// Adds a window that left the ring.
+    fn push(&mut self, o: &Obs, cadence: Cadence) {
+        let n = o.requests;
+        for (sum, x) in self.open.iter_mut().zip([n, n * (n - 1.0).max(0.0), o.errors, o.denied, o.rate_limited]) {
+            *sum += x;
+        }
+        self.open_windows += 1;
+        if self.open_windows >= cadence.count(BLOCK_MS).max(1) {
+            self.blocks.push_back(std::mem::take(&mut self.open));
+            self.open_windows = 0;
+            while self.blocks.len() > LONG_SPANS[LONG_SPANS.len() - 1] {
+                self.blocks.pop_front();
+            }
+        }
+    }
+
+    /// The open block and the latest `blocks`: (events of ratio `j`, requests, Σ n(n − 1),
+    /// windows), or `None` before that many blocks are complete.
+    fn evidence(&self, blocks: usize, j: usize, cadence: Cadence) -> Option<(f64, f64, f64, usize)> {
+        if self.blocks.len() < blocks {
+            return None;
+        }
+        let mut sum = self.open;
+        for b in self.blocks.iter().rev().take(blocks) {
+            for (s, x) in sum.iter_mut().zip(b) {
+                *s += x;
+            }
+        }
+        let windows = self.open_windows as usize + blocks * cadence.count(BLOCK_MS).max(1) as usize;
+        Some((sum[2 + j], sum[0], sum[1], windows))
+    }
 }
 
 /// A count baseline as `GET /api/v1/pairs/{id}` shows it, per second.
@@ -504,6 +573,8 @@ impl Default for PairModel {
             last: [None; 10],
             upstream: None,
             slow: SlowMedian::default(),
+            long: LongRatios::default(),
+            suspect: [false; 3],
         }
     }
 }
@@ -533,6 +604,7 @@ pub(crate) fn rate_verdict(
 const TRAILER_MAGIC: [u8; 4] = *b"MWt1";
 const TRAILER_MAGIC_V2: [u8; 4] = *b"MWt2";
 const TRAILER_MAGIC_V3: [u8; 4] = *b"MWt3";
+const TRAILER_MAGIC_V4: [u8; 4] = *b"MWt4";
 
 /// Whether a ratio's assessment over `scale` windows is hot: significant, at least 3 events,
 /// at least double the expected ratio and a point above it, and (over several windows) events
@@ -553,6 +625,16 @@ pub(crate) fn ratio_hot(
         && (scale == 1 || windows_with_events >= cfg.k as usize)
 }
 
+/// The slot of an access-log ratio among errors, denials and rate limits.
+fn ratio_slot(signal: Signal) -> Option<usize> {
+    match signal {
+        Signal::ErrorRatio => Some(0),
+        Signal::DenialRatio => Some(1),
+        Signal::RateLimitRatio => Some(2),
+        _ => None,
+    }
+}
+
 /// Whether a latency assessment is hot: significant, and at least ×1.4.
 fn latency_hot(a: &Assessment, cfg: &DetectorConfig) -> bool {
     a.p_value < cfg.threshold_p && a.high && a.observed >= 1.4 * a.expected
@@ -567,9 +649,10 @@ impl PairModel {
     /// The model as bytes, for the store; `from_bytes` gives back a model that scores and
     /// learns exactly as this one. The upstream model follows the rest, so that bytes written
     /// before it existed still read (as a model without one); then a trailer, its length and
-    /// a magic: `TRAILER_MAGIC_V3`, the half-hour median, the rate baselines' learnt spreads
-    /// and the ratio baselines' learnt over-dispersion. Older bytes still read:
-    /// `TRAILER_MAGIC_V2` (no over-dispersion: ratios start binomial), `TRAILER_MAGIC` (the
+    /// a magic: `TRAILER_MAGIC_V4`, the half-hour median, the rate baselines' learnt spreads,
+    /// the ratio baselines' learnt over-dispersion and the ratios' long spans. Older bytes
+    /// still read: `TRAILER_MAGIC_V3` (no long spans, and the over-dispersion's moments in
+    /// older units: its ρ is kept, `RatioSpread::migrated`), `TRAILER_MAGIC_V2` (no over-dispersion: ratios start binomial), `TRAILER_MAGIC` (the
     /// half-hour median alone; spreads start from the stored dispersion) and, before any
     /// trailer, bytes that end with a flag (0 or 1), never with a magic.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -577,10 +660,11 @@ impl PairModel {
         if let Some(u) = &self.upstream {
             bytes.extend(postcard::to_stdvec(u.as_ref()).unwrap_or_default());
         }
-        let trailer = postcard::to_stdvec(&(&self.slow, self.spreads(), self.ratio_spreads())).unwrap_or_default();
+        let trailer =
+            postcard::to_stdvec(&(&self.slow, self.spreads(), self.ratio_spreads(), &self.long)).unwrap_or_default();
         bytes.extend(&trailer);
         bytes.extend((trailer.len() as u32).to_le_bytes());
-        bytes.extend(TRAILER_MAGIC_V3);
+        bytes.extend(TRAILER_MAGIC_V4);
         bytes
     }
 
@@ -641,19 +725,25 @@ impl PairModel {
         }
         type Spreads = [Option<LearntSpread>; 4];
         type RatioSpreads = [Option<RatioSpread>; 9];
-        let (bytes, slow, spreads, ratio_spreads) = if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V3) {
+        let (bytes, slow, spreads, ratio_spreads, long) = if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V4) {
+            let (rest, t) = trailer(rest)?;
+            let (slow, spreads, ratios, long): (SlowMedian, Spreads, RatioSpreads, LongRatios) =
+                postcard::from_bytes(t).ok()?;
+            (rest, slow, Some(spreads), ratios, long)
+        } else if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V3) {
             let (rest, t) = trailer(rest)?;
             let (slow, spreads, ratios): (SlowMedian, Spreads, RatioSpreads) = postcard::from_bytes(t).ok()?;
-            (rest, slow, Some(spreads), ratios)
+            let ratios = ratios.map(|r| r.map(|r| RatioSpread::migrated(r.rho)));
+            (rest, slow, Some(spreads), ratios, LongRatios::default())
         } else if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V2) {
             let (rest, t) = trailer(rest)?;
             let (slow, spreads): (SlowMedian, Spreads) = postcard::from_bytes(t).ok()?;
-            (rest, slow, Some(spreads), Default::default())
+            (rest, slow, Some(spreads), Default::default(), LongRatios::default())
         } else if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC) {
             let (rest, t) = trailer(rest)?;
-            (rest, postcard::from_bytes(t).ok()?, None, Default::default())
+            (rest, postcard::from_bytes(t).ok()?, None, Default::default(), LongRatios::default())
         } else {
-            (bytes, SlowMedian::default(), None, Default::default())
+            (bytes, SlowMedian::default(), None, Default::default(), LongRatios::default())
         };
         let (mut model, rest): (PairModel, _) = postcard::take_from_bytes(bytes).ok()?;
         if !rest.is_empty() {
@@ -664,6 +754,7 @@ impl PairModel {
             model.upstream = Some(Box::new(upstream));
         }
         model.slow = slow;
+        model.long = long;
         for (baseline, spread) in model.ratio_baselines().into_iter().zip(ratio_spreads) {
             if let (Some(b), Some(spread)) = (baseline, spread) {
                 b.spread = spread;
@@ -761,6 +852,17 @@ impl PairModel {
         self.last.iter().flatten().chain(self.upstream.iter().flat_map(|u| u.last_verdicts()))
     }
 
+    /// Marks the detection of `s` active (see `Detector::restore`): it ends as any does.
+    pub fn resume(&mut self, s: Signal) {
+        if s.is_upstream() {
+            if let Some(u) = self.upstream.as_deref_mut() {
+                u.resume(s);
+            }
+        } else {
+            self.active[s.index()] = true;
+        }
+    }
+
     pub fn is_active(&self, s: Signal) -> bool {
         if s.is_upstream() {
             return self.upstream.as_ref().is_some_and(|u| u.is_active(s));
@@ -788,8 +890,10 @@ impl PairModel {
             requests_expected: self.requests.expected(t_ms, cfg.cadence),
             connections_expected: self.connections.expected(t_ms, cfg.cadence),
         };
-        if self.ring.len() == RING {
-            self.ring.pop_front();
+        if self.ring.len() == RING
+            && let Some(left) = self.ring.pop_front()
+        {
+            self.long.push(&left.obs, cfg.cadence);
         }
         self.ring.push_back(slot);
         self.slow.push(obs, cfg.cadence);
@@ -803,6 +907,10 @@ impl PairModel {
             let verdict = self.assess(*signal, cfg);
             let i = signal.index();
             track(*signal, verdict, &mut self.history[i], &mut self.active[i], ready, cfg, &mut step);
+            if let Some(j) = ratio_slot(*signal) {
+                let since = &mut self.long.since_detection[j];
+                *since = if self.active[i] { 0 } else { since.saturating_add(1) };
+            }
             self.last[i] = verdict;
         }
         self.learn(obs, t_ms, cfg);
@@ -821,10 +929,12 @@ impl PairModel {
         let ready = !self.learning(cfg);
         let hot = |s: Signal| ready && self.hot_now(s);
         // A ratio's hot window teaches later if it started no detection (see `Lesson`).
-        let lesson = |s: Signal| match (ready && self.active[s.index()], hot(s)) {
-            (true, _) => Lesson::Detecting,
-            (false, true) => Lesson::Hot { n: cfg.n },
-            (false, false) => Lesson::Normal,
+        let suspect = |s: Signal| ready && ratio_slot(s).is_some_and(|j| self.suspect[j]);
+        let lesson = |s: Signal| match (ready && self.active[s.index()], hot(s), suspect(s)) {
+            (true, _, _) => Lesson::Detecting,
+            (false, true, _) => Lesson::Hot { n: cfg.n },
+            (false, false, true) => Lesson::Suspect,
+            (false, false, false) => Lesson::Normal,
         };
         let (h_req, h_conn, h_err, h_den, h_rl) = (
             hot(Signal::RequestRate),
@@ -883,7 +993,7 @@ impl PairModel {
     }
 
     /// The verdict of `signal` at the scale where it is most significant.
-    fn assess(&self, signal: Signal, cfg: &DetectorConfig) -> Option<Verdict> {
+    fn assess(&mut self, signal: Signal, cfg: &DetectorConfig) -> Option<Verdict> {
         let mut best: Option<Verdict> = None;
         for scale in cfg.cadence.scales(RING) {
             if scale > self.ring.len() {
@@ -904,10 +1014,51 @@ impl PairModel {
             v.sustained = v.hot && scale >= cfg.n as usize && self.seen_alone(&v, cfg);
             keep_better(&mut best, v);
         }
+        if let Some(j) = ratio_slot(signal) {
+            self.suspect[j] = false;
+            if self.ring.len() == RING {
+                for blocks in LONG_SPANS {
+                    if let Some(v) = self.assess_long(signal, j, blocks, cfg) {
+                        self.suspect[j] |= v.assessment.p_value < SUSPECT_P;
+                        keep_better(&mut best, v);
+                    }
+                }
+            }
+        }
         if signal == Signal::LatencyP50 && best.is_none() {
             best = self.assess_slow_median(cfg);
         }
         best
+    }
+
+    /// Ratio `signal` (slot `j`) over the ring and the latest `blocks` of `LongRatios`: only a
+    /// rise that the ring still shows (at least double the expected ratio, in two of its
+    /// windows) counts, so that a burst that has ended, or one cluster, does not stay
+    /// significant for as long as it is in the span.
+    fn assess_long(&self, signal: Signal, j: usize, blocks: usize, cfg: &DetectorConfig) -> Option<Verdict> {
+        let baseline = [&self.errors, &self.denials, &self.rate_limits][j];
+        let (mut events, mut total, mut pairs, windows) = self.long.evidence(blocks, j, cfg.cadence)?;
+        if (self.ring.len() + windows) as u64 > u64::from(self.long.since_detection[j]) {
+            return None;
+        }
+        let (mut ring_events, mut ring_total, mut with_events) = (0.0, 0.0, 0);
+        for s in &self.ring {
+            let (e, n) = (s.obs.events(signal), s.obs.requests);
+            ring_events += e;
+            ring_total += n;
+            pairs += n * (n - 1.0).max(0.0);
+            with_events += usize::from(e > 0.0);
+        }
+        events += ring_events;
+        total += ring_total;
+        let p0 = baseline.expected();
+        if events <= p0 * total || with_events < cfg.k as usize || ring_events < 2.0 * p0 * ring_total {
+            return None;
+        }
+        let a = baseline.assess(events as u64, total as u64, pairs, cfg.threshold_p)?;
+        let hot = ratio_hot(&a, events, with_events, 1, cfg);
+        let scale = self.ring.len() + windows;
+        Some(Verdict { signal, assessment: a, scale, hot, sustained: false, kind: signal.as_str() })
     }
 
     /// The median over the last half hour, for a pair that did not have enough requests to
@@ -1174,6 +1325,32 @@ mod tests {
     }
 
     #[test]
+    fn rare_errors_in_clusters_learn_their_spread_and_page_nothing_until_a_burst() {
+        // 30 requests a window in bursts of 8, errors at 0.1 % with ρ = 0.1 (a window's ratio
+        // drawn from a Beta): most windows hold no error, and one in a few hundred holds
+        // several. Three days of it, then ten minutes of a dependency failing 5 % of the
+        // requests.
+        let cfg = DetectorConfig::default();
+        let mut draws = Draws(0x2545_f491_4f6c_dd1d);
+        let mut m = PairModel::default();
+        let window = |m: &mut PairModel, i: i64, ratio: f64, rho: f64, draws: &mut Draws| {
+            let n: f64 = (0..draws.poisson(30.0 / 8.0) as usize).map(|_| 1.0 + draws.poisson(7.0)).sum();
+            let c = (1.0 - rho) / rho;
+            let p = if rho > 0.0 { draws.beta(ratio * c, (1.0 - ratio) * c) } else { ratio };
+            let o =
+                Obs { requests: n, errors: draws.binomial(n as u64, p), latency: [10.0, 10.5, 11.0], ..Obs::zero() };
+            m.observe(&o, i * W, &cfg).fired.into_iter().filter(|v| v.signal == Signal::ErrorRatio).count()
+        };
+        let fired: usize = (0..3 * 8_640).map(|i| window(&mut m, i, 0.001, 0.1, &mut draws)).sum();
+        assert!((0.05..0.2).contains(&m.errors.spread.rho), "{:?}", m.errors.spread);
+        assert_eq!(fired, 0, "error-ratio detections on ordinary clusters");
+        // Judged against clusters of 30 %, 5 % takes more than the ring's five minutes: the
+        // long spans add it up.
+        let burst: usize = (3 * 8_640..3 * 8_640 + 60).map(|i| window(&mut m, i, 0.05, 0.0, &mut draws)).sum();
+        assert!(burst >= 1, "ten minutes at 5 % is a detection");
+    }
+
+    #[test]
     fn independent_errors_learn_no_over_dispersion() {
         let cfg = test_config();
         let mut draws = Draws(0x9e37_79b9);
@@ -1252,7 +1429,19 @@ mod tests {
         for i in 2_000..2_004 {
             let mut o = steady(i);
             o.errors = (o.requests * 0.05).round();
-            fired.extend(m.observe(&o, i * W, &cfg).fired);
+            let st = m.observe(&o, i * W, &cfg);
+            eprintln!(
+                "{} {} rho {} p {:?}",
+                o.errors,
+                o.requests,
+                m.errors.spread.rho,
+                st.verdicts
+                    .iter()
+                    .filter(|v| v.signal == Signal::ErrorRatio)
+                    .map(|v| (v.scale, v.assessment.p_value, v.hot))
+                    .collect::<Vec<_>>()
+            );
+            fired.extend(st.fired);
         }
         assert!(fired.iter().any(|v| v.signal == Signal::ErrorRatio), "{fired:?}");
     }
@@ -1373,7 +1562,8 @@ mod tests {
         assert_eq!(restored.to_bytes(), m.to_bytes());
         assert_eq!(PairModel::from_bytes(&m.to_bytes()[..m.to_bytes().len() - 1]), None);
         // Bytes from before the half-hour median existed (no trailer) read with an empty one.
-        let trailer = postcard::to_stdvec(&(&m.slow, m.spreads(), m.ratio_spreads())).expect("encodes").len() + 8;
+        let trailer =
+            postcard::to_stdvec(&(&m.slow, m.spreads(), m.ratio_spreads(), &m.long)).expect("encodes").len() + 8;
         let bytes = m.to_bytes();
         let body = &bytes[..bytes.len() - trailer];
         let legacy = PairModel::from_bytes(body).expect("legacy bytes decode");
@@ -1403,6 +1593,16 @@ mod tests {
         assert_eq!(before_ratios.requests.spread, m.requests.spread);
         assert_eq!(before_ratios.errors.spread, RatioSpread::default());
         assert_eq!((before_ratios.errors.events, before_ratios.errors.total), (m.errors.events, m.errors.total));
+        // Bytes with the third trailer (over-dispersion in older units) keep its ρ alone.
+        m.errors.spread = RatioSpread::migrated(0.1);
+        let mut old = body.to_vec();
+        let t3 = postcard::to_stdvec(&(&m.slow, m.spreads(), m.ratio_spreads())).expect("encodes");
+        old.extend(&t3);
+        old.extend((t3.len() as u32).to_le_bytes());
+        old.extend(TRAILER_MAGIC_V3);
+        let before_weights = PairModel::from_bytes(&old).expect("third-trailer bytes decode");
+        assert_eq!(before_weights.errors.spread, RatioSpread::migrated(0.1));
+        assert_eq!(before_weights.requests.spread, m.requests.spread);
     }
 
     /// A window of `n` requests whose latencies are log-normal (median 20 ms, log-sd 0.5),

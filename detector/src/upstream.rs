@@ -121,6 +121,12 @@ impl UpstreamModel {
         self.last.iter().flatten()
     }
 
+    pub fn resume(&mut self, s: Signal) {
+        if s.is_upstream() {
+            self.active[slot_of(s)] = true;
+        }
+    }
+
     pub fn is_active(&self, s: Signal) -> bool {
         s.is_upstream() && self.active[slot_of(s)]
     }
