@@ -102,7 +102,7 @@ fn main() {
     let store = Store::open(&dir).unwrap();
     let t = Instant::now();
     let checkpoint = detector.checkpoint();
-    store.save_checkpoint(&checkpoint).unwrap();
+    store.save_checkpoint(&checkpoint, &[]).unwrap();
     store.flush().unwrap();
     println!("checkpoint of {PAIRS} models to sled: {:.2} s", t.elapsed().as_secs_f64());
     drop((store, detector, checkpoint));

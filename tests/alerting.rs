@@ -77,6 +77,17 @@ external_url = "http://meshwatch.example:9978"
     replay_files(dir, scenario, &settings)
 }
 
+/// `SCENARIO` with one signed webhook receiver, `hook`, and a data directory in `dir`: the
+/// scenario, the config and the environment to start meshwatch with.
+fn with_webhook(dir: &Path, hook: &Recorder) -> (PathBuf, PathBuf, [(&'static str, String); 1]) {
+    let receivers = format!(
+        "[[alerting.receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"{}/hook\"\nsecret = \"k\"\n",
+        hook.url()
+    );
+    let (scenario_path, config) = setup(dir, SCENARIO, "", &receivers);
+    (scenario_path, config, [("MESHWATCH_DATA_DIR", dir.join("data").display().to_string())])
+}
+
 fn simulate(scenario: &Path, mw: &Meshwatch, rate: &str) {
     simulate_into(mw, scenario, &["--rate", rate, "--clock", "simulated"]);
 }
@@ -219,12 +230,7 @@ async fn alertmanager_gets_one_firing_and_one_resolved_notification_per_incident
 async fn a_receiver_down_across_a_restart_gets_every_notification_in_order() {
     let dir = TempDir::new("alerting-outbox");
     let hook = Recorder::start(Answer::Status(503, Some(0))).await;
-    let receivers = format!(
-        "[[alerting.receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"{}/hook\"\nsecret = \"k\"\n",
-        hook.url()
-    );
-    let (scenario_path, config) = setup(dir.path(), SCENARIO, "", &receivers);
-    let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
+    let (scenario_path, config, env) = with_webhook(dir.path(), &hook);
     let mw = Meshwatch::start(&config, &env);
     simulate(&scenario_path, &mw, "max");
     // Firing and resolved for the downgrade, firing for the new edge: queued, failing.
@@ -267,6 +273,63 @@ async fn a_receiver_down_across_a_restart_gets_every_notification_in_order() {
     let v: serde_json::Value = serde_json::from_str(&alerts).unwrap();
     let firing: Vec<_> = v["alerts"].as_array().unwrap().iter().map(|a| a["labels"]["kind"].clone()).collect();
     assert_eq!(firing, vec![serde_json::json!("new_edge")], "{alerts}");
+    assert!(mw.stop().success());
+}
+
+/// Per alert fingerprint, its statuses in the order received, repeats collapsed: one firing
+/// cycle is `["firing"]` or `["firing", "resolved"]`.
+fn cycles(got: &[(String, String, String)]) -> std::collections::BTreeMap<(String, String), Vec<String>> {
+    let mut out: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
+    for (fingerprint, kind, status) in got {
+        let seen = out.entry((kind.clone(), fingerprint.clone())).or_default();
+        if seen.last() != Some(status) {
+            seen.push(status.clone());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_notifications_neither_starts_a_firing_cycle_again_nor_reuses_ids() {
+    let dir = TempDir::new("alerting-crash");
+    let hook = Recorder::start(Answer::Status(200, None)).await;
+    let (scenario_path, config, env) = with_webhook(dir.path(), &hook);
+    let mw = Meshwatch::start(&config, &env);
+    // The hour in a second or two: the downgrade fires and ends, the new edge fires, all
+    // within the few seconds that checkpoints of the models are spaced by.
+    simulate(&scenario_path, &mw, "max");
+    let taken = hook.until(Duration::from_secs(20), |t| t.len() >= 3).await;
+    let before = cycles(&statuses(&taken));
+    let kinds: Vec<_> = before.iter().map(|((k, _), s)| (k.as_str(), s.join(","))).collect();
+    assert_eq!(
+        kinds,
+        vec![("mtls_downgrade", "firing,resolved".to_string()), ("new_edge", "firing".to_string())],
+        "{}",
+        mw.logs()
+    );
+    let url = |r: &Recorded| r.json()["annotations"]["detection_url"].as_str().map(str::to_string);
+    let urls_before: std::collections::BTreeSet<_> = taken.iter().filter_map(url).collect();
+    mw.kill();
+
+    let mw = Meshwatch::start(&config, &env);
+    // Alerts are brought up to date every second: a few rounds of them.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let all = hook.taken();
+    let after = cycles(&statuses(&all));
+    assert_eq!(after, before, "no alert started again or ended early after the crash:\n{}", mw.logs());
+    // Each delivered detection link still names the detection it was sent for.
+    let urls: std::collections::BTreeSet<_> = all.iter().filter_map(url).collect();
+    assert_eq!(urls, urls_before);
+    let (_, body) = http_get(mw.http, "/api/v1/anomalies").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let state: Vec<(String, bool)> = v["anomalies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["kind"].as_str().unwrap().to_string(), a["ended_ms"].is_null()))
+        .collect();
+    assert!(state.contains(&("mtls_downgrade".to_string(), false)), "{body}");
+    assert!(state.contains(&("new_edge".to_string(), true)), "{body}");
     assert!(mw.stop().success());
 }
 
@@ -349,7 +412,24 @@ kinds = ["mtls_*"]
     );
     assert_eq!(http_send(mw.http, "POST", "/api/v1/silences", None, &good).await.0, 401);
     assert_eq!(http_send(mw.http, "POST", "/api/v1/silences", Some("wrong"), &good).await.0, 401);
+    let long_comment = format!(
+        r#"{{"matchers":[{{"name":"kind","value":"x"}}],"endsAt":"2030-01-01T00:00:00Z","createdBy":"a","comment":"{}"}}"#,
+        "c".repeat(1 << 20)
+    );
+    let many = vec![r#"{"name":"kind","value":"x"}"#; 100].join(",");
+    let many_matchers =
+        format!(r#"{{"matchers":[{many}],"endsAt":"2030-01-01T00:00:00Z","createdBy":"a","comment":"c"}}"#);
     for (bad, why) in [
+        (long_comment.as_str(), "comment: 1048576 bytes, at most 4096"),
+        (many_matchers.as_str(), "matchers: 100, at most 32"),
+        (
+            r#"{"matchers":[{"name":"kind","value":"x"}],"endsAt":"2030-01-01T00:00:00Z","createdBy":"a\u0000b","comment":"c"}"#,
+            "createdBy: control characters",
+        ),
+        (
+            r#"{"matchers":[{"name":"kind","value":"x"}],"endsAt":"2030-01-01T00:00:00+99:99","createdBy":"a","comment":"c"}"#,
+            "RFC 3339",
+        ),
         ("not json", "not a silence"),
         (r#"{"matchers":[],"endsAt":"2030-01-01T00:00:00Z","createdBy":"a","comment":"c"}"#, "matchers"),
         (

@@ -185,12 +185,16 @@ pub(crate) fn unknown_method() -> BoxFuture<http::Response<Body>, Infallible> {
     Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) })
 }
 
-/// How a stream that ended with an error is counted: `too_large` (a message over the size
-/// limit) or `stream_error`.
-pub(crate) fn stream_error_reason(status: &Status) -> &'static str {
+/// How a stream that ended with an error is counted — `too_large` (a message over the size
+/// limit) or `stream_error` — and the status it ends with: a message over the limit is
+/// `RESOURCE_EXHAUSTED`, as gRPC says of a message larger than the receiver accepts (tonic's
+/// decoder says `OUT_OF_RANGE`).
+pub(crate) fn stream_error(status: Status) -> (&'static str, Status) {
     match status.code() {
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "too_large",
-        _ => "stream_error",
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            ("too_large", Status::resource_exhausted(status.message().to_string()))
+        }
+        _ => ("stream_error", status),
     }
 }
 
@@ -397,7 +401,7 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
             }
             Ok(None) => return Ok(()),
             Err(status) => {
-                let reason = stream_error_reason(&status);
+                let (reason, status) = stream_error(status);
                 m.all.messages_rejected.with_label_values(&[reason]).inc();
                 debug!(%status, reason, "access-log stream ended with an error");
                 return Err(status);

@@ -14,9 +14,7 @@ use tonic::server::ClientStreamingService;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
-use crate::als::{
-    AlsConfig, Next, OpenStream, next_message, raw_grpc, raw_grpc_service, send_or_drop, stream_error_reason,
-};
+use crate::als::{AlsConfig, Next, OpenStream, next_message, raw_grpc, raw_grpc_service, send_or_drop, stream_error};
 use crate::decode::Rejection;
 use crate::envoy_stats::{CounterBook, STREAM_METRICS_PATH, StatsConfig, StatsStream, StatsTally};
 use crate::identity::MeshConfig;
@@ -97,7 +95,7 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Ok(()),
             Err(status) => {
-                let reason = stream_error_reason(&status);
+                let (reason, status) = stream_error(status);
                 m.messages_rejected.with_label_values(&[reason]).inc();
                 debug!(%status, reason, "stats stream ended with an error");
                 return Err(status);

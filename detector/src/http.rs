@@ -310,26 +310,58 @@ struct NewSilence {
     comment: String,
 }
 
+/// Limits of a silence's fields, in bytes (and of its matchers, in number).
+const SILENCE_MAX_MATCHERS: usize = 32;
+const SILENCE_MAX_NAME: usize = 128;
+const SILENCE_MAX_VALUE: usize = 1_024;
+const SILENCE_MAX_CREATED_BY: usize = 256;
+const SILENCE_MAX_COMMENT: usize = 4_096;
+/// Silences kept (active, pending and expired within `SILENCE_RETENTION_MS`).
+pub const MAX_SILENCES: usize = 1_000;
+/// How long an expired silence stays listed before it is purged (Alertmanager keeps five days).
+pub const SILENCE_RETENTION_MS: i64 = 5 * 86_400_000;
+
+/// A problem with a text field: over `max` bytes, or holding control characters.
+fn text_problem(what: &str, value: &str, max: usize) -> Option<String> {
+    if value.len() > max {
+        Some(format!("{what}: {} bytes, at most {max}", value.len()))
+    } else if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        Some(format!("{what}: control characters"))
+    } else {
+        None
+    }
+}
+
 fn validate_silence(body: &[u8]) -> Result<crate::alert::Silence, String> {
     let new: NewSilence = serde_json::from_slice(body).map_err(|e| format!("not a silence: {e}"))?;
     let mut problems = Vec::new();
     if new.matchers.is_empty() {
         problems.push("matchers: at least one".to_string());
     }
-    for (i, m) in new.matchers.iter().enumerate() {
+    if new.matchers.len() > SILENCE_MAX_MATCHERS {
+        problems.push(format!("matchers: {}, at most {SILENCE_MAX_MATCHERS}", new.matchers.len()));
+    }
+    for (i, m) in new.matchers.iter().enumerate().take(SILENCE_MAX_MATCHERS) {
         if m.name.is_empty() {
             problems.push(format!("matchers[{i}].name: empty"));
         }
-        if m.is_regex && regex::Regex::new(&m.value).is_err() {
+        problems.extend(text_problem(&format!("matchers[{i}].name"), &m.name, SILENCE_MAX_NAME));
+        problems.extend(text_problem(&format!("matchers[{i}].value"), &m.value, SILENCE_MAX_VALUE));
+        if m.is_regex
+            && m.value.len() <= SILENCE_MAX_VALUE
+            && regex::RegexBuilder::new(&m.value).size_limit(1 << 20).build().is_err()
+        {
             problems.push(format!("matchers[{i}].value: `{}` is not a regular expression", m.value));
         }
     }
     if new.created_by.trim().is_empty() {
         problems.push("createdBy: empty".into());
     }
+    problems.extend(text_problem("createdBy", &new.created_by, SILENCE_MAX_CREATED_BY));
     if new.comment.trim().is_empty() {
         problems.push("comment: empty".into());
     }
+    problems.extend(text_problem("comment", &new.comment, SILENCE_MAX_COMMENT));
     let now = wall_clock_ms();
     let starts = match new.starts_at.as_deref().map(crate::timefmt::parse_ms) {
         None => now,
@@ -363,16 +395,32 @@ fn validate_silence(body: &[u8]) -> Result<crate::alert::Silence, String> {
     })
 }
 
-/// Saves a silence; the error response if that failed.
+/// Saves a silence, purging those expired for longer than `SILENCE_RETENTION_MS`; the error
+/// response if that failed, or if `MAX_SILENCES` are kept already.
 async fn save_silence(state: &AppState, silence: crate::alert::Silence) -> Option<Response> {
+    let now = wall_clock_ms();
+    let (purged, kept) = {
+        let d = crate::lock(&state.detector);
+        let others = || d.silences.iter().filter(|s| s.id != silence.id);
+        let purged: Vec<String> =
+            others().filter(|s| s.ends_at_ms < now - SILENCE_RETENTION_MS).map(|s| s.id.clone()).collect();
+        let kept = others().count() - purged.len();
+        (purged, kept)
+    };
+    if kept >= MAX_SILENCES {
+        return Some(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{kept} silences are kept already (at most {MAX_SILENCES}): expire some"),
+        ));
+    }
     if let Some(store) = state.store.clone() {
-        let s = silence.clone();
-        if !matches!(tokio::task::spawn_blocking(move || store.save_silence(&s)).await, Ok(Ok(()))) {
+        let (s, p) = (silence.clone(), purged.clone());
+        if !matches!(tokio::task::spawn_blocking(move || store.save_silence(&s, &p)).await, Ok(Ok(()))) {
             return Some(error(StatusCode::INTERNAL_SERVER_ERROR, "cannot save the silence"));
         }
     }
     let mut d = crate::lock(&state.detector);
-    d.silences.retain(|x| x.id != silence.id);
+    d.silences.retain(|x| x.id != silence.id && !purged.contains(&x.id));
     d.silences.push(silence);
     None
 }
@@ -585,6 +633,43 @@ mod tests {
             .expect("register");
         let detector = Arc::new(Mutex::new(Detector::new(crate::model::DetectorConfig::default(), 10_000)));
         AppState { registry, pairs, detector, ready: Arc::new(AtomicBool::new(false)), store: None, api_token: None }
+    }
+
+    #[tokio::test]
+    async fn silences_expired_for_five_days_are_purged_and_their_number_is_capped() {
+        let s = AppState { api_token: Some("t".into()), ..state() };
+        let now = wall_clock_ms();
+        let silence = |id: &str, ends_at_ms: i64| crate::alert::Silence {
+            id: id.into(),
+            matchers: Vec::new(),
+            starts_at_ms: 0,
+            ends_at_ms,
+            created_by: "ops".into(),
+            comment: "c".into(),
+        };
+        {
+            let mut d = crate::lock(&s.detector);
+            d.silences.push(silence("old", now - SILENCE_RETENTION_MS - 1_000));
+            d.silences.push(silence("recent", now - 1_000));
+        }
+        let body = format!(
+            r#"{{"matchers":[{{"name":"kind","value":"x"}}],"endsAt":"{}","createdBy":"ops","comment":"c"}}"#,
+            crate::timefmt::format_ms(now + 60_000)
+        );
+        let post = |s: &AppState| {
+            router(s.clone()).oneshot(
+                Request::post("/api/v1/silences")
+                    .header(header::AUTHORIZATION, "Bearer t")
+                    .body(Body::from(body.clone()))
+                    .expect("request"),
+            )
+        };
+        assert_eq!(post(&s).await.expect("response").status(), StatusCode::OK);
+        let ids: Vec<String> = crate::lock(&s.detector).silences.iter().map(|x| x.id.clone()).collect();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert!(ids.contains(&"recent".to_string()) && !ids.contains(&"old".to_string()), "{ids:?}");
+        crate::lock(&s.detector).silences.extend((0..MAX_SILENCES).map(|i| silence(&i.to_string(), now + 60_000)));
+        assert_eq!(post(&s).await.expect("response").status(), StatusCode::TOO_MANY_REQUESTS);
     }
 
     async fn get(app: Router, uri: &str) -> (StatusCode, String) {

@@ -43,58 +43,77 @@ pub fn lock(detector: &Mutex<Detector>) -> std::sync::MutexGuard<'_, Detector> {
     detector.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn persist(
-    store: &Store,
-    records: Vec<meshwatch_proto::v1::PairRecord>,
-    evicted: Vec<PairKey>,
-    checkpoint: Option<Checkpoint>,
-) {
-    let s = store.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        s.remove_pairs(&evicted)?;
-        s.save_pairs(&records)?;
-        if let Some(c) = checkpoint {
-            s.save_checkpoint(&c)?;
-        }
-        Ok::<(), store::StoreError>(())
-    })
-    .await;
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => error!(error = %e, "cannot persist detector state"),
-        Err(e) => error!(error = %e, "persistence task failed"),
-    }
-}
-
 /// Where notifications go: the receivers, and how to wake the task that sends to each.
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
     pub receivers: Vec<(notify::Receiver, Arc<tokio::sync::Notify>)>,
 }
 
-/// Brings the alerts up to date and queues what is due, durably, then wakes the senders.
-async fn alert(detector: &Mutex<Detector>, store: &Store, routes: &Routes) {
-    let (items, state) = {
-        let mut d = lock(detector);
+/// What one step of the detector writes: changed pair records, evicted pairs, a checkpoint,
+/// and the notifications due with the state they came from.
+#[derive(Default)]
+struct Writes {
+    records: Vec<meshwatch_proto::v1::PairRecord>,
+    evicted: Vec<PairKey>,
+    checkpoint: Option<Checkpoint>,
+    queued: Vec<(String, alert::Notification)>,
+    /// Whether the alerts changed: their state must be written with `queued`.
+    alerts_changed: bool,
+    /// The state to queue with, when there is no checkpoint to carry it (`finish`).
+    state: Option<score::State>,
+}
+
+impl Writes {
+    /// Brings the alerts up to date: when any changed, the notifications due, routed to the
+    /// receivers that want them.
+    fn alerts(&mut self, d: &mut Detector, routes: &Routes) {
         let due = d.update_alerts(wall_clock_ms());
-        if due.is_empty() {
+        self.alerts_changed |= !due.is_empty();
+        self.queued.extend(due.iter().flat_map(|n| {
+            routes.receivers.iter().filter(|(r, _)| r.wants(n)).map(|(r, _)| (r.name.clone(), n.clone()))
+        }));
+    }
+
+    /// Takes the state that changed alerts are written with, unless a checkpoint carries it.
+    fn finish(mut self, d: &Detector) -> Writes {
+        if self.alerts_changed && self.checkpoint.is_none() {
+            self.state = Some(d.state());
+        }
+        self
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.evicted.is_empty() && self.checkpoint.is_none() && self.state.is_none()
+    }
+
+    /// Writes it all (one transaction for the state and the queue), then wakes the senders.
+    async fn write(self, store: &Store, routes: &Routes) {
+        if self.is_empty() {
             return;
         }
-        let items: Vec<(String, alert::Notification)> = due
-            .iter()
-            .flat_map(|n| routes.receivers.iter().filter(|(r, _)| r.wants(n)).map(|(r, _)| (r.name.clone(), n.clone())))
-            .collect();
-        (items, d.alerts.to_bytes())
-    };
-    let s = store.clone();
-    let queued = items.len();
-    match tokio::task::spawn_blocking(move || s.enqueue(&items, &state)).await {
-        Ok(Ok(())) => debug!(queued, "notifications queued"),
-        Ok(Err(e)) => error!(error = %e, "cannot queue notifications"),
-        Err(e) => error!(error = %e, "queueing task failed"),
-    }
-    for (_, wake) in &routes.receivers {
-        wake.notify_one();
+        let queued = self.queued.len();
+        let s = store.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            s.remove_pairs(&self.evicted)?;
+            s.save_pairs(&self.records)?;
+            match (&self.checkpoint, &self.state) {
+                (Some(c), _) => s.save_checkpoint(c, &self.queued)?,
+                (None, Some(state)) => s.enqueue(&self.queued, state)?,
+                (None, None) => {}
+            }
+            Ok::<(), store::StoreError>(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => debug!(queued, "detector state written"),
+            Ok(Err(e)) => error!(error = %e, "cannot persist detector state"),
+            Err(e) => error!(error = %e, "persistence task failed"),
+        }
+        if queued > 0 {
+            for (_, wake) in &routes.receivers {
+                wake.notify_one();
+            }
+        }
     }
 }
 
@@ -120,7 +139,13 @@ pub async fn run(
                 None => break,
             },
             _ = tick.tick() => {
-                alert(&detector, &store, &routes).await;
+                let writes = {
+                    let mut d = lock(&detector);
+                    let mut writes = Writes::default();
+                    writes.alerts(&mut d, &routes);
+                    writes.finish(&d)
+                };
+                writes.write(&store, &routes).await;
                 continue;
             }
         };
@@ -134,35 +159,35 @@ pub async fn run(
             checkpoint = tracing::field::Empty,
         );
         let entered = span.enter();
-        let changed = table.apply(&window);
-        let checkpoint = {
+        let mut writes = Writes { records: table.apply(&window), evicted: window.evicted.clone(), ..Writes::default() };
+        let writes = {
             let mut d = lock(&detector);
             let done = d.process(&window);
             span.record("anomalies_started", done.anomalies_started);
             span.record("anomalies_ended", done.anomalies_ended);
+            writes.alerts(&mut d, &routes);
             // Due by windows or by a change of anomalies, but not more often than every few
             // seconds: a replay closes windows thousands of times faster than real time.
             let wanted = done.checkpoint_due || done.anomalies_started > 0 || done.anomalies_ended > 0;
             let spaced = last_checkpoint.is_none_or(|t| t.elapsed() >= MIN_CHECKPOINT_INTERVAL);
-            (wanted && spaced).then(|| {
+            if wanted && spaced {
                 last_checkpoint = Some(std::time::Instant::now());
-                d.checkpoint()
-            })
-        };
-        span.record("checkpoint", checkpoint.is_some());
-        drop(entered);
-        async {
-            alert(&detector, &store, &routes).await;
-            if !changed.is_empty() || !window.evicted.is_empty() || checkpoint.is_some() {
-                persist(&store, changed, window.evicted.clone(), checkpoint).await;
+                writes.checkpoint = Some(d.checkpoint());
             }
-        }
-        .instrument(span)
-        .await;
+            writes.finish(&d)
+        };
+        span.record("checkpoint", writes.checkpoint.is_some());
+        drop(entered);
+        writes.write(&store, &routes).instrument(span).await;
     }
-    alert(&detector, &store, &routes).await;
-    let last = lock(&detector).checkpoint();
-    persist(&store, Vec::new(), Vec::new(), Some(last)).await;
+    let writes = {
+        let mut d = lock(&detector);
+        let mut writes = Writes::default();
+        writes.alerts(&mut d, &routes);
+        writes.checkpoint = Some(d.checkpoint());
+        writes
+    };
+    writes.write(&store, &routes).await;
     match tokio::task::spawn_blocking(move || store.flush()).await {
         Ok(Ok(())) => debug!("store flushed"),
         Ok(Err(e)) => error!(error = %e, "cannot flush the store"),

@@ -4,11 +4,14 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+
+use meshwatch_collector::flow::{Direction, Reporter};
 use meshwatch_collector::window::{ClosedWindow, PairKey, PairStats};
 
 use crate::alert::{AlertConfig, Alerts, Silence};
 use crate::anomaly::Anomalies;
-use crate::model::{DetectorConfig, Obs, PairModel};
+use crate::model::{DetectorConfig, Obs, PairModel, Signal};
 use crate::trail::{TRAIL_PAIRS, Trails};
 use crate::trust::{Trust, TrustConfig};
 use crate::upstream::UpstreamObs;
@@ -74,13 +77,15 @@ impl Detector {
         trust: Trust,
         last_start_ms: Option<i64>,
     ) -> Detector {
-        Detector {
+        let mut d = Detector {
             models: models.into_iter().collect(),
             anomalies,
             trust,
             last_start_ms,
             ..Detector::new(cfg, window_ms)
-        }
+        };
+        d.resume_detections();
+        d
     }
 
     pub fn models(&self) -> impl Iterator<Item = (&PairKey, &PairModel)> {
@@ -162,21 +167,55 @@ impl Detector {
         self.since_checkpoint = 0;
         Checkpoint {
             models: self.models.iter().map(|(k, m)| (k.clone(), m.to_bytes())).collect(),
-            anomalies: self.anomalies.to_bytes(),
-            trust: self.trust.to_bytes(),
-            alerts: self.alerts.to_bytes(),
+            state: self.state(),
             last_start_ms: self.last_start_ms,
         }
     }
+
+    /// The records that notifications are queued with (see `State`), encoded.
+    pub fn state(&self) -> State {
+        State { anomalies: self.anomalies.to_bytes(), trust: self.trust.to_bytes(), alerts: self.alerts.to_bytes() }
+    }
+
+    /// After a restore: a detection that the anomalies hold active but its model does not
+    /// (the anomalies are written with every notification, the models every few minutes)
+    /// resumes in the model, so that it ends when its signal is quiet again.
+    fn resume_detections(&mut self) {
+        for a in self.anomalies.iter().filter(|a| a.ended_ms.is_none()) {
+            let (Some(signal), Some(direction)) = (Signal::parse(&a.signal), Direction::parse(&a.direction)) else {
+                continue;
+            };
+            for reporter in a.reporters.iter().filter_map(|r| Reporter::parse(r)) {
+                let key = PairKey {
+                    source: Arc::from(a.source.as_str()),
+                    destination: Arc::from(a.destination.as_str()),
+                    direction,
+                    reporter,
+                };
+                if let Some(m) = self.models.get_mut(&key) {
+                    m.resume(signal);
+                }
+            }
+        }
+    }
+}
+
+/// The records that must agree with one another and with the notifications queued from
+/// them: written together in one transaction (`Store::save_checkpoint`, `Store::enqueue`), so
+/// that after a crash at any moment the alerts never start a firing cycle again for a
+/// detection they had already sent, and detection ids are never reused.
+#[derive(Debug, Default)]
+pub struct State {
+    pub anomalies: Vec<u8>,
+    pub trust: Vec<u8>,
+    pub alerts: Vec<u8>,
 }
 
 /// The detector's state as it goes to the store.
 #[derive(Debug)]
 pub struct Checkpoint {
     pub models: Vec<(PairKey, Vec<u8>)>,
-    pub anomalies: Vec<u8>,
-    pub trust: Vec<u8>,
-    pub alerts: Vec<u8>,
+    pub state: State,
     pub last_start_ms: Option<i64>,
 }
 
@@ -188,9 +227,6 @@ mod tests {
     fn test_config() -> DetectorConfig {
         DetectorConfig { warmup_windows: 360, ..DetectorConfig::default() }
     }
-    use meshwatch_collector::flow::{Direction, Reporter};
-    use std::sync::Arc;
-
     fn key() -> PairKey {
         PairKey {
             source: Arc::from("a"),
@@ -228,6 +264,35 @@ mod tests {
     }
 
     #[test]
+    fn a_detection_saved_with_its_notification_but_not_in_its_model_still_ends() {
+        // The models of the last checkpoint are older than the anomalies, which were written
+        // with a notification after the detection started.
+        let mut d = Detector::new(test_config(), 10_000);
+        for i in 0..1_000 {
+            d.process(&window(i * 10_000, 40));
+        }
+        let models = d.checkpoint().models;
+        for i in 1_000..1_010 {
+            d.process(&window(i * 10_000, 0));
+        }
+        assert_eq!(d.anomalies.active_count(), 1);
+        let state = d.state();
+        let mut restored = Detector::restore(
+            d.cfg,
+            10_000,
+            models.iter().map(|(k, b)| (k.clone(), PairModel::from_bytes(b).expect("decodes"))),
+            Anomalies::from_bytes(&state.anomalies).expect("decodes"),
+            Trust::from_bytes(d.trust.cfg.clone(), &state.trust).expect("decodes"),
+            d.last_start_ms,
+        );
+        assert!(restored.model(&key()).is_some_and(|m| m.is_active(Signal::RequestRate)));
+        for i in 1_010..1_060 {
+            restored.process(&window(i * 10_000, 40));
+        }
+        assert_eq!(restored.anomalies.active_count(), 0, "the traffic is back: the detection ended");
+    }
+
+    #[test]
     fn a_checkpoint_restores_a_detector_that_scores_the_same() {
         let mut d = Detector::new(test_config(), 10_000);
         for i in 0..500 {
@@ -239,8 +304,8 @@ mod tests {
             d.cfg,
             10_000,
             models,
-            Anomalies::from_bytes(&c.anomalies).expect("decodes"),
-            Trust::from_bytes(d.trust.cfg.clone(), &c.trust).expect("decodes"),
+            Anomalies::from_bytes(&c.state.anomalies).expect("decodes"),
+            Trust::from_bytes(d.trust.cfg.clone(), &c.state.trust).expect("decodes"),
             c.last_start_ms,
         );
         for i in 500..600 {

@@ -142,19 +142,67 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a detector checkpoint: every model, the anomalies, the zero-trust state, the
-    /// alerts, the last window scored.
-    pub fn save_checkpoint(&self, c: &crate::score::Checkpoint) -> Result<(), StoreError> {
+    /// Writes a detector checkpoint: every model, then the state records (anomalies,
+    /// zero-trust state, alerts), the last window scored and `queued` (notifications due at
+    /// the same moment, see `enqueue`) in one transaction.
+    pub fn save_checkpoint(
+        &self,
+        c: &crate::score::Checkpoint,
+        queued: &[(String, crate::alert::Notification)],
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for (key, model) in &c.models {
             batch.insert(crate::pairs::key_to_proto(key).encode_to_vec(), model.as_slice());
         }
         self.models.apply_batch(batch)?;
-        self.meta.insert(ANOMALIES_KEY, c.anomalies.as_slice())?;
-        self.meta.insert(TRUST_KEY, c.trust.as_slice())?;
-        self.meta.insert(ALERTS_KEY, c.alerts.as_slice())?;
-        if let Some(t) = c.last_start_ms {
-            self.meta.insert(LAST_WINDOW_KEY, &t.to_be_bytes())?;
+        self.commit(&c.state, c.last_start_ms, queued)
+    }
+
+    /// Queues notifications (receiver, notification) with the state they came from, in one
+    /// transaction, durably, before anything is sent: a crash at any moment leaves both or
+    /// neither, so a restart re-sends at most what was queued and never starts an alert's
+    /// firing cycle again.
+    pub fn enqueue(
+        &self,
+        items: &[(String, crate::alert::Notification)],
+        state: &crate::score::State,
+    ) -> Result<(), StoreError> {
+        self.commit(state, None, items)
+    }
+
+    fn commit(
+        &self,
+        state: &crate::score::State,
+        last_start_ms: Option<i64>,
+        queued: &[(String, crate::alert::Notification)],
+    ) -> Result<(), StoreError> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let mut items = Vec::with_capacity(queued.len());
+        for (receiver, n) in queued {
+            let mut key = outbox_prefix(receiver);
+            key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+            items.push((key, serde_json::to_vec(n).unwrap_or_default()));
+        }
+        (&self.meta, &self.outbox)
+            .transaction(|(meta, outbox)| {
+                meta.insert(ANOMALIES_KEY, state.anomalies.as_slice())?;
+                meta.insert(TRUST_KEY, state.trust.as_slice())?;
+                meta.insert(ALERTS_KEY, state.alerts.as_slice())?;
+                if let Some(t) = last_start_ms {
+                    meta.insert(LAST_WINDOW_KEY, &t.to_be_bytes()[..])?;
+                }
+                for (key, value) in &items {
+                    outbox.insert(key.as_slice(), value.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StoreError::Io(e),
+                TransactionError::Abort(()) => StoreError::Io(sled::Error::Unsupported("aborted".into())),
+            })?;
+        if !items.is_empty() {
+            self.db.flush()?;
         }
         Ok(())
     }
@@ -176,20 +224,6 @@ impl Store {
         let last_start_ms =
             self.meta.get(LAST_WINDOW_KEY)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(i64::from_be_bytes);
         Ok(StoredCheckpoint { models, anomalies, trust, alerts, silences, last_start_ms })
-    }
-
-    /// Queues notifications (receiver, notification) and saves the alert state with them,
-    /// durably, before anything is sent.
-    pub fn enqueue(&self, items: &[(String, crate::alert::Notification)], alerts: &[u8]) -> Result<(), StoreError> {
-        for (receiver, n) in items {
-            let mut key = outbox_prefix(receiver);
-            key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-            self.outbox.insert(key, serde_json::to_vec(n).unwrap_or_default())?;
-        }
-        self.meta.insert(ALERTS_KEY, alerts)?;
-        self.outbox.flush()?;
-        self.meta.flush()?;
-        Ok(())
     }
 
     /// The oldest queued notification of a receiver.
@@ -247,8 +281,14 @@ impl Store {
         Ok(out)
     }
 
-    pub fn save_silence(&self, s: &crate::alert::Silence) -> Result<(), StoreError> {
-        self.silences.insert(s.id.as_bytes(), serde_json::to_vec(s).unwrap_or_default())?;
+    /// Saves a silence, and drops the silences `purged` (ids) in the same batch.
+    pub fn save_silence(&self, s: &crate::alert::Silence, purged: &[String]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in purged {
+            batch.remove(id.as_bytes());
+        }
+        batch.insert(s.id.as_bytes(), serde_json::to_vec(s).unwrap_or_default());
+        self.silences.apply_batch(batch)?;
         self.silences.flush()?;
         Ok(())
     }

@@ -74,7 +74,11 @@ pub fn parse_ms(s: &str) -> Result<i64, String> {
         "Z" | "z" => 0,
         tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) && tz.as_bytes()[3] == b':' => {
             let sign = if tz.starts_with('-') { -1 } else { 1 };
-            sign * (num(i + 1..i + 3)? * 3_600_000 + num(i + 4..i + 6)? * 60_000)
+            let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            if oh > 23 || om > 59 {
+                return Err(bad());
+            }
+            sign * (oh * 3_600_000 + om * 60_000)
         }
         _ => return Err(bad()),
     };
@@ -105,6 +109,8 @@ mod tests {
             "2026-01-05T14:03:00.Z",
             "x026-01-05T14:03:00Z",
             "2026-01-05T14:03:00+1",
+            "2026-01-05T14:03:00+99:99",
+            "2026-01-05T14:03:00-24:00",
         ] {
             assert!(parse_ms(bad).is_err(), "{bad}");
         }

@@ -120,6 +120,12 @@ impl Meshwatch {
         status.unwrap_or_else(|| panic!("meshwatch did not stop on SIGTERM:\n{}", self.log.lock().unwrap().join("\n")))
     }
 
+    /// SIGKILL: no flush, no last checkpoint, as a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
