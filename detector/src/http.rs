@@ -316,7 +316,8 @@ const SILENCE_MAX_NAME: usize = 128;
 const SILENCE_MAX_VALUE: usize = 1_024;
 const SILENCE_MAX_CREATED_BY: usize = 256;
 const SILENCE_MAX_COMMENT: usize = 4_096;
-/// Silences kept (active, pending and expired within `SILENCE_RETENTION_MS`).
+/// Silences active or pending at once, and expired ones kept listed (the newest, within
+/// `SILENCE_RETENTION_MS`).
 pub const MAX_SILENCES: usize = 1_000;
 /// How long an expired silence stays listed before it is purged (Alertmanager keeps five days).
 pub const SILENCE_RETENTION_MS: i64 = 5 * 86_400_000;
@@ -395,22 +396,30 @@ fn validate_silence(body: &[u8]) -> Result<crate::alert::Silence, String> {
     })
 }
 
-/// Saves a silence, purging those expired for longer than `SILENCE_RETENTION_MS`; the error
-/// response if that failed, or if `MAX_SILENCES` are kept already.
+/// Saves a silence, purging those expired for longer than `SILENCE_RETENTION_MS` (or beyond
+/// the newest `MAX_SILENCES` expired); the error response if that failed, or if
+/// `MAX_SILENCES` are active or pending already.
 async fn save_silence(state: &AppState, silence: crate::alert::Silence) -> Option<Response> {
     let now = wall_clock_ms();
-    let (purged, kept) = {
+    let (purged, current) = {
         let d = crate::lock(&state.detector);
         let others = || d.silences.iter().filter(|s| s.id != silence.id);
-        let purged: Vec<String> =
-            others().filter(|s| s.ends_at_ms < now - SILENCE_RETENTION_MS).map(|s| s.id.clone()).collect();
-        let kept = others().count() - purged.len();
-        (purged, kept)
+        let current = others().filter(|s| s.ends_at_ms > now).count();
+        // Expired ones: the newest `MAX_SILENCES` of the last five days stay listed.
+        let mut expired: Vec<_> = others().filter(|s| s.ends_at_ms <= now).collect();
+        expired.sort_by_key(|s| std::cmp::Reverse(s.ends_at_ms));
+        let purged: Vec<String> = expired
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i >= MAX_SILENCES || s.ends_at_ms < now - SILENCE_RETENTION_MS)
+            .map(|(_, s)| s.id.clone())
+            .collect();
+        (purged, current)
     };
-    if kept >= MAX_SILENCES {
+    if silence.ends_at_ms > now && current >= MAX_SILENCES {
         return Some(error(
             StatusCode::TOO_MANY_REQUESTS,
-            format!("{kept} silences are kept already (at most {MAX_SILENCES}): expire some"),
+            format!("{current} silences are active or pending already (at most {MAX_SILENCES}): expire some"),
         ));
     }
     if let Some(store) = state.store.clone() {
@@ -636,7 +645,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn silences_expired_for_five_days_are_purged_and_their_number_is_capped() {
+    async fn silences_expired_for_five_days_are_purged_and_active_ones_are_capped() {
         let s = AppState { api_token: Some("t".into()), ..state() };
         let now = wall_clock_ms();
         let silence = |id: &str, ends_at_ms: i64| crate::alert::Silence {
@@ -652,15 +661,18 @@ mod tests {
             d.silences.push(silence("old", now - SILENCE_RETENTION_MS - 1_000));
             d.silences.push(silence("recent", now - 1_000));
         }
-        let body = format!(
-            r#"{{"matchers":[{{"name":"kind","value":"x"}}],"endsAt":"{}","createdBy":"ops","comment":"c"}}"#,
-            crate::timefmt::format_ms(now + 60_000)
-        );
+        let ends = crate::timefmt::format_ms(now + 60_000);
+        let posted = std::sync::atomic::AtomicU32::new(0);
+        // Each with its own comment: a silence posted again within the same millisecond is the same one.
         let post = |s: &AppState| {
+            let n = posted.fetch_add(1, Ordering::Relaxed);
+            let body = format!(
+                r#"{{"matchers":[{{"name":"kind","value":"x"}}],"endsAt":"{ends}","createdBy":"ops","comment":"c{n}"}}"#
+            );
             router(s.clone()).oneshot(
                 Request::post("/api/v1/silences")
                     .header(header::AUTHORIZATION, "Bearer t")
-                    .body(Body::from(body.clone()))
+                    .body(Body::from(body))
                     .expect("request"),
             )
         };
@@ -668,8 +680,15 @@ mod tests {
         let ids: Vec<String> = crate::lock(&s.detector).silences.iter().map(|x| x.id.clone()).collect();
         assert_eq!(ids.len(), 2, "{ids:?}");
         assert!(ids.contains(&"recent".to_string()) && !ids.contains(&"old".to_string()), "{ids:?}");
-        crate::lock(&s.detector).silences.extend((0..MAX_SILENCES).map(|i| silence(&i.to_string(), now + 60_000)));
+        // With the one posted, MAX_SILENCES are active.
+        let more = (1..MAX_SILENCES).map(|i| silence(&i.to_string(), now + 60_000));
+        crate::lock(&s.detector).silences.extend(more);
         assert_eq!(post(&s).await.expect("response").status(), StatusCode::TOO_MANY_REQUESTS);
+        // Expiring one makes room.
+        let expire = Request::delete("/api/v1/silences/7").header(header::AUTHORIZATION, "Bearer t");
+        let resp = router(s.clone()).oneshot(expire.body(Body::empty()).expect("request")).await;
+        assert_eq!(resp.expect("response").status(), StatusCode::OK);
+        assert_eq!(post(&s).await.expect("response").status(), StatusCode::OK);
     }
 
     async fn get(app: Router, uri: &str) -> (StatusCode, String) {

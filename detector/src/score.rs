@@ -3,7 +3,6 @@
 //! with zeros; detections become anomalies.
 
 use std::collections::HashMap;
-
 use std::sync::Arc;
 
 use meshwatch_collector::flow::{Direction, Reporter};
@@ -203,7 +202,8 @@ impl Detector {
 /// The records that must agree with one another and with the notifications queued from
 /// them: written together in one transaction (`Store::save_checkpoint`, `Store::enqueue`), so
 /// that after a crash at any moment the alerts never start a firing cycle again for a
-/// detection they had already sent, and detection ids are never reused.
+/// detection they had already sent, and the id of a detection that was notified is never
+/// given to another.
 #[derive(Debug, Default)]
 pub struct State {
     pub anomalies: Vec<u8>,
