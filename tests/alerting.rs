@@ -333,6 +333,47 @@ async fn a_crash_after_notifications_neither_starts_a_firing_cycle_again_nor_reu
     assert!(mw.stop().success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_back_from_an_outage_gets_its_queue_with_the_next_notification_not_after_the_backoff() {
+    let dir = TempDir::new("alerting-backoff");
+    let hook = Recorder::start(Answer::Status(503, None)).await;
+    let (scenario_path, config, [data]) = with_webhook(dir.path(), &hook);
+    // After a failure the sender waits 1 to 3 minutes (2 with jitter).
+    let env = [
+        data,
+        ("MESHWATCH_ALERTING__RETRY_INITIAL", "2m".to_string()),
+        ("MESHWATCH_ALERTING__RETRY_MAX", "2m".to_string()),
+    ];
+    let mw = Meshwatch::start(&config, &env);
+    // The hour at 60×: the downgrade fires about 15 s in and is resolved about 41 s in (its
+    // finding holds 15 minutes, its alert keeps firing one more).
+    let grpc = mw.grpc.to_string();
+    let play = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_meshwatch"))
+            .arg("simulate")
+            .arg(&scenario_path)
+            .args(["--target", &grpc, "--rate", "60x", "--clock", "simulated"])
+            .output()
+            .unwrap()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while hook.refused() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(hook.refused() >= 1, "the downgrade's firing was tried: {}", mw.logs());
+    hook.answer(Answer::Status(200, None));
+    let back = std::time::Instant::now();
+    let taken = hook.until(Duration::from_secs(70), |t| !t.is_empty()).await;
+    let waited = back.elapsed();
+    let got = statuses(&taken);
+    assert_eq!(got.first().map(|(_, k, s)| (k.as_str(), s.as_str())), Some(("mtls_downgrade", "firing")));
+    // The resolved notification came about 26 s after the receiver was back, and took the
+    // queue with it; the backoff alone would have waited at least 45 s more.
+    assert!(waited < Duration::from_secs(40), "delivered {waited:?} after the receiver was back");
+    assert!(play.join().unwrap().status.success());
+    assert!(mw.stop().success());
+}
+
 /// HMAC-SHA256 by openssl, to check meshwatch's signature independently.
 fn openssl_hmac(secret: &str, message: &[u8]) -> String {
     let mut child = Command::new("openssl")

@@ -485,9 +485,18 @@ impl Delivery {
                     let delay = after.map_or(backoff, |a| a.max(backoff.min(self.cfg.retry_initial)));
                     warn!(receiver = r[0], %error, retry_in = ?delay, "delivery failed");
                     attempt = attempt.saturating_add(1);
+                    // New work ends the wait: a receiver that is back gets its queue at once
+                    // rather than after up to `retry_max` (a `Retry-After` is waited out).
+                    let wake = async {
+                        if after.is_some() {
+                            std::future::pending::<()>().await;
+                        }
+                        self.wake.notified().await;
+                    };
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
+                        () = wake => {}
                     }
                 }
             }
