@@ -267,7 +267,7 @@ async fn a_receiver_down_across_a_restart_gets_every_notification_in_order() {
         .await;
     assert_eq!(m.get("meshwatch_outbox_depth", &[("receiver", "hook")]), Some(0.0));
     let (_, dead) = http_get(mw.http, "/api/v1/deadletters").await;
-    assert_eq!(dead, r#"{"dead_letters":[]}"#);
+    assert_eq!(dead, r#"{"dead_letters":[],"total":0}"#);
     // The alert state survived too: the new edge is still firing, the downgrade resolved.
     let (_, alerts) = http_get(mw.http, "/api/v1/alerts?state=firing").await;
     let v: serde_json::Value = serde_json::from_str(&alerts).unwrap();
@@ -570,7 +570,13 @@ kinds = ["mtls_*"]
     let (_, dead) = http_get(mw.http, "/api/v1/deadletters").await;
     let v: serde_json::Value = serde_json::from_str(&dead).unwrap();
     let letters = v["dead_letters"].as_array().unwrap();
-    assert_eq!(letters.len(), 2, "{dead}");
+    assert_eq!((letters.len(), v["total"].as_u64()), (2, Some(2)), "{dead}");
+    let (_, one) = http_get(mw.http, "/api/v1/deadletters?receiver=refuse&limit=1").await;
+    let one: serde_json::Value = serde_json::from_str(&one).unwrap();
+    assert_eq!((one["dead_letters"].as_array().map(Vec::len), one["total"].as_u64()), (Some(1), Some(2)), "{one}");
+    assert_eq!(one["dead_letters"][0], letters[0], "the newest first");
+    let (_, none) = http_get(mw.http, "/api/v1/deadletters?receiver=pd").await;
+    assert!(none.contains(r#""total":0"#), "{none}");
     assert!(
         letters.iter().all(|l| l["receiver"] == "refuse" && l["reason"].as_str().unwrap().contains("400")),
         "{dead}"

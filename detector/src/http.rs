@@ -471,12 +471,26 @@ async fn expire_silence(
     }
 }
 
-async fn dead_letters(State(state): State<AppState>) -> Response {
+#[derive(Debug, serde::Deserialize)]
+struct DeadLetterQuery {
+    /// One receiver's.
+    receiver: Option<String>,
+    /// At most this many, the newest first (default 100, at most 1,000).
+    limit: Option<usize>,
+}
+
+async fn dead_letters(State(state): State<AppState>, Query(q): Query<DeadLetterQuery>) -> Response {
     let Some(store) = state.store.clone() else {
-        return axum::Json(serde_json::json!({ "dead_letters": [] })).into_response();
+        return axum::Json(serde_json::json!({ "dead_letters": [], "total": 0 })).into_response();
     };
     match tokio::task::spawn_blocking(move || store.dead_letters()).await {
-        Ok(Ok(list)) => axum::Json(serde_json::json!({ "dead_letters": list })).into_response(),
+        Ok(Ok(mut list)) => {
+            list.retain(|d| q.receiver.as_ref().is_none_or(|r| &d.receiver == r));
+            let total = list.len();
+            list.reverse();
+            list.truncate(q.limit.unwrap_or(100).min(1_000));
+            axum::Json(serde_json::json!({ "dead_letters": list, "total": total })).into_response()
+        }
         _ => error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the dead letters"),
     }
 }

@@ -53,6 +53,9 @@ pub struct DeadLetter {
 
 const ALERTS_KEY: &[u8] = b"alerts";
 
+/// Dead letters kept, across receivers.
+pub const MAX_DEAD_LETTERS: usize = 10_000;
+
 fn outbox_prefix(receiver: &str) -> Vec<u8> {
     let mut k = receiver.as_bytes().to_vec();
     k.push(0);
@@ -251,9 +254,24 @@ impl Store {
     }
 
     /// Moves a notification from the outbox to the dead-letter list.
+    /// Beyond `MAX_DEAD_LETTERS`, the letter of the oldest notification is dropped (logged).
     pub fn dead_letter(&self, key: &[u8], letter: &DeadLetter) -> Result<(), StoreError> {
+        self.dead_letter_within(key, letter, MAX_DEAD_LETTERS)
+    }
+
+    fn dead_letter_within(&self, key: &[u8], letter: &DeadLetter, max: usize) -> Result<(), StoreError> {
         self.dead.insert(key, serde_json::to_vec(letter).unwrap_or_default())?;
         self.outbox.remove(key)?;
+        let mut kept = self.dead.len();
+        while kept > max {
+            // Keys end with the notification's sequence number, the same across receivers.
+            let seq = |k: &[u8]| k.get(k.len().saturating_sub(8)..).map(<[u8]>::to_vec);
+            let oldest = self.dead.iter().keys().filter_map(Result::ok).min_by_key(|k| seq(k));
+            let Some(oldest) = oldest else { break };
+            self.dead.remove(&oldest)?;
+            warn!(kept = max, "dead-letter list full: the oldest dropped");
+            kept -= 1;
+        }
         self.dead.flush()?;
         self.outbox.flush()?;
         Ok(())
@@ -327,6 +345,45 @@ mod tests {
         let second = Store::open(&dir).expect("opens once the first is closed");
         closer.join().expect("closer");
         drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_dead_letter_list_drops_its_oldest_beyond_its_bound() {
+        let dir = std::env::temp_dir().join(format!("meshwatch-store-dead-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).expect("open");
+        let n = |fingerprint: &str| crate::alert::Notification {
+            fingerprint: fingerprint.into(),
+            status: crate::alert::State::Firing,
+            labels: Default::default(),
+            annotations: Default::default(),
+            starts_at_ms: 0,
+            ends_at_ms: None,
+            created_ms: 0,
+        };
+        // Queued to two receivers in turn, then given up on in that order.
+        let state = crate::score::State::default();
+        for (i, receiver) in ["a", "b", "a", "b", "a"].into_iter().enumerate() {
+            store.enqueue(&[(receiver.to_string(), n(&i.to_string()))], &state).expect("queued");
+        }
+        for receiver in ["b", "a", "a", "b", "a"] {
+            let q = store.head(receiver).expect("reads").expect("queued");
+            let letter = DeadLetter {
+                receiver: receiver.into(),
+                reason: "refused".into(),
+                dead_at_ms: 0,
+                attempts: 1,
+                notification: q.notification,
+            };
+            store.dead_letter_within(&q.key, &letter, 3).expect("dead-lettered");
+        }
+        let mut kept: Vec<String> =
+            store.dead_letters().expect("reads").into_iter().map(|d| d.notification.fingerprint).collect();
+        kept.sort();
+        assert_eq!(kept, ["2", "3", "4"], "the three newest notifications' letters");
+        assert_eq!(store.depth("a").expect("reads").0 + store.depth("b").expect("reads").0, 0);
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
