@@ -254,8 +254,13 @@ async fn run(command: Command, loaded: Option<Result<config::Config, config::Con
             let duration_ms = duration.map(|d| parse_offset_ms(&d)).transpose().map_err(anyhow::Error::msg)?;
             let data = std::env::temp_dir().join(format!("meshwatch-eval-{}", std::process::id()));
             let config = meshwatch::eval::eval_config(&scenario, config.as_deref(), data.clone())?;
-            let report = meshwatch::eval::run(scenario, config, seed, duration_ms).await;
+            // SIGTERM or SIGINT ends it without a report (and without its data directory).
+            let report = tokio::select! {
+                r = meshwatch::eval::run(scenario, config, seed, duration_ms) => Some(r),
+                () = shutdown.cancelled() => None,
+            };
             let _ = std::fs::remove_dir_all(&data);
+            let Some(report) = report else { bail!("eval interrupted: no report") };
             let report = report?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

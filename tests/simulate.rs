@@ -158,6 +158,40 @@ async fn a_fast_forward_run_is_counted_exactly_and_matches_its_ground_truth() {
     assert!(mw.stop().success());
 }
 
+#[test]
+fn eval_stops_on_sigterm_without_a_report_or_its_data_directory() {
+    let dir = TempDir::new("eval-term");
+    let scenario_path = dir.path().join("scenario.toml");
+    std::fs::write(&scenario_path, SCENARIO).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
+        .args(["eval", scenario_path.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data = std::env::temp_dir().join(format!("meshwatch-eval-{}", child.id()));
+    let started = std::time::Instant::now();
+    while !data.exists() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(data.exists(), "eval made its data directory");
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let asked = std::time::Instant::now();
+    let mut status = None;
+    while status.is_none() && asked.elapsed() < Duration::from_secs(15) {
+        status = child.try_wait().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let status = status.expect("eval ended within 15 s of SIGTERM");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success() && stderr.contains("eval interrupted"), "{status:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "no report");
+    assert!(!data.exists(), "its data directory is removed");
+}
+
 #[tokio::test]
 async fn eval_runs_end_to_end_and_nothing_is_detected_while_pairs_learn() {
     let dir = TempDir::new("eval");
