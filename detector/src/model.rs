@@ -1016,14 +1016,10 @@ impl PairModel {
             keep_better(&mut best, v);
         }
         if let Some(j) = ratio_slot(signal) {
-            self.suspect[j] = false;
-            if self.ring.len() == RING {
-                for blocks in LONG_SPANS {
-                    if let Some(v) = self.assess_long(signal, j, blocks, cfg) {
-                        self.suspect[j] |= v.assessment.p_value < SUSPECT_P;
-                        keep_better(&mut best, v);
-                    }
-                }
+            let (long, suspect) = self.assess_long(signal, j, cfg);
+            self.suspect[j] = suspect;
+            if let Some(v) = long {
+                keep_better(&mut best, v);
             }
         }
         if signal == Signal::LatencyP50 && best.is_none() {
@@ -1032,34 +1028,48 @@ impl PairModel {
         best
     }
 
-    /// Ratio `signal` (slot `j`) over the ring and the latest `blocks` of `LongRatios`: only a
-    /// rise that the ring still shows (at least double the expected ratio, in two of its
-    /// windows) counts, so that a burst that has ended, or one cluster, does not stay
-    /// significant for as long as it is in the span.
-    fn assess_long(&self, signal: Signal, j: usize, blocks: usize, cfg: &DetectorConfig) -> Option<Verdict> {
-        let baseline = [&self.errors, &self.denials, &self.rate_limits][j];
-        let (mut events, mut total, mut pairs, windows) = self.long.evidence(blocks, j, cfg.cadence)?;
-        if (self.ring.len() + windows) as u64 > u64::from(self.long.since_detection[j]) {
-            return None;
+    /// Ratio `signal` (slot `j`) over the ring and the latest blocks of `LongRatios`, at each
+    /// of `LONG_SPANS`: the verdict that counts most, and whether any span's tail probability
+    /// is under `SUSPECT_P`. Only a rise that the ring still shows (at least double the
+    /// expected ratio, in two of its windows) counts, so that a burst that has ended, or one
+    /// cluster, does not stay significant for as long as it is in the span.
+    fn assess_long(&self, signal: Signal, j: usize, cfg: &DetectorConfig) -> (Option<Verdict>, bool) {
+        if self.ring.len() < RING {
+            return (None, false);
         }
-        let (mut ring_events, mut ring_total, mut with_events) = (0.0, 0.0, 0);
+        let baseline = [&self.errors, &self.denials, &self.rate_limits][j];
+        let p0 = baseline.expected();
+        let (mut ring_events, mut ring_total, mut ring_pairs, mut with_events) = (0.0, 0.0, 0.0, 0);
         for s in &self.ring {
             let (e, n) = (s.obs.events(signal), s.obs.requests);
             ring_events += e;
             ring_total += n;
-            pairs += n * (n - 1.0).max(0.0);
+            ring_pairs += n * (n - 1.0).max(0.0);
             with_events += usize::from(e > 0.0);
         }
-        events += ring_events;
-        total += ring_total;
-        let p0 = baseline.expected();
-        if events <= p0 * total || with_events < cfg.k as usize || ring_events < 2.0 * p0 * ring_total {
-            return None;
+        if with_events < cfg.k as usize || ring_events < 2.0 * p0 * ring_total {
+            return (None, false);
         }
-        let a = baseline.assess(events as u64, total as u64, pairs, cfg.threshold_p)?;
-        let hot = ratio_hot(&a, events, with_events, 1, cfg);
-        let scale = self.ring.len() + windows;
-        Some(Verdict { signal, assessment: a, scale, hot, sustained: false, kind: signal.as_str() })
+        let (mut best, mut suspect) = (None, false);
+        for blocks in LONG_SPANS {
+            let Some((events, total, pairs, windows)) = self.long.evidence(blocks, j, cfg.cadence) else { break };
+            let scale = self.ring.len() + windows;
+            if scale as u64 > u64::from(self.long.since_detection[j]) {
+                break;
+            }
+            let (events, total, pairs) = (events + ring_events, total + ring_total, pairs + ring_pairs);
+            if events <= p0 * total {
+                continue;
+            }
+            let Some(a) = baseline.assess(events as u64, total as u64, pairs, cfg.threshold_p) else { continue };
+            suspect |= a.p_value < SUSPECT_P;
+            let hot = ratio_hot(&a, events, with_events, 1, cfg);
+            keep_better(
+                &mut best,
+                Verdict { signal, assessment: a, scale, hot, sustained: false, kind: signal.as_str() },
+            );
+        }
+        (best, suspect)
     }
 
     /// The median over the last half hour, for a pair that did not have enough requests to

@@ -487,16 +487,10 @@ impl Delivery {
                     attempt = attempt.saturating_add(1);
                     // New work ends the wait: a receiver that is back gets its queue at once
                     // rather than after up to `retry_max` (a `Retry-After` is waited out).
-                    let wake = async {
-                        if after.is_some() {
-                            std::future::pending::<()>().await;
-                        }
-                        self.wake.notified().await;
-                    };
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
-                        () = wake => {}
+                        () = self.wake.notified(), if after.is_none() => {}
                     }
                 }
             }

@@ -262,15 +262,23 @@ impl Store {
     fn dead_letter_within(&self, key: &[u8], letter: &DeadLetter, max: usize) -> Result<(), StoreError> {
         self.dead.insert(key, serde_json::to_vec(letter).unwrap_or_default())?;
         self.outbox.remove(key)?;
-        let mut kept = self.dead.len();
-        while kept > max {
-            // Keys end with the notification's sequence number, the same across receivers.
-            let seq = |k: &[u8]| k.get(k.len().saturating_sub(8)..).map(<[u8]>::to_vec);
-            let oldest = self.dead.iter().keys().filter_map(Result::ok).min_by_key(|k| seq(k));
-            let Some(oldest) = oldest else { break };
+        // One pass: how many are kept, and which is the oldest (keys end with the
+        // notification's sequence number, the same across receivers). One letter comes at a
+        // time, so at most one is over.
+        let seq = |k: &sled::IVec| k.get(k.len().saturating_sub(8)..).map(<[u8]>::to_vec);
+        let (mut kept, mut oldest) = (0, None::<sled::IVec>);
+        for k in self.dead.iter().keys() {
+            let k = k?;
+            kept += 1;
+            if oldest.as_ref().is_none_or(|o| seq(&k) < seq(o)) {
+                oldest = Some(k);
+            }
+        }
+        if kept > max
+            && let Some(oldest) = oldest
+        {
             self.dead.remove(&oldest)?;
             warn!(kept = max, "dead-letter list full: the oldest dropped");
-            kept -= 1;
         }
         self.dead.flush()?;
         self.outbox.flush()?;
