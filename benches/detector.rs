@@ -49,7 +49,7 @@ fn window(keys: &[PairKey], start_ms: i64, round: u64, upstream: bool) -> Closed
             (k.clone(), s)
         })
         .collect();
-    ClosedWindow { start_ms, end_ms: start_ms + WINDOW_MS, pairs, evicted: Vec::new() }
+    ClosedWindow { start_ms, end_ms: start_ms + WINDOW_MS, pairs, evicted: Vec::new(), ..Default::default() }
 }
 
 fn main() {

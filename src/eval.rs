@@ -63,6 +63,7 @@ pub fn compatible(kind: IncidentKind) -> &'static [&'static str] {
         }
         IncidentKind::DenialSpread => &["denial_surge", "denial_ratio"],
         IncidentKind::PlaintextEdge => &["plaintext", "new_edge", "new_principal", "policy_violation"],
+        IncidentKind::IdentityFlood => &["cardinality_flood"],
     }
 }
 
@@ -335,7 +336,6 @@ pub fn eval_config(scenario: &Scenario, base: Option<&Path>, data_dir: PathBuf) 
     // Event time: streams of a fast-forward replay may drift a few slices apart.
     config.window.grace_ms = 300_000;
     config.window.max_future_ms = i64::MAX / 4;
-    config.window.max_pairs = 100_000;
     config.mesh = mesh_config(scenario);
     config.trust.trust_domains = config.mesh.trust_domains.clone();
     if let Some(path) = &scenario.policy {

@@ -57,6 +57,12 @@ to = "payments"
 start = "1h20m"
 duration = "10m"
 [[incidents]]
+kind = "identity_flood"
+from = "internet"
+to = "catalog"
+start = "1h35m"
+duration = "20m"
+[[incidents]]
 kind = "new_egress"
 from = "cart"
 to = "paste.example.net"
@@ -138,8 +144,9 @@ from = "spiffe://cluster.local/ns/shop/sa/payments"
 to = "api.stripe.com"
 "#;
 
-/// Structural findings: found within two windows of 10 s.
-const STRUCTURAL: [&str; 7] = [
+/// Structural findings: found within two windows of 10 s (the new egress destination while
+/// a flood of made-up identities fills the pair cap).
+const STRUCTURAL: [&str; 8] = [
     "new_edge",
     "new_egress",
     "mtls_downgrade",
@@ -147,6 +154,7 @@ const STRUCTURAL: [&str; 7] = [
     "foreign_principal",
     "policy_violation",
     "plaintext_edge",
+    "identity_flood",
 ];
 
 #[test]
@@ -156,10 +164,11 @@ fn every_finding_kind_is_found_and_nothing_else() {
     std::fs::write(&scenario, SCENARIO).unwrap();
     std::fs::write(dir.path().join("policy.toml"), POLICY).unwrap();
     let config = dir.path().join("meshwatch.toml");
-    // Low thresholds for volume and path scans, so that this small mesh's incidents reach them.
+    // Low thresholds for volume and path scans, so that this small mesh's incidents reach them;
+    // a pair cap of 40 (the scenario has 30 pairs), which the flood fills at once.
     std::fs::write(
         &config,
-        "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"\nnew_egress_volume_bytes = 50000\nscan_min_paths = 8\nrequire_mtls = true\n",
+        "[detector]\nwarmup = \"1h\"\n\n[zero_trust]\nlearning = \"1h\"\nnew_egress_volume_bytes = 50000\nscan_min_paths = 8\nrequire_mtls = true\n\n[limits]\nmax_pairs = 40\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
@@ -187,6 +196,9 @@ fn every_finding_kind_is_found_and_nothing_else() {
     // makes; denials across the frontend's destinations as the source's surge.
     assert_eq!(get("fan_out_scan")["detections"], 2, "{}", get("fan_out_scan"));
     assert_eq!(get("denial_spread")["detections"], 1, "{}", get("denial_spread"));
+    // The flood (200 made-up callers a second for 20 minutes, the pair cap full within a second)
+    // is one finding, not thousands.
+    assert_eq!(get("identity_flood")["detections"], 1, "{}", get("identity_flood"));
     // With mTLS required, the plaintext edge is found as plaintext, not only as new.
     assert_eq!(get("plaintext_edge")["detections"], 1, "{}", get("plaintext_edge"));
     assert_eq!(quality["false_detections"], 0, "{:#}", quality["false_examples"]);

@@ -3,7 +3,9 @@
 //! Pure: the caller says what time it is. In live mode that is the wall clock and a window
 //! closes at its end plus a grace period; in replay it is the watermark (the newest event
 //! time seen), so weeks of traffic can go through in minutes. The set of pairs is capped:
-//! a pair beyond the cap is counted under one `__overflow__` pair per direction and reporter.
+//! a pair beyond the cap is counted under one `__overflow__` pair per direction and reporter,
+//! and a bounded glimpse of it (its edge, flows, mTLS and bytes) goes with the window, so that
+//! the first-seen checks see every edge even while the cap is full.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +41,113 @@ impl PairKey {
 
     pub fn is_overflow(&self) -> bool {
         &*self.source == OVERFLOW && &*self.destination == OVERFLOW
+    }
+
+    /// The identity of the Envoy that reported the pair: the destination's for its own
+    /// sidecar, the source's (the caller or the gateway's client) otherwise. The other side
+    /// is the one a hostile peer can make up.
+    pub fn reporting(&self) -> &Identity {
+        if self.reporter == Reporter::Destination { &self.destination } else { &self.source }
+    }
+}
+
+/// What the first-seen checks need of a flow record beyond the pair cap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Glimpse {
+    /// Requests and connections.
+    pub flows: u64,
+    /// Of them, with a client certificate.
+    pub mtls: u64,
+    /// Bytes from source to destination.
+    pub bytes_out: u64,
+}
+
+impl Glimpse {
+    fn add(&mut self, r: &FlowRecord) {
+        self.flows += 1;
+        self.mtls += u64::from(r.mtls);
+        self.bytes_out = self.bytes_out.saturating_add(r.bytes_sent);
+    }
+}
+
+/// The records of one reporting identity (`PairKey::reporting`), reporter and direction
+/// beyond the pair cap in one window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Crowd {
+    pub identity: Identity,
+    pub reporter: Reporter,
+    pub direction: Direction,
+    /// Records beyond the cap.
+    pub records: u64,
+    /// Of them, records of pairs that got no glimpse: the identity's share
+    /// (`GLIMPSES_PER_REPORTER`) or the window's (`MAX_GLIMPSES`) was used up.
+    pub unglimpsed: u64,
+}
+
+/// Distinct pairs beyond the cap glimpsed per reporting identity and window: a flood from
+/// one Envoy cannot crowd out the edges other Envoys report.
+pub const GLIMPSES_PER_REPORTER: u32 = 16;
+/// Distinct pairs beyond the cap glimpsed per window, in all.
+pub const MAX_GLIMPSES: usize = 4_096;
+/// Reporting identities with records beyond the cap kept per window; the rest are counted
+/// under the overflow pair only.
+pub const MAX_CROWDS: usize = 1_024;
+
+/// What a window saw beyond the pair cap.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Unadmitted {
+    /// Pairs counted under the overflow pair, sorted.
+    pub glimpses: Vec<(PairKey, Glimpse)>,
+    /// Per reporting identity, sorted.
+    pub crowds: Vec<Crowd>,
+}
+
+/// `Unadmitted` while its window is open.
+#[derive(Debug, Default)]
+struct Beyond {
+    glimpses: HashMap<PairKey, Glimpse>,
+    crowds: HashMap<(Identity, Reporter, Direction), (u32, u64, u64)>,
+}
+
+impl Beyond {
+    fn add(&mut self, key: PairKey, r: &FlowRecord) {
+        let crowd_key = (key.reporting().clone(), key.reporter, key.direction);
+        let at_cap = self.crowds.len() >= MAX_CROWDS;
+        let crowd = match self.crowds.get_mut(&crowd_key) {
+            Some(c) => c,
+            None if at_cap => return,
+            None => self.crowds.entry(crowd_key).or_default(),
+        };
+        crowd.1 += 1;
+        let room = self.glimpses.len() < MAX_GLIMPSES;
+        match self.glimpses.entry(key) {
+            Entry::Occupied(mut g) => g.get_mut().add(r),
+            Entry::Vacant(v) if crowd.0 < GLIMPSES_PER_REPORTER && room => {
+                crowd.0 += 1;
+                v.insert(Glimpse::default()).add(r);
+            }
+            Entry::Vacant(_) => crowd.2 += 1,
+        }
+    }
+
+    fn close(self) -> Unadmitted {
+        let mut glimpses: Vec<(PairKey, Glimpse)> = self.glimpses.into_iter().collect();
+        glimpses.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut crowds: Vec<Crowd> = self
+            .crowds
+            .into_iter()
+            .map(|((identity, reporter, direction), (_, records, unglimpsed))| Crowd {
+                identity,
+                reporter,
+                direction,
+                records,
+                unglimpsed,
+            })
+            .collect();
+        crowds.sort_unstable_by(|a, b| {
+            (&a.identity, a.reporter, a.direction).cmp(&(&b.identity, b.reporter, b.direction))
+        });
+        Unadmitted { glimpses, crowds }
     }
 }
 
@@ -203,6 +312,8 @@ pub struct ClosedWindow {
     /// Pairs given up since the last window closed, to make room at the cap (`Seen`): the
     /// table, the models and the store forget them.
     pub evicted: Vec<PairKey>,
+    /// Flow records beyond the pair cap (counted under the overflow pair).
+    pub unadmitted: Unadmitted,
 }
 
 /// What the aggregator remembers of an admitted pair: when it last had traffic (event time)
@@ -257,6 +368,8 @@ pub enum Added {
 pub struct Aggregator {
     cfg: WindowConfig,
     open: BTreeMap<i64, HashMap<PairKey, PairStats>>,
+    /// Open windows' records beyond the cap.
+    beyond: BTreeMap<i64, Beyond>,
     pairs: HashMap<PairKey, Seen>,
     /// Given up since the last window closed.
     evicted: Vec<PairKey>,
@@ -272,6 +385,7 @@ impl Aggregator {
         Aggregator {
             cfg,
             open: BTreeMap::new(),
+            beyond: BTreeMap::new(),
             pairs: known.into_iter().collect(),
             evicted: Vec::new(),
             swept_ms: i64::MIN,
@@ -325,7 +439,7 @@ impl Aggregator {
             direction: r.direction,
             reporter: r.reporter,
         };
-        let (stats, added) = self.slot(key, r.end_ms, now_ms)?;
+        let (stats, added) = self.slot(key, r.end_ms, now_ms, Some(r))?;
         stats.add(r);
         Ok(added)
     }
@@ -339,14 +453,20 @@ impl Aggregator {
             direction: r.direction,
             reporter: r.reporter,
         };
-        let (stats, added) = self.slot(key, r.time_ms, now_ms)?;
+        let (stats, added) = self.slot(key, r.time_ms, now_ms, None)?;
         stats.upstream.add(r);
         Ok(added)
     }
 
     /// The stats of `key` in the window that holds `t_ms`: the overflow pair's when the pair
-    /// is new and the cap is reached.
-    fn slot(&mut self, key: PairKey, t_ms: i64, now_ms: i64) -> Result<(&mut PairStats, Added), Rejection> {
+    /// is new and the cap is reached (a flow record is then glimpsed too).
+    fn slot(
+        &mut self,
+        key: PairKey,
+        t_ms: i64,
+        now_ms: i64,
+        flow: Option<&FlowRecord>,
+    ) -> Result<(&mut PairStats, Added), Rejection> {
         if t_ms > now_ms.saturating_add(self.cfg.max_future_ms) {
             return Err(Rejection::Future);
         }
@@ -360,7 +480,15 @@ impl Aggregator {
         if full(self) {
             self.make_room(t_ms);
         }
-        let key = if full(self) { PairKey::overflow(key.direction, key.reporter) } else { key };
+        let key = if full(self) {
+            let overflow = PairKey::overflow(key.direction, key.reporter);
+            if let Some(r) = flow {
+                self.beyond.entry(start).or_default().add(key, r);
+            }
+            overflow
+        } else {
+            key
+        };
         let window = self.open.entry(start).or_default();
         match window.entry(key) {
             Entry::Occupied(e) => {
@@ -399,10 +527,13 @@ impl Aggregator {
                 }
             }
             let evicted = std::mem::take(&mut self.evicted);
-            closed.push(ClosedWindow { start_ms: start, end_ms: end, pairs, evicted });
+            let unadmitted = self.beyond.remove(&start).map(Beyond::close).unwrap_or_default();
+            closed.push(ClosedWindow { start_ms: start, end_ms: end, pairs, evicted, unadmitted });
         }
         // Every window that ends at or before the horizon is closed now, open or not.
         self.closed_until_ms = self.closed_until_ms.max(self.window_start(horizon));
+        let until = self.closed_until_ms;
+        self.beyond.retain(|start, _| *start >= until);
         closed
     }
 
@@ -483,6 +614,40 @@ mod tests {
         let closed = a.close_all();
         let overflow = closed[0].pairs.iter().find(|(k, _)| k.is_overflow()).expect("overflow pair");
         assert_eq!(overflow.1.total_requests(), 2);
+    }
+
+    #[test]
+    fn records_beyond_the_cap_are_glimpsed_within_each_reporters_share() {
+        let mut a = Aggregator::new(cfg(2), []);
+        a.add(&rec("a", "b", 1, 200), 0).unwrap();
+        a.add(&rec("a", "c", 1, 200), 0).unwrap();
+        // A flood of made-up callers of `b`, reported by b's sidecar, and one new edge that
+        // another sidecar reports while the cap is full.
+        let flooded = |i: u32| {
+            let mut r = rec(&format!("made-up-{i}"), "b", 2, 200);
+            r.reporter = Reporter::Destination;
+            r
+        };
+        for i in 0..(GLIMPSES_PER_REPORTER + 30) {
+            assert_eq!(a.add(&flooded(i), 0), Ok(Added::Overflowed));
+        }
+        assert_eq!(a.add(&flooded(0), 0), Ok(Added::Overflowed));
+        assert_eq!(a.add(&rec("a", "new", 3, 200), 0), Ok(Added::Overflowed));
+        let closed = a.close_all();
+        let u = &closed[0].unadmitted;
+        let of = |dst: &str| u.glimpses.iter().filter(|(k, _)| &*k.destination == dst).collect::<Vec<_>>();
+        assert_eq!(of("b").len(), GLIMPSES_PER_REPORTER as usize);
+        assert_eq!(of("b").iter().find(|(k, _)| &*k.source == "made-up-0").map(|(_, g)| g.flows), Some(2));
+        let new = of("new");
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].1, Glimpse { flows: 1, mtls: 1, bytes_out: 10 });
+        let crowd = |id: &str| u.crowds.iter().find(|c| &*c.identity == id).cloned();
+        let b = crowd("b").expect("b's crowd");
+        assert_eq!((b.reporter, b.records, b.unglimpsed), (Reporter::Destination, 47, 30));
+        let a_crowd = crowd("a").expect("a's crowd");
+        assert_eq!((a_crowd.reporter, a_crowd.records, a_crowd.unglimpsed), (Reporter::Source, 1, 0));
+        // Nothing of a closed window stays behind.
+        assert!(a.beyond.is_empty());
     }
 
     #[test]

@@ -740,7 +740,13 @@ mod tests {
             direction: Direction::Egress,
             reporter: Reporter::Source,
         };
-        let window = ClosedWindow { start_ms: 10_000, end_ms: 20_000, pairs: vec![(key, stats)], evicted: Vec::new() };
+        let window = ClosedWindow {
+            start_ms: 10_000,
+            end_ms: 20_000,
+            pairs: vec![(key, stats)],
+            evicted: Vec::new(),
+            ..Default::default()
+        };
         s.pairs.apply(&window);
         let (status, text) = get(router(s.clone()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);

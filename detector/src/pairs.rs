@@ -484,6 +484,7 @@ mod tests {
             end_ms: start + 10,
             pairs: vec![(key("a"), s.clone())],
             evicted: Vec::new(),
+            ..Default::default()
         };
         t.apply(&w(100));
         let changed = t.apply(&w(200));

@@ -242,7 +242,13 @@ mod tests {
         for _ in 0..requests {
             s.latency.add(20_000);
         }
-        ClosedWindow { start_ms, end_ms: start_ms + 10_000, pairs: vec![(key(), s)], evicted: Vec::new() }
+        ClosedWindow {
+            start_ms,
+            end_ms: start_ms + 10_000,
+            pairs: vec![(key(), s)],
+            evicted: Vec::new(),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -14,9 +14,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use meshwatch_collector::flow::Identity;
 use meshwatch_collector::flow::{Direction, Reporter};
 use meshwatch_collector::identity::Pattern;
-use meshwatch_collector::window::ClosedWindow;
+use meshwatch_collector::window::{ClosedWindow, PairKey};
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::{Anomalies, FindingRecord, bytes_text};
@@ -34,9 +35,10 @@ pub const POLICY_VIOLATION: &str = "policy_violation";
 pub const PATH_SCAN: &str = "path_scan";
 pub const DENIAL_SURGE: &str = "denial_surge";
 pub const RATE_LIMIT_SURGE: &str = "rate_limit_surge";
+pub const CARDINALITY_FLOOD: &str = "cardinality_flood";
 
 /// Every finding kind.
-pub const KINDS: [&str; 12] = [
+pub const KINDS: [&str; 13] = [
     NEW_EDGE,
     NEW_EGRESS,
     NEW_PRINCIPAL,
@@ -49,7 +51,12 @@ pub const KINDS: [&str; 12] = [
     PATH_SCAN,
     DENIAL_SURGE,
     RATE_LIMIT_SURGE,
+    CARDINALITY_FLOOD,
 ];
+
+/// New edges that one Envoy (a reporting identity, `PairKey::reporting`) reports in one
+/// window beyond which they are a flood of made-up identities, not edges one by one.
+pub const FLOOD_NEW_EDGES: u32 = 50;
 
 /// Whether an anomaly record's kind is a zero-trust finding.
 pub fn is_finding(kind: &str) -> bool {
@@ -288,6 +295,15 @@ impl std::fmt::Display for FlowsText {
     }
 }
 
+/// The source and destination of a flood's finding: `*` for the made-up side.
+fn flood_key((identity, reporter, _): &(Identity, Reporter, Direction)) -> (String, String) {
+    if *reporter == Reporter::Destination {
+        ("*".to_string(), identity.to_string())
+    } else {
+        (identity.to_string(), "*".to_string())
+    }
+}
+
 /// A finding about a source across its destinations (`destination` is `*`).
 fn source_finding(
     kind: &'static str,
@@ -379,10 +395,26 @@ impl Trust {
         let span_s = (w.end_ms - w.start_ms) as f64 / 1000.0;
 
         let mut window: HashMap<EdgeKey, WindowEdge> = HashMap::new();
+        let edge_key = |k: &PairKey| EdgeKey {
+            source: k.source.clone(),
+            destination: k.destination.clone(),
+            direction: k.direction,
+        };
+        // Beyond the pair cap, a glimpse of each pair: enough for the first-seen checks.
+        for (k, g) in &w.unadmitted.glimpses {
+            let e = window.entry(edge_key(k)).or_default();
+            e.flows = e.flows.max(g.flows);
+            e.bytes_out = e.bytes_out.max(g.bytes_out);
+            if k.reporter == Reporter::Destination {
+                e.mtls += g.mtls;
+                e.plaintext += g.flows.saturating_sub(g.mtls);
+            }
+            if !e.reporters.contains(&k.reporter) {
+                e.reporters.push(k.reporter);
+            }
+        }
         for (k, s) in w.pairs.iter().filter(|(k, _)| !k.is_overflow()) {
-            let e = window
-                .entry(EdgeKey { source: k.source.clone(), destination: k.destination.clone(), direction: k.direction })
-                .or_default();
+            let e = window.entry(edge_key(k)).or_default();
             let flows = s.flows();
             e.flows = e.flows.max(flows);
             e.errors = e.errors.max(s.errors);
@@ -403,6 +435,8 @@ impl Trust {
                 e.reporters.push(k.reporter);
             }
         }
+
+        self.floods(w, &mut window, learned, anomalies, &mut step);
 
         let mut keys: Vec<&EdgeKey> = window.keys().collect();
         keys.sort();
@@ -425,7 +459,7 @@ impl Trust {
                 reason,
             };
             let prev = self.edges.get(key).cloned();
-            let is_new = prev.as_ref().is_none_or(|p| w.start_ms - p.last_ms > self.cfg.forget_after_ms);
+            let is_new = self.is_new(key, w.start_ms);
             let flows_text = FlowsText(we.flows, span_s);
 
             let foreign = !self.cfg.trust_domains.is_empty()
@@ -524,6 +558,123 @@ impl Trust {
         self.last = window.iter().map(|(k, e)| (k.clone(), (e.flows, e.errors))).collect();
         self.expire(w, anomalies, &mut step);
         step
+    }
+
+    /// Whether an edge is new at `t_ms`: never seen, or unseen for `forget_after`.
+    fn is_new(&self, key: &EdgeKey, t_ms: i64) -> bool {
+        self.edges.get(key).is_none_or(|p| t_ms - p.last_ms > self.cfg.forget_after_ms)
+    }
+
+    /// Floods of made-up identities: an Envoy whose pairs beyond the cap did not all fit in
+    /// its share of glimpses, or that reports more than `FLOOD_NEW_EDGES` new edges in one
+    /// window (after learning). Its new edges leave `window` — not judged one by one, not
+    /// remembered — and one `cardinality_flood` finding per Envoy says how many and gives
+    /// examples; its known edges and every other Envoy's edges are judged as always.
+    fn floods(
+        &mut self,
+        w: &ClosedWindow,
+        window: &mut HashMap<EdgeKey, WindowEdge>,
+        learned: bool,
+        anomalies: &mut Anomalies,
+        step: &mut TrustStep,
+    ) {
+        type Group = (Identity, Reporter, Direction);
+        let group = |k: &EdgeKey, r: Reporter| -> Group {
+            let id = if r == Reporter::Destination { &k.destination } else { &k.source };
+            (id.clone(), r, k.direction)
+        };
+        // Per Envoy: records beyond the cap without a glimpse, and its new edges.
+        let mut crowded: HashMap<Group, u64> = HashMap::new();
+        for c in w.unadmitted.crowds.iter().filter(|c| c.unglimpsed > 0) {
+            crowded.insert((c.identity.clone(), c.reporter, c.direction), c.unglimpsed);
+        }
+        let flooding = self.open.keys().any(|k| k.3 == CARDINALITY_FLOOD);
+        if crowded.is_empty() && !learned && !flooding {
+            return;
+        }
+        let mut new_edges: Vec<EdgeKey> =
+            window.iter().filter(|(k, e)| e.flows > 0 && self.is_new(k, w.start_ms)).map(|(k, _)| k.clone()).collect();
+        new_edges.sort_unstable();
+        let mut new_per_group: HashMap<Group, u32> = HashMap::new();
+        if learned || flooding {
+            for k in &new_edges {
+                for &r in &window[k].reporters {
+                    *new_per_group.entry(group(k, r)).or_default() += 1;
+                }
+            }
+        }
+        // A flood's finding still open: its Envoy's new edges are part of it (a flood's first
+        // and last windows may carry a few).
+        let open = |g: &Group| {
+            let (src, dst) = flood_key(g);
+            self.open.contains_key(&(src, dst, g.2.as_str().to_string(), CARDINALITY_FLOOD.to_string()))
+        };
+        let flooded = |g: &Group| {
+            crowded.contains_key(g) || new_per_group.get(g).is_some_and(|n| *n > FLOOD_NEW_EDGES) || open(g)
+        };
+        if !new_per_group.keys().any(flooded) && crowded.is_empty() {
+            return;
+        }
+        #[derive(Default)]
+        struct Flood {
+            flows: u64,
+            edges: u32,
+            examples: Vec<Arc<str>>,
+        }
+        let mut floods: HashMap<Group, Flood> = HashMap::new();
+        for k in new_edges {
+            let groups: Vec<Group> = window[&k].reporters.iter().map(|&r| group(&k, r)).collect();
+            if !groups.iter().all(flooded) {
+                continue;
+            }
+            let Some(e) = window.remove(&k) else { continue };
+            for (g, r) in groups.into_iter().zip(&e.reporters) {
+                let f = floods.entry(g).or_default();
+                f.flows += e.flows;
+                f.edges += 1;
+                let other = if *r == Reporter::Destination { &k.source } else { &k.destination };
+                if f.examples.len() < 3 {
+                    f.examples.push(other.clone());
+                }
+            }
+        }
+        for (g, unglimpsed) in &crowded {
+            floods.entry(g.clone()).or_default().flows += unglimpsed;
+        }
+        let span_s = (w.end_ms - w.start_ms) as f64 / 1000.0;
+        let mut floods: Vec<(Group, Flood)> = floods.into_iter().collect();
+        floods.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((identity, reporter, direction), f) in floods {
+            let unglimpsed = crowded.get(&(identity.clone(), reporter, direction)).copied().unwrap_or(0);
+            let (source, destination) = flood_key(&(identity.clone(), reporter, direction));
+            let mut examples: Vec<&str> = f.examples.iter().map(|e| &**e).collect();
+            examples.sort_unstable();
+            let beyond = if unglimpsed > 0 {
+                format!(" and {unglimpsed} more of pairs beyond the pair cap (not tracked)")
+            } else {
+                String::new()
+            };
+            let (verb, whom) =
+                if reporter == Reporter::Destination { ("from", "callers") } else { ("to", "destinations") };
+            let reason = format!(
+                "{identity} reported {} {verb} {} {whom} never seen{beyond}, like a flood of made-up identities: {}",
+                FlowsText(f.flows.saturating_sub(unglimpsed), span_s),
+                f.edges,
+                if examples.is_empty() { "none tracked".to_string() } else { examples.join(", ") }
+            );
+            let record = FindingRecord {
+                kind: CARDINALITY_FLOOD,
+                source,
+                destination,
+                direction: direction.as_str(),
+                reporters: vec![reporter.as_str().to_string()],
+                severity: severity(CARDINALITY_FLOOD),
+                observed: f.flows as f64,
+                expected: 0.0,
+                reason,
+            };
+            self.raise(anomalies, record, w.end_ms, step);
+        }
     }
 
     /// Counts the destinations each source reached for the first time within the span,
@@ -770,7 +921,7 @@ mod tests {
     }
 
     fn window(start_ms: i64, pairs: Vec<(PairKey, PairStats)>) -> ClosedWindow {
-        ClosedWindow { start_ms, end_ms: start_ms + W, pairs, evicted: Vec::new() }
+        ClosedWindow { start_ms, end_ms: start_ms + W, pairs, evicted: Vec::new(), ..Default::default() }
     }
 
     const A: &str = "spiffe://mesh.test/ns/shop/sa/a";
@@ -874,6 +1025,79 @@ mod tests {
         let mut a = Anomalies::default();
         t.observe(&window(0, vec![(key(foreign, B, Direction::Ingress, Reporter::Destination), stats(1, 1))]), &mut a);
         assert_eq!(kinds(&a), vec![("foreign_principal".into(), foreign.into(), B.into())]);
+    }
+
+    #[test]
+    fn a_flood_of_made_up_callers_is_one_finding_and_does_not_hide_a_new_egress_destination() {
+        use meshwatch_collector::window::{Crowd, Glimpse, Unadmitted};
+        let mut t = Trust::new(config());
+        let mut a = Anomalies::default();
+        let start = learn(&mut t, &mut a, 400);
+        let made_up = |i: usize| format!("spiffe://mesh.test/ns/x/sa/made-up-{i:04}");
+        // B's sidecar reports 200 callers never seen that fit under the pair cap, 16 glimpses
+        // of more and 500 records beyond them; A's sidecar reports a new egress destination
+        // beyond the cap.
+        let mut pairs = steady(0);
+        for i in 0..200 {
+            pairs.push((key(&made_up(i), B, Direction::EastWest, Reporter::Destination), stats(1, 1)));
+        }
+        let mut glimpses: Vec<(PairKey, Glimpse)> = (200..216)
+            .map(|i| {
+                (
+                    key(&made_up(i), B, Direction::EastWest, Reporter::Destination),
+                    Glimpse { flows: 1, mtls: 1, bytes_out: 9 },
+                )
+            })
+            .collect();
+        let paste = key(A, "paste.example.net", Direction::Egress, Reporter::Source);
+        glimpses.push((paste, Glimpse { flows: 2, mtls: 0, bytes_out: 5_000 }));
+        let crowd = |id: &str, reporter, direction, records, unglimpsed| Crowd {
+            identity: Arc::from(id),
+            reporter,
+            direction,
+            records,
+            unglimpsed,
+        };
+        let crowds = vec![
+            crowd(A, Reporter::Source, Direction::Egress, 2, 0),
+            crowd(B, Reporter::Destination, Direction::EastWest, 516, 500),
+        ];
+        let mut w = window(start, pairs);
+        w.unadmitted = Unadmitted { glimpses, crowds };
+        t.observe(&w, &mut a);
+        let mut got = kinds(&a);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("cardinality_flood".into(), "*".into(), B.into()),
+                ("new_egress_destination".into(), A.into(), "paste.example.net".into())
+            ]
+        );
+        let flood = a.iter().find(|x| x.kind == CARDINALITY_FLOOD).expect("flood finding");
+        assert_eq!((flood.severity.as_str(), flood.observed), ("critical", 716.0));
+        assert!(
+            flood.reason.starts_with(&format!(
+                "{B} reported 216 requests or connections in 10 s from 216 callers never seen and 500 more of pairs beyond the pair cap (not tracked), like a flood of made-up identities: {}",
+                made_up(0)
+            )),
+            "{}",
+            flood.reason
+        );
+        // The made-up callers are not remembered; the new destination is.
+        assert_eq!(t.edges().count(), 3);
+        assert!(t.edges().any(|(k, _)| &*k.destination == "paste.example.net"));
+
+        // Fewer new callers than a flood, and all under the cap: each one is a finding.
+        let mut t = Trust::new(config());
+        let mut a = Anomalies::default();
+        let start = learn(&mut t, &mut a, 400);
+        let mut pairs = steady(0);
+        for i in 0..FLOOD_NEW_EDGES as usize {
+            pairs.push((key(&made_up(i), B, Direction::EastWest, Reporter::Destination), stats(1, 1)));
+        }
+        assert_eq!(t.observe(&window(start, pairs), &mut a).started, FLOOD_NEW_EDGES);
+        assert!(a.iter().all(|x| x.kind == NEW_PRINCIPAL));
     }
 
     #[test]

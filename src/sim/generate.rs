@@ -21,7 +21,9 @@ use envoy_types::pb::envoy::service::metrics::v3::StreamMetricsMessage;
 use envoy_types::pb::io::prometheus::client::MetricFamily;
 use prost::Message as _;
 
-use super::envoy::{FlowSpec, HttpSpec, TcpSpec, Template, Varying, identifier, metric_family, stats_identifier};
+use super::envoy::{
+    FlowSpec, HttpSpec, TcpSpec, Template, Varying, http_entry, identifier, metric_family, stats_identifier,
+};
 use super::random::Rng;
 use super::scenario::{Edge, IncidentKind, Protocol, Scenario};
 
@@ -146,6 +148,9 @@ pub struct Generator {
     streams: Vec<StreamInfo>,
     /// Entries waiting per stream (the repeated field's encoded records).
     pending: Vec<Vec<u8>>,
+    /// Per stream, where in `pending` a new message starts (messages stay under
+    /// `MESSAGE_BYTES`, as an Envoy's do).
+    cuts: Vec<Vec<usize>>,
     sent_identifier: Vec<bool>,
     edges: Vec<LiveEdge>,
     seq: u64,
@@ -153,6 +158,8 @@ pub struct Generator {
     /// Per (caller, callee) HTTP edge inside the mesh: what the caller's Envoy counted.
     upstream: BTreeMap<(usize, usize), UpstreamTotals>,
     stats_identified: Vec<bool>,
+    /// Draws of identity floods.
+    flood_rng: Rng,
 }
 
 fn spiffe(s: &Scenario, name: &str) -> String {
@@ -181,6 +188,10 @@ fn service_ip(i: usize) -> String {
 }
 
 const GATEWAY_IP: &str = "10.9.0.1";
+
+/// Entries per message, in bytes, at most about (an Envoy flushes its buffer at 16 KiB by
+/// default; meshwatch accepts 4 MiB).
+const MESSAGE_BYTES: usize = 1 << 20;
 
 /// How close together the requests of one burst are.
 const BURST_SPREAD_MS: u64 = 200;
@@ -373,12 +384,14 @@ impl Generator {
             slice_ms,
             streams,
             pending: vec![Vec::new(); n],
+            cuts: vec![Vec::new(); n],
             sent_identifier: vec![false; n],
             edges,
             seq: 0,
             total_entries: 0,
             upstream,
             stats_identified: vec![false; scenario_services],
+            flood_rng: Rng::derive(seed, "identity floods"),
         }
     }
 
@@ -416,6 +429,9 @@ impl Generator {
             .filter(|i| i.start_ms < self.end_ms)
             .map(|i| {
                 let (source, destination, direction) = match i.to {
+                    Some(to) if i.kind == IncidentKind::IdentityFlood => {
+                        ("*".to_string(), spiffe(s, &s.services[to].name), "east_west")
+                    }
                     Some(to) => {
                         let (src, dst, dir) = pair_names(s, i.from, to);
                         (src, dst, dir)
@@ -504,23 +520,33 @@ impl Generator {
         for k in 0..self.edges.len() {
             entries += self.edge_slice(k, start, end, shift_ms);
         }
+        entries += self.floods(start, end, shift_ms);
         self.total_entries += entries;
         let mut messages = Vec::new();
         for (i, buf) in self.pending.iter_mut().enumerate() {
             if buf.is_empty() {
                 continue;
             }
-            let mut msg = Vec::with_capacity(buf.len() + 256);
-            if !self.sent_identifier[i] {
-                self.sent_identifier[i] = true;
-                prost::encoding::message::encode(1, &self.streams[i].identifier, &mut msg);
+            let mut from = 0;
+            let cuts = std::mem::take(&mut self.cuts[i]);
+            for to in cuts.into_iter().chain([buf.len()]) {
+                if to <= from {
+                    continue;
+                }
+                let part = &buf[from..to];
+                from = to;
+                let mut msg = Vec::with_capacity(part.len() + 256);
+                if !self.sent_identifier[i] {
+                    self.sent_identifier[i] = true;
+                    prost::encoding::message::encode(1, &self.streams[i].identifier, &mut msg);
+                }
+                let field = if self.streams[i].log_name.contains("tcp") { 3 } else { 2 };
+                prost::encoding::encode_key(field, prost::encoding::WireType::LengthDelimited, &mut msg);
+                prost::encoding::encode_varint(part.len() as u64, &mut msg);
+                msg.extend_from_slice(part);
+                messages.push((i, Bytes::from(msg)));
             }
-            let field = if self.streams[i].log_name.contains("tcp") { 3 } else { 2 };
-            prost::encoding::encode_key(field, prost::encoding::WireType::LengthDelimited, &mut msg);
-            prost::encoding::encode_varint(buf.len() as u64, &mut msg);
-            msg.extend_from_slice(buf);
             buf.clear();
-            messages.push((i, Bytes::from(msg)));
         }
         if self.scenario.envoy_stats {
             stats.extend(self.stats_messages(end - 1 + shift_ms));
@@ -558,6 +584,63 @@ impl Generator {
             out.push((from, Bytes::from(StreamMetricsMessage { identifier, envoy_metrics: families }.encode_to_vec())));
         }
         out
+    }
+
+    /// The entries of identity floods in [start, end): server-side entries of the target's
+    /// sidecar, each from a made-up SPIFFE ID; returns how many.
+    fn floods(&mut self, start: i64, end: i64, shift_ms: i64) -> u64 {
+        let s = &self.scenario;
+        let active: Vec<(usize, i64, i64, f64)> = s
+            .incidents
+            .iter()
+            .filter(|i| i.kind == IncidentKind::IdentityFlood && i.start_ms < end && i.end_ms > start)
+            .filter_map(|i| Some((i.to?, start.max(i.start_ms), end.min(i.end_ms), i.magnitude)))
+            .collect();
+        let mut written = 0;
+        for (to, from, until, rate) in active {
+            let s = &self.scenario;
+            let callee = spiffe(s, &s.services[to].name);
+            let (callee_ip, authority) = (service_ip(to), format!("{}.{}:8080", s.services[to].name, s.namespace));
+            let n = self.flood_rng.poisson(rate * (until - from) as f64 / 1000.0);
+            for _ in 0..n {
+                self.seq += 1;
+                let made_up = format!("made-up-{:012x}", self.flood_rng.next_u64() >> 16);
+                let caller = spiffe(&self.scenario, &made_up);
+                let caller_ip = format!("10.250.{}.{}", self.seq / 250 % 250, self.seq % 250 + 1);
+                let t = from + self.flood_rng.below((until - from) as u64) as i64;
+                let entry = http_entry(&HttpSpec {
+                    flow: FlowSpec {
+                        start_ms: t + shift_ms,
+                        duration_us: 2_000,
+                        downstream_ip: &caller_ip,
+                        upstream_ip: &callee_ip,
+                        upstream_cluster: "inbound|8080||",
+                        flags: 0,
+                        peer_spiffe: Some(&caller),
+                        local_spiffe: Some(&callee),
+                        seq: self.seq,
+                    },
+                    authority: &authority,
+                    path: "/api",
+                    code: 200,
+                    request_body_bytes: 0,
+                    response_body_bytes: 100,
+                });
+                let stream = to * 4 + Logger::InboundHttp as usize;
+                prost::encoding::message::encode(1, &entry, &mut self.pending[stream]);
+                self.cut(stream);
+                written += 1;
+            }
+        }
+        written
+    }
+
+    /// Starts a new message of `stream` after its last entry if the current one is full.
+    fn cut(&mut self, stream: usize) {
+        let last = self.cuts[stream].last().copied().unwrap_or(0);
+        if self.pending[stream].len() - last >= MESSAGE_BYTES {
+            self.cuts[stream].push(self.pending[stream].len());
+        }
     }
 
     /// Traffic of one edge in [start, end); returns the entries written.
@@ -699,6 +782,7 @@ impl Generator {
         if let Some(t) = self.edges[k].templates[0].as_mut() {
             t.write(&v, &mut self.pending[client_stream]);
         }
+        self.cut(client_stream);
         let e = &mut self.edges[k];
         if tcp {
             e.counts[0].connections += 1
@@ -748,6 +832,7 @@ impl Generator {
         if let Some(t) = self.edges[k].templates[slot].as_mut() {
             t.write(v, &mut self.pending[server_stream]);
         }
+        self.cut(server_stream);
         let e = &mut self.edges[k];
         if tcp {
             e.counts[1].connections += 1
@@ -902,6 +987,53 @@ mod tests {
             all.extend(slice.messages);
         }
         (all, g.total_entries())
+    }
+
+    #[test]
+    fn a_flood_is_made_up_callers_of_one_sidecar_in_messages_of_bounded_size() {
+        use envoy_types::pb::envoy::service::accesslog::v3::{
+            StreamAccessLogsMessage, stream_access_logs_message as sm,
+        };
+        let text = SMALL.replace(
+            "[[incidents]]",
+            "[[incidents]]\nkind = \"identity_flood\"\nfrom = \"internet\"\nto = \"api\"\nstart = \"5m\"\nduration = \"1m\"\nmagnitude = 1000\n[[incidents]]",
+        );
+        let mut g = Generator::new(Scenario::parse(&text).expect("valid"), 1, 10_000);
+        let (mut callers, mut decoded) = (std::collections::HashSet::new(), 0u64);
+        while let Some(slice) = g.next_slice(0) {
+            for (stream, bytes) in slice.messages {
+                assert!(bytes.len() < MESSAGE_BYTES + 4096, "a message of {} bytes", bytes.len());
+                let m = StreamAccessLogsMessage::decode(bytes).expect("decodes");
+                let entries = match m.log_entries {
+                    Some(sm::LogEntries::HttpLogs(h)) => h.log_entry,
+                    Some(sm::LogEntries::TcpLogs(t)) => {
+                        decoded += t.log_entry.len() as u64;
+                        continue;
+                    }
+                    None => continue,
+                };
+                decoded += entries.len() as u64;
+                if stream != 2 * 4 + Logger::InboundHttp as usize {
+                    continue;
+                }
+                for e in entries {
+                    let peer =
+                        e.common_properties.and_then(|c| c.tls_properties).and_then(|t| t.peer_certificate_properties);
+                    let san = peer.and_then(|p| p.subject_alt_name.into_iter().next()).and_then(|s| s.san);
+                    if let Some(envoy_types::pb::envoy::data::accesslog::v3::tls_properties::certificate_properties::subject_alt_name::San::Uri(uri)) = san
+                        && uri.contains("made-up-")
+                    {
+                        callers.insert(uri);
+                    }
+                }
+            }
+        }
+        // Every entry is in a message; about 60,000 callers, every one new.
+        assert_eq!(decoded, g.total_entries());
+        assert!((58_000..62_000).contains(&callers.len()), "{} made-up callers", callers.len());
+        let truth = g.truth();
+        let flood = truth.iter().find(|t| t.kind == "identity_flood").expect("labelled");
+        assert_eq!((flood.source.as_str(), flood.destination.as_str()), ("*", "spiffe://cluster.local/ns/shop/sa/api"));
     }
 
     /// Variance over mean of the entries per 10 s slice of a one-edge mesh (an external

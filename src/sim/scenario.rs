@@ -209,10 +209,14 @@ pub enum IncidentKind {
     /// Share magnitude (default 0.3) of the requests of `from` to every destination denied
     /// with 403 (a workload whose permissions were revoked, or one probing).
     DenialSpread,
+    /// `to`'s sidecar receives magnitude requests per second (default 200) over mTLS from
+    /// made-up workloads, a new SPIFFE ID each (`from` is where they come from, `internet`
+    /// or a service; only `to`'s sidecar reports them).
+    IdentityFlood,
 }
 
 impl IncidentKind {
-    pub const ALL: [IncidentKind; 16] = [
+    pub const ALL: [IncidentKind; 17] = [
         IncidentKind::LatencyShift,
         IncidentKind::ErrorBurst,
         IncidentKind::TrafficDrop,
@@ -229,6 +233,7 @@ impl IncidentKind {
         IncidentKind::PolicyViolation,
         IncidentKind::DenialSpread,
         IncidentKind::PlaintextEdge,
+        IncidentKind::IdentityFlood,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -249,6 +254,7 @@ impl IncidentKind {
             IncidentKind::PolicyViolation => "policy_violation",
             IncidentKind::DenialSpread => "denial_spread",
             IncidentKind::PlaintextEdge => "plaintext_edge",
+            IncidentKind::IdentityFlood => "identity_flood",
         }
     }
 
@@ -270,12 +276,13 @@ impl IncidentKind {
             IncidentKind::DenialSurge | IncidentKind::RateLimitSurge | IncidentKind::DenialSpread => 0.3,
             IncidentKind::FanOutScan => 40.0,
             IncidentKind::EgressBytesSurge => 20.0,
+            IncidentKind::IdentityFlood => 200.0,
         }
     }
 
     /// Kinds that act on an edge the scenario already has.
     fn needs_existing_edge(self) -> bool {
-        !self.adds_edge()
+        !self.adds_edge() && self != IncidentKind::IdentityFlood
     }
 
     /// Kinds that add traffic on an edge the scenario does not have.
@@ -627,7 +634,7 @@ impl Scenario {
                         services[to].name
                     ));
                 }
-                if !kind.needs_existing_edge() && exists {
+                if kind.adds_edge() && exists {
                     problems.push(format!("{what}: {} needs an edge that does not exist yet", kind.as_str()));
                 }
                 let external_target = services[to].external;
@@ -636,7 +643,8 @@ impl Scenario {
                     IncidentKind::NewEdge
                     | IncidentKind::NewPrincipal
                     | IncidentKind::ForeignPrincipal
-                    | IncidentKind::PlaintextEdge => Some(false),
+                    | IncidentKind::PlaintextEdge
+                    | IncidentKind::IdentityFlood => Some(false),
                     _ => None,
                 };
                 if wants_external.is_some_and(|w| w != external_target) {
@@ -746,11 +754,20 @@ mod tests {
         let names: Vec<&str> = loaded.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["bursty-mesh.toml", "demo.toml", "quiet-mesh.toml", "rough-mesh.toml", "shop.toml", "small-mesh.toml"]
+            [
+                "bursty-mesh.toml",
+                "demo.toml",
+                "flood-live.toml",
+                "flood-mesh.toml",
+                "quiet-mesh.toml",
+                "rough-mesh.toml",
+                "shop.toml",
+                "small-mesh.toml"
+            ]
         );
         let (_, bursty) = &loaded[0];
         assert!(bursty.edges.iter().any(|e| e.burst == 8.0), "bursty-mesh has bursts of 8");
-        let (_, rough) = &loaded[3];
+        let (_, rough) = &loaded[5];
         assert!(rough.edges.iter().any(|e| e.error_clusters == 0.1), "rough-mesh has clusters of errors");
         assert!(rough.edges.iter().all(|e| e.deploy_every_ms > 0), "rough-mesh has deploys on every edge");
     }
