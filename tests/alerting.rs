@@ -594,3 +594,86 @@ kinds = ["mtls_*"]
     assert_eq!(late["payload"]["component"], REPORTS);
     assert!(mw.stop().success());
 }
+
+/// `SCENARIO`'s mesh with an external API, a flood of made-up callers of the catalog from
+/// 20 to 40 minutes (200 a second, a new SPIFFE ID each) and, during it, a new egress
+/// destination of the frontend at 25 minutes.
+const FLOOD: &str = r#"
+name = "flood-alerts"
+start = "2026-01-05"
+duration = "45m"
+namespace = "shop"
+seed = 5
+services = [{ name = "frontend" }, { name = "cart" }, { name = "catalog" }, { name = "paste.example.net", external = true }]
+[[edges]]
+from = "internet"
+to = "frontend"
+rate = 5
+[[edges]]
+from = "frontend"
+to = ["cart", "catalog"]
+rate = 3
+[[incidents]]
+kind = "identity_flood"
+from = "internet"
+to = "catalog"
+start = "20m"
+duration = "20m"
+magnitude = 200
+[[incidents]]
+kind = "new_egress"
+from = "frontend"
+to = "paste.example.net"
+start = "25m"
+duration = "10m"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_made_up_identities_pages_once_and_the_real_page_comes_through_during_it() {
+    let dir = TempDir::new("alerting-flood");
+    let hook = Recorder::start(Answer::Status(200, None)).await;
+    let receivers = format!(
+        "[[alerting.receivers]]\nname = \"hook\"\ntype = \"webhook\"\nurl = \"{}/hook\"\nsecret = \"k\"\n",
+        hook.url()
+    );
+    let (scenario_path, config) = setup(dir.path(), FLOOD, "", &receivers);
+    // A pair cap of 100: the flood fills it within a second and goes on beyond it.
+    let env = [
+        ("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string()),
+        ("MESHWATCH_LIMITS__MAX_PAIRS", "100".to_string()),
+    ];
+    let mw = Meshwatch::start(&config, &env);
+    // 45 minutes at 60×: the new egress destination starts 25 s after the simulator, the
+    // flood (240,000 made-up callers) ends 40 s after it.
+    let grpc = mw.grpc.to_string();
+    let started = std::time::Instant::now();
+    let play = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_meshwatch"))
+            .arg("simulate")
+            .arg(&scenario_path)
+            .args(["--target", &grpc, "--rate", "60x", "--clock", "simulated"])
+            .output()
+            .unwrap()
+    });
+    let firing = |kind: &str| statuses(&hook.taken()).iter().any(|(_, k, s)| k == kind && s == "firing");
+    let mut egress_at = None;
+    while started.elapsed() < Duration::from_secs(60) && egress_at.is_none() {
+        if firing("new_egress_destination") {
+            egress_at = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let egress_at = egress_at.unwrap_or_else(|| panic!("no new_egress_destination page: {}", mw.logs()));
+    // While the flood still goes on (it ends 40 s in; the page came 30 s in, 5 s after the
+    // destination's first request, on an idle machine).
+    assert!(egress_at < Duration::from_secs(40), "paged {egress_at:?} after the simulator started");
+    assert!(play.join().unwrap().status.success());
+    let m = mw.metrics_until(Duration::from_secs(10), |_| true).await;
+    assert!(m.sum("meshwatch_pairs_overflow_entries_total", &[]) > 100_000.0, "the flood went beyond the cap");
+    assert!(mw.stop().success());
+    // One page for the flood, one for the destination: none per made-up identity.
+    let mut kinds: Vec<String> =
+        statuses(&hook.taken()).into_iter().filter(|(_, _, s)| s == "firing").map(|(_, k, _)| k).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["cardinality_flood", "new_egress_destination"]);
+}
