@@ -361,6 +361,13 @@ async fn a_receiver_back_from_an_outage_gets_its_queue_with_the_next_notificatio
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(hook.refused() >= 1, "the downgrade's firing was tried: {}", mw.logs());
+    // While the sender waits out its backoff, the outbox's oldest age keeps growing at each
+    // scrape (it is not the value of the sender's last attempt).
+    let age = |m: &Metrics| m.get("meshwatch_outbox_oldest_age_seconds", &[("receiver", "hook")]).unwrap_or(0.0);
+    let before = age(&mw.metrics().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = age(&mw.metrics().await);
+    assert!(after - before >= 2.5, "oldest age {before} s, then {after} s three seconds later");
     hook.answer(Answer::Status(200, None));
     let back = std::time::Instant::now();
     let taken = hook.until(Duration::from_secs(70), |t| !t.is_empty()).await;

@@ -112,7 +112,57 @@ pub struct NotifyMetrics {
     pub retried: IntCounterVec,
     pub dead_lettered: IntCounterVec,
     pub depth: IntGaugeVec,
-    pub oldest_age: prometheus::GaugeVec,
+    /// When each receiver's oldest queued notification was made; its age is read at scrape
+    /// time, so it grows while a sender waits out a backoff.
+    pub oldest: OldestQueued,
+}
+
+/// `meshwatch_outbox_oldest_age_seconds`, computed at each scrape from the creation time of
+/// each receiver's oldest queued notification (0 when its queue is empty).
+#[derive(Clone, Debug)]
+pub struct OldestQueued {
+    created_ms: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<i64>>>>,
+    desc: prometheus::core::Desc,
+}
+
+const OLDEST_AGE: &str = "meshwatch_outbox_oldest_age_seconds";
+const OLDEST_AGE_HELP: &str = "Age of the oldest notification queued for a receiver.";
+
+impl OldestQueued {
+    fn new() -> prometheus::Result<OldestQueued> {
+        let desc = prometheus::core::Desc::new(
+            OLDEST_AGE.into(),
+            OLDEST_AGE_HELP.into(),
+            vec!["receiver".into()],
+            std::collections::HashMap::new(),
+        )?;
+        Ok(OldestQueued { created_ms: Arc::default(), desc })
+    }
+
+    /// Sets when `receiver`'s oldest queued notification was made (`None`: nothing queued).
+    pub fn set(&self, receiver: &str, created_ms: Option<i64>) {
+        let mut m = self.created_ms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.insert(receiver.to_string(), created_ms);
+    }
+}
+
+impl prometheus::core::Collector for OldestQueued {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Ok(gauges) = prometheus::GaugeVec::new(Opts::new(OLDEST_AGE, OLDEST_AGE_HELP), &["receiver"]) else {
+            return Vec::new();
+        };
+        let now = wall_clock_ms();
+        let m = self.created_ms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (receiver, created) in m.iter() {
+            let age = created.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+            gauges.with_label_values(&[receiver.as_str()]).set(age);
+        }
+        gauges.collect()
+    }
 }
 
 impl NotifyMetrics {
@@ -127,11 +177,8 @@ impl NotifyMetrics {
             &["receiver"],
         )?;
         registry.register(Box::new(depth.clone()))?;
-        let oldest_age = prometheus::GaugeVec::new(
-            Opts::new("meshwatch_outbox_oldest_age_seconds", "Age of the oldest notification queued for a receiver."),
-            &["receiver"],
-        )?;
-        registry.register(Box::new(oldest_age.clone()))?;
+        let oldest = OldestQueued::new()?;
+        registry.register(Box::new(oldest.clone()))?;
         Ok(NotifyMetrics {
             sent: counter("meshwatch_notifications_sent_total", "Notifications a receiver acknowledged.")?,
             failed: counter("meshwatch_notifications_failed_total", "Delivery attempts that failed.")?,
@@ -141,7 +188,7 @@ impl NotifyMetrics {
                 "Notifications given up on (refused for good, or too old) and moved to the dead-letter list.",
             )?,
             depth,
-            oldest_age,
+            oldest,
         })
     }
 }
@@ -373,8 +420,7 @@ impl Delivery {
         if let Some((depth, oldest)) = blocking(move || store.depth(&name)).await {
             let r = [self.receiver.name.as_str()];
             self.metrics.depth.with_label_values(&r).set(i64::try_from(depth).unwrap_or(i64::MAX));
-            let age = oldest.map_or(0.0, |t| (wall_clock_ms() - t).max(0) as f64 / 1000.0);
-            self.metrics.oldest_age.with_label_values(&r).set(age);
+            self.metrics.oldest.set(&self.receiver.name, oldest);
         }
     }
 
@@ -407,7 +453,7 @@ impl Delivery {
             // The queue's depth needs a scan of it: at most once a second while it drains.
             if head.is_none() {
                 self.metrics.depth.with_label_values(&r).set(0);
-                self.metrics.oldest_age.with_label_values(&r).set(0.0);
+                self.metrics.oldest.set(&self.receiver.name, None);
             } else if gauges_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 gauges_at = Some(tokio::time::Instant::now());
                 self.refresh_gauges().await;
