@@ -11,7 +11,7 @@
 //!
 //! Pure: the caller passes closed windows and the anomaly registry the findings go to.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use meshwatch_collector::flow::Identity;
@@ -589,7 +589,9 @@ impl Trust {
             crowded.insert((c.identity.clone(), c.reporter, c.direction), c.unglimpsed);
         }
         let flooding = self.open.keys().any(|k| k.3 == CARDINALITY_FLOOD);
-        if crowded.is_empty() && !learned && !flooding {
+        // No Envoy can have more than `FLOOD_NEW_EDGES` new edges in a window with fewer edges.
+        let many = learned && window.len() > FLOOD_NEW_EDGES as usize;
+        if crowded.is_empty() && !many && !flooding {
             return;
         }
         let mut new_edges: Vec<EdgeKey> =
@@ -603,16 +605,19 @@ impl Trust {
                 }
             }
         }
-        // A flood's finding still open: its Envoy's new edges are part of it (a flood's first
-        // and last windows may carry a few).
+        // The flooded Envoys: beyond their share, too many new edges, or with a flood's finding
+        // still open (a flood's first and last windows may carry a few).
         let open = |g: &Group| {
             let (src, dst) = flood_key(g);
             self.open.contains_key(&(src, dst, g.2.as_str().to_string(), CARDINALITY_FLOOD.to_string()))
         };
-        let flooded = |g: &Group| {
-            crowded.contains_key(g) || new_per_group.get(g).is_some_and(|n| *n > FLOOD_NEW_EDGES) || open(g)
-        };
-        if !new_per_group.keys().any(flooded) && crowded.is_empty() {
+        let flooded: HashSet<Group> = new_per_group
+            .iter()
+            .filter(|(g, n)| **n > FLOOD_NEW_EDGES || open(g))
+            .map(|(g, _)| g.clone())
+            .chain(crowded.keys().cloned())
+            .collect();
+        if flooded.is_empty() {
             return;
         }
         #[derive(Default)]
@@ -624,7 +629,7 @@ impl Trust {
         let mut floods: HashMap<Group, Flood> = HashMap::new();
         for k in new_edges {
             let groups: Vec<Group> = window[&k].reporters.iter().map(|&r| group(&k, r)).collect();
-            if !groups.iter().all(flooded) {
+            if !groups.iter().all(|g| flooded.contains(g)) {
                 continue;
             }
             let Some(e) = window.remove(&k) else { continue };

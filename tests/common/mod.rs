@@ -673,10 +673,21 @@ pub fn replay_files(dir: &Path, scenario: &str, settings: &str) -> (PathBuf, Pat
 /// Plays `scenario` into `mw` with `meshwatch simulate` and `args`; asserts it succeeded and
 /// returns what it printed.
 pub fn simulate_into(mw: &Meshwatch, scenario: &Path, args: &[&str]) -> String {
+    simulate_at(&mw.grpc.to_string(), scenario, args)
+}
+
+/// `simulate_into` on a thread of its own, for tests that watch meshwatch while it plays.
+pub fn simulate_in_background(mw: &Meshwatch, scenario: &Path, args: &[&str]) -> std::thread::JoinHandle<String> {
+    let (target, scenario) = (mw.grpc.to_string(), scenario.to_path_buf());
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || simulate_at(&target, &scenario, &args.iter().map(String::as_str).collect::<Vec<_>>()))
+}
+
+fn simulate_at(target: &str, scenario: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_meshwatch"))
         .arg("simulate")
         .arg(scenario)
-        .args(["--target", &mw.grpc.to_string()])
+        .args(["--target", target])
         .args(args)
         .output()
         .unwrap();
