@@ -188,7 +188,7 @@ pub fn score(truth: &[Truth], detections: &[Detection], pair_days: f64, slack_ms
     }
     let false_detections = true_detection.iter().filter(|t| !**t).count();
     let false_examples =
-        detections.iter().zip(&true_detection).filter(|(_, t)| !**t).take(20).map(|(d, _)| d.clone()).collect();
+        detections.iter().zip(&true_detection).filter(|(_, t)| !**t).take(200).map(|(d, _)| d.clone()).collect();
     Quality {
         per_kind,
         incidents,

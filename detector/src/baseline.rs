@@ -152,6 +152,11 @@ pub struct CountBaseline {
     /// model's trailer), so that the layout above reads as it was written before.
     #[serde(skip)]
     pub spread: LearntSpread,
+    /// Per weekday, the decayed sum of what the level and daily shape expected of its
+    /// windows: `weekly[d]` is the decayed sum of what came, over it (`learn_weekday`).
+    /// Stored in the model's trailer, like `spread`.
+    #[serde(skip)]
+    pub weekday_expected: [f64; 7],
 }
 
 /// A count's variance as learnt from its residuals: `var = φ·λ + κ·λ²`, with φ (the
@@ -257,6 +262,7 @@ impl Default for CountBaseline {
             shift_sum: 0.0,
             first_day: [(0.0, 0); 24],
             spread: LearntSpread::default(),
+            weekday_expected: [0.0; 7],
         }
     }
 }
@@ -283,6 +289,14 @@ fn interpolated(daily: &[f64; 24], t_ms: i64) -> f64 {
 const LEVEL_MEMORY_MS: f64 = DAY_MS;
 const DAILY_SLOT_MEMORY_MS: f64 = 3.0 * HOUR_MS;
 const WEEKLY_SLOT_MEMORY_MS: f64 = 2.0 * DAY_MS;
+/// A weekday's factor is settled (applies) after two hours of that day that expected at least
+/// `WEEKDAY_MIN_EXPECTED` counts, or after a whole day; until then the day is expected as the
+/// days before it, its windows teach its factor from their counts unclipped, and a rate is
+/// judged with `model::UNSETTLED_WEEKDAY`'s allowance.
+const WEEKDAY_SETTLE_MS: f64 = 2.0 * HOUR_MS;
+pub(crate) const WEEKDAY_MIN_EXPECTED: f64 = 20.0;
+/// The counts at a factor of 1 that a weekday's factor starts from.
+const WEEKDAY_PRIOR_EXPECTED: f64 = 5.0;
 const SHORT_MEMORY_MS: f64 = HOUR_MS / 4.0;
 const DISPERSION_MEMORY_MS: f64 = HOUR_MS;
 
@@ -292,10 +306,45 @@ impl CountBaseline {
         interpolated(&self.daily, t_ms) * self.weekly_factor(calendar(t_ms).1, cadence)
     }
 
-    /// The weekly shape applies once every weekday has taught it for half a day: before, the
-    /// factor of a day not yet seen would be a guess against days that were.
+    /// A weekday's factor applies once it is settled; before, the day is expected as the days
+    /// the level learnt from.
     fn weekly_factor(&self, weekday: usize, cadence: Cadence) -> f64 {
-        if self.weekly_n.iter().all(|&n| u64::from(n) >= cadence.day() / 2) { self.weekly[weekday] } else { 1.0 }
+        if self.weekday_settled(weekday, cadence) { self.weekly[weekday] } else { 1.0 }
+    }
+
+    /// Whether `weekday`'s factor has been learnt: two hours of that day with at least
+    /// `WEEKDAY_MIN_EXPECTED` counts expected, or a whole day.
+    pub fn weekday_settled(&self, weekday: usize, cadence: Cadence) -> bool {
+        let n = f64::from(self.weekly_n[weekday]);
+        n >= cadence.day() as f64
+            || (n >= cadence.windows(WEEKDAY_SETTLE_MS, 1.0) && self.weekday_expected[weekday] >= WEEKDAY_MIN_EXPECTED)
+    }
+
+    /// Whether the window at `t_ms` is on a weekday whose factor is still being learnt, after
+    /// the first day (a pair's first week: each day is new once).
+    pub fn unsettled_at(&self, t_ms: i64, cadence: Cadence) -> bool {
+        self.windows >= cadence.day() && !self.weekday_settled(calendar(t_ms).1, cadence)
+    }
+
+    /// Teaches `weekday`'s factor a window of `x` where the level and daily shape expected
+    /// `lambda0`: the factor is the decayed sum of counts over the decayed sum of
+    /// expectations, on a prior of `WEEKDAY_PRIOR_EXPECTED` counts at 1. Once every weekday
+    /// is settled the factors are kept at a mean of 1, the level taking the difference, so
+    /// that no expectation moves.
+    fn learn_weekday(&mut self, weekday: usize, x: f64, lambda0: f64, cadence: Cadence) {
+        let memory = cadence.windows(WEEKLY_SLOT_MEMORY_MS, 2.0);
+        let sum = &mut self.weekday_expected[weekday];
+        *sum = *sum * (1.0 - 1.0 / memory) + lambda0;
+        let w = &mut self.weekly[weekday];
+        *w = (*w + (x - *w * lambda0) / (WEEKDAY_PRIOR_EXPECTED + *sum)).clamp(0.01, 10.0);
+        self.weekly_n[weekday] = self.weekly_n[weekday].saturating_add(1);
+        if (0..7).all(|d| self.weekday_settled(d, cadence)) {
+            let mean = self.weekly.iter().sum::<f64>() / 7.0;
+            if mean > 0.0 {
+                self.weekly.iter_mut().for_each(|f| *f /= mean);
+                self.level *= mean;
+            }
+        }
     }
 
     /// Expected count in the window at `t_ms`.
@@ -304,8 +353,10 @@ impl CountBaseline {
     }
 
     /// Learns from one window's count; `anomalous` windows teach nothing unless the shift
-    /// lasts `adapt_after` windows.
-    pub fn update(&mut self, x: f64, t_ms: i64, anomalous: bool, adapt_after: u32, cadence: Cadence) {
+    /// lasts `adapt_after` windows. True when what the baseline expects has just changed at
+    /// once (the first day calibrated it, or a weekday's factor settled): expectations kept
+    /// from before are stale.
+    pub fn update(&mut self, x: f64, t_ms: i64, anomalous: bool, adapt_after: u32, cadence: Cadence) -> bool {
         let day_windows = cadence.day();
         let season = self.season(t_ms, cadence).max(1e-3);
         let lambda = self.level * season * self.short;
@@ -319,33 +370,38 @@ impl CountBaseline {
                 self.shifted = 0;
                 self.shift_sum = 0.0;
             }
-            return;
+            return false;
         }
         self.shifted = 0;
         self.shift_sum = 0.0;
         // A count's clip is never under Poisson's at one expected: a single request where
         // 0.01 were expected is not an outlier to cut down.
         let sd = self.spread.variance(if self.spread.counts { lambda.max(1.0) } else { lambda }).sqrt();
+        let (_, weekday) = calendar(t_ms);
+        let unsettled = self.unsettled_at(t_ms, cadence) && self.level > 0.0;
+        if unsettled {
+            // A day of the week not learnt yet: its windows teach its factor from what they
+            // hold, not clipped to what the other days expect.
+            let lambda0 = self.level * interpolated(&self.daily, t_ms);
+            let cap = (10.0 * lambda0).max(lambda0 + 10.0 * sd);
+            self.learn_weekday(weekday, x.min(cap), lambda0, cadence);
+        }
         let clipped = if self.windows < 30 { x } else { x.clamp(lambda - 3.0 * sd, lambda + 3.0 * sd).max(0.0) };
         // The level: a running mean at first, then about a day of memory.
         self.level += rate(self.windows, cadence.windows(LEVEL_MEMORY_MS, 4.0)) * (clipped / season - self.level);
         if self.windows >= 30 && self.level > 0.0 {
-            let (hour, weekday) = calendar(t_ms);
-            let h = hour.floor() as usize % 24;
+            let h = calendar(t_ms).0.floor() as usize % 24;
             let weekly_now = self.weekly_factor(weekday, cadence);
             let daily_ratio = (clipped / (self.level * weekly_now)).min(10.0);
             let daily_memory = cadence.windows(DAILY_SLOT_MEMORY_MS, 3.0);
             self.daily[h] += rate(u64::from(self.daily_n[h]), daily_memory) * (daily_ratio - self.daily[h]);
             self.daily_n[h] = self.daily_n[h].saturating_add(1);
             // The weekly shape only once a day has taught the level and the daily shape.
-            if self.windows >= day_windows {
-                let weekly_ratio = (clipped / (self.level * season / weekly_now)).min(10.0);
-                self.weekly[weekday] +=
-                    (weekly_ratio - self.weekly[weekday]) / cadence.windows(WEEKLY_SLOT_MEMORY_MS, 2.0);
-                self.weekly_n[weekday] = self.weekly_n[weekday].saturating_add(1);
+            if self.windows >= day_windows && !unsettled {
+                let lambda0 = self.level * season / weekly_now;
+                self.learn_weekday(weekday, clipped, lambda0, cadence);
             }
             normalize(&mut self.daily);
-            normalize(&mut self.weekly);
             let short_ratio = (clipped / (self.level * self.season(t_ms, cadence)).max(1e-9)).clamp(1.0 / 3.0, 3.0);
             self.short += (short_ratio - self.short) / cadence.windows(SHORT_MEMORY_MS, 4.0);
             if lambda > 0.0 {
@@ -360,7 +416,14 @@ impl CountBaseline {
         self.windows += 1;
         if self.windows == day_windows {
             self.calibrate_from_first_day();
+            return true;
         }
+        let settled_now = unsettled && self.weekday_settled(weekday, cadence);
+        if settled_now {
+            // The weekday's factor now explains what the short factor followed meanwhile.
+            self.short = 1.0;
+        }
+        settled_now
     }
 
     /// Sets the level and the daily shape from the first day's hourly means. A pair busy in
@@ -669,6 +732,9 @@ impl Default for LatencyBaseline {
     }
 }
 
+/// The fewest values a latency level remembers, however many windows each was pooled from.
+const POOLED_MEMORY: f64 = 100.0;
+
 /// Floor of the variation between windows (log units): about 5 %.
 const MIN_BETWEEN_VAR: f64 = 0.05 * 0.05;
 
@@ -704,7 +770,12 @@ impl LatencyBaseline {
         }
         self.shifted = 0;
         self.shift_sum = 0.0;
-        let a = rate(self.windows, cadence.windows(LATENCY_MEMORY_MS, 30.0));
+        // The memory is in time: a value pooled from `span` windows counts for all of them,
+        // but it holds at least `POOLED_MEMORY` such values (each a quantile of few requests:
+        // fewer would learn a shift before it is significant).
+        let windows = cadence.windows(LATENCY_MEMORY_MS, 30.0);
+        let memory = (windows / f64::from(span.max(1))).max(windows.min(POOLED_MEMORY));
+        let a = rate(self.windows, memory);
         if self.windows == 0 {
             self.mean = log_value;
         } else {
@@ -956,8 +1027,10 @@ pub(crate) mod tests {
         let t_evening = 7 * 86_400_000 + 18 * 3_600_000;
         let ratio = b.season(t_evening, Cadence::default()) / b.season(t_morning, Cadence::default());
         assert!((3.2..4.8).contains(&ratio), "evening over morning {ratio}");
-        // The level is the daily mean, 25; the expectation follows the shape.
-        assert!((b.level - 25.0).abs() < 4.0, "{}", b.level);
+        // The expectation's mean over a day is the series', 25.
+        let t = |h: i64| 6 * 86_400_000 + h * 3_600_000 + 1_800_000;
+        let mean = (0..24).map(|h| b.level * b.season(t(h), Cadence::default())).sum::<f64>() / 24.0;
+        assert!((mean - 25.0).abs() < 4.0, "{mean}");
     }
 
     /// Deterministic draws for the tests: xorshift uniforms, Poisson by inversion (normal
@@ -977,7 +1050,7 @@ pub(crate) mod tests {
             ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
         }
 
-        fn normal(&mut self) -> f64 {
+        pub(crate) fn normal(&mut self) -> f64 {
             (-2.0 * self.uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.uniform()).cos()
         }
 

@@ -11,7 +11,7 @@ use meshwatch_collector::window::PairStats;
 
 use crate::baseline::{
     Assessment, BytesBaseline, Cadence, CountBaseline, LatencyBaseline, LearntSpread, Lesson, RatioBaseline,
-    RatioSpread,
+    RatioSpread, WEEKDAY_MIN_EXPECTED,
 };
 use crate::upstream::{UpstreamModel, UpstreamObs};
 
@@ -354,6 +354,10 @@ pub struct PairModel {
     /// evidence is suspect (see `LongRatios`). Not persisted.
     #[serde(skip)]
     suspect: [bool; 3],
+    /// Per latency quantile: windows in a row without a verdict while its detection is
+    /// active (too few requests to tell), held for at most `adapt_after`. Not persisted.
+    #[serde(skip)]
+    unjudged: [u32; 3],
 }
 
 /// The ratios' long spans, in blocks of `LongRatios` besides the ring: evidence that adds up
@@ -575,25 +579,43 @@ impl Default for PairModel {
             slow: SlowMedian::default(),
             long: LongRatios::default(),
             suspect: [false; 3],
+            unjudged: [0; 3],
         }
     }
 }
 
-/// A count of requests or connections (`x`, summed over a scale) against what its baseline
-/// expected: the assessment, and whether it is hot (significant, and at least double or down
-/// to under a third, five apart). `None` before the baseline has its `min_signal_windows`, and
-/// for silence where less than one was expected.
+/// How far a weekday whose factor is still being learnt may be from the days the level was
+/// learnt on, and be that day's normal: weekends at a fifth of the weekdays, or at twice.
+const UNSETTLED_WEEKDAY: (f64, f64) = (0.2, 2.0);
+
+/// A count of requests or connections (`x`, summed over a scale, up to the window at `t_ms`)
+/// against what its baseline expected: the assessment, and whether it is hot (significant,
+/// and at least double or down to under a third, five apart). On a weekday whose factor is
+/// still being learnt, the deviation must also be significant beyond `UNSETTLED_WEEKDAY`
+/// (the assessment's p-value and band say so). `None` before the baseline has its
+/// `min_signal_windows`, and for silence where less than one was expected.
 pub(crate) fn rate_verdict(
     baseline: &CountBaseline,
     x: f64,
     expected: f64,
+    t_ms: i64,
     cfg: &DetectorConfig,
 ) -> Option<(Assessment, bool)> {
     if baseline.windows < cfg.min_signal_windows() || (x == 0.0 && expected < 0.5) {
         return None;
     }
     let p = cfg.threshold_p;
-    let a = baseline.assess(x, expected, p);
+    let mut a = baseline.assess(x, expected, p);
+    if baseline.unsettled_at(t_ms, cfg.cadence) {
+        let (down, up) = UNSETTLED_WEEKDAY;
+        let (low, high) = (baseline.assess(x, down * expected, p), baseline.assess(x, up * expected, p));
+        let beyond = match (a.high, x < down * expected, x > up * expected) {
+            (false, true, _) => low.p_value,
+            (true, _, true) => high.p_value,
+            _ => 1.0,
+        };
+        a = Assessment { p_value: a.p_value.max(beyond), lower: low.lower, upper: high.upper, ..a };
+    }
     let significant = a.p_value < p;
     let high = significant && a.high && x >= 2.0 * expected && x - expected >= 5.0;
     let low = significant && !a.high && x <= 0.3 * expected && expected - x >= 5.0;
@@ -605,6 +627,7 @@ const TRAILER_MAGIC: [u8; 4] = *b"MWt1";
 const TRAILER_MAGIC_V2: [u8; 4] = *b"MWt2";
 const TRAILER_MAGIC_V3: [u8; 4] = *b"MWt3";
 const TRAILER_MAGIC_V4: [u8; 4] = *b"MWt4";
+const TRAILER_MAGIC_V5: [u8; 4] = *b"MWt5";
 
 /// Whether a ratio's assessment over `scale` windows is hot: significant, at least 3 events,
 /// at least double the expected ratio and a point above it, and (over several windows) events
@@ -649,9 +672,11 @@ impl PairModel {
     /// The model as bytes, for the store; `from_bytes` gives back a model that scores and
     /// learns exactly as this one. The upstream model follows the rest, so that bytes written
     /// before it existed still read (as a model without one); then a trailer, its length and
-    /// a magic: `TRAILER_MAGIC_V4`, the half-hour median, the rate baselines' learnt spreads,
-    /// the ratio baselines' learnt over-dispersion and the ratios' long spans. Older bytes
-    /// still read: `TRAILER_MAGIC_V3` (no long spans, and the over-dispersion's moments in
+    /// a magic: `TRAILER_MAGIC_V5`, the half-hour median, the rate baselines' learnt spreads,
+    /// the ratio baselines' learnt over-dispersion, the ratios' long spans and the rate
+    /// baselines' weekday evidence. Older bytes still read: `TRAILER_MAGIC_V4` (no weekday
+    /// evidence: a weekday that taught its factor counts as settled once it has for two
+    /// hours), `TRAILER_MAGIC_V3` (no long spans, and the over-dispersion's moments in
     /// older units: its ρ is kept, `RatioSpread::migrated`), `TRAILER_MAGIC_V2` (no
     /// over-dispersion: ratios start binomial), `TRAILER_MAGIC` (the half-hour median alone;
     /// spreads start from the stored dispersion) and, before any trailer, bytes that end with a
@@ -662,10 +687,11 @@ impl PairModel {
             bytes.extend(postcard::to_stdvec(u.as_ref()).unwrap_or_default());
         }
         let trailer =
-            postcard::to_stdvec(&(&self.slow, self.spreads(), self.ratio_spreads(), &self.long)).unwrap_or_default();
+            postcard::to_stdvec(&(&self.slow, self.spreads(), self.ratio_spreads(), &self.long, self.weekdays()))
+                .unwrap_or_default();
         bytes.extend(&trailer);
         bytes.extend((trailer.len() as u32).to_le_bytes());
-        bytes.extend(TRAILER_MAGIC_V4);
+        bytes.extend(TRAILER_MAGIC_V5);
         bytes
     }
 
@@ -678,6 +704,17 @@ impl PairModel {
             Some(self.connections.spread.clone()),
             up.map(|u| u.requests.spread.clone()),
             up.map(|u| u.ejections.spread.clone()),
+        ]
+    }
+
+    /// The rate baselines' weekday evidence, in `spreads`' order.
+    fn weekdays(&self) -> [Option<[f64; 7]>; 4] {
+        let up = self.upstream.as_deref();
+        [
+            Some(self.requests.weekday_expected),
+            Some(self.connections.weekday_expected),
+            up.map(|u| u.requests.weekday_expected),
+            up.map(|u| u.ejections.weekday_expected),
         ]
     }
 
@@ -726,7 +763,15 @@ impl PairModel {
         }
         type Spreads = [Option<LearntSpread>; 4];
         type RatioSpreads = [Option<RatioSpread>; 9];
-        let (bytes, slow, spreads, ratio_spreads, long) = if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V4) {
+        type Weekdays = [Option<[f64; 7]>; 4];
+        let mut weekdays: Option<Weekdays> = None;
+        let (bytes, slow, spreads, ratio_spreads, long) = if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V5) {
+            let (rest, t) = trailer(rest)?;
+            let (slow, spreads, ratios, long, w): (SlowMedian, Spreads, RatioSpreads, LongRatios, Weekdays) =
+                postcard::from_bytes(t).ok()?;
+            weekdays = Some(w);
+            (rest, slow, Some(spreads), ratios, long)
+        } else if let Some(rest) = bytes.strip_suffix(&TRAILER_MAGIC_V4) {
             let (rest, t) = trailer(rest)?;
             let (slow, spreads, ratios, long): (SlowMedian, Spreads, RatioSpreads, LongRatios) =
                 postcard::from_bytes(t).ok()?;
@@ -760,6 +805,13 @@ impl PairModel {
             if let (Some(b), Some(spread)) = (baseline, spread) {
                 b.spread = spread;
             }
+        }
+        for (i, b) in model.count_baselines().into_iter().enumerate() {
+            let Some(b) = b else { continue };
+            b.weekday_expected = match weekdays.and_then(|w| w[i]) {
+                Some(w) => w,
+                None => b.weekly_n.map(|n| if n > 0 { WEEKDAY_MIN_EXPECTED } else { 0.0 }),
+            };
         }
         match spreads {
             Some(spreads) => {
@@ -905,8 +957,18 @@ impl PairModel {
         }
         let mut step = Step::default();
         for signal in &Signal::ALL[..Signal::CORE] {
-            let verdict = self.assess(*signal, cfg);
+            let verdict = self.assess(*signal, t_ms, cfg);
             let i = signal.index();
+            // A latency detection whose pair has too few requests to judge it goes on as it
+            // is, for up to `adapt_after` windows: no evidence is not evidence that it ended.
+            if let Some((q, _, _)) = signal.quantile() {
+                let held = &mut self.unjudged[q];
+                *held = if verdict.is_none() && self.active[i] { held.saturating_add(1) } else { 0 };
+                if *held > 0 && *held <= cfg.adapt_after {
+                    self.last[i] = None;
+                    continue;
+                }
+            }
             track(*signal, verdict, &mut self.history[i], &mut self.active[i], ready, cfg, &mut step);
             if let Some(j) = ratio_slot(*signal) {
                 let since = &mut self.long.since_detection[j];
@@ -946,15 +1008,29 @@ impl PairModel {
         );
         let h_lat = [hot(Signal::LatencyP50), hot(Signal::LatencyP90), hot(Signal::LatencyP99)];
         let (h_out, h_in) = (hot(Signal::BytesOut), hot(Signal::BytesIn));
-        self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
-        self.connections.update(obs.connections, t_ms, h_conn, cfg.adapt_after, cfg.cadence);
+        let changed = self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
+        if self.connections.update(obs.connections, t_ms, h_conn, cfg.adapt_after, cfg.cadence) | changed {
+            // The first day has just set the level and daily shape, or a weekday's factor has
+            // settled: the windows in the ring are judged against what the baselines now say.
+            for (k, s) in self.ring.iter_mut().rev().enumerate() {
+                let t = t_ms - k as i64 * cfg.cadence.window_ms();
+                s.requests_expected = self.requests.expected(t, cfg.cadence);
+                s.connections_expected = self.connections.expected(t, cfg.cadence);
+            }
+        }
         self.errors.update(obs.errors, obs.requests, h_err, cfg.adapt_after, cfg.cadence);
         self.denials.update(obs.denied, obs.requests, h_den, cfg.adapt_after, cfg.cadence);
         self.rate_limits.update(obs.rate_limited, obs.requests, h_rl, cfg.adapt_after, cfg.cadence);
         // p90 − p50 of n requests is short of the pair's by about 2/n of it.
         let spread = (obs.requests >= 10.0 && obs.latency[0].is_finite() && obs.latency[1].is_finite())
             .then(|| (obs.latency[1] - obs.latency[0]) / 1.2816 * obs.requests / (obs.requests - 2.0));
-        let any_lat = h_lat.iter().any(|h| *h);
+        // While a latency detection is active, every window counts toward adopting its level
+        // (`adapt_after`), not only the hot ones: a lasting shift whose windows are hot only
+        // now and then is adopted once, instead of ending and firing again for hours.
+        let lat_active = [Signal::LatencyP50, Signal::LatencyP90, Signal::LatencyP99]
+            .iter()
+            .any(|s| ready && self.active[s.index()]);
+        let any_lat = lat_active || h_lat.iter().any(|h| *h);
         for (k, q) in [0.5, 0.9, 0.99].into_iter().enumerate() {
             let min_n = [MEDIAN_MIN_REQUESTS, 10.0, 50.0][k];
             if obs.latency[k].is_finite() && obs.requests >= min_n {
@@ -994,13 +1070,13 @@ impl PairModel {
     }
 
     /// The verdict of `signal` at the scale where it is most significant.
-    fn assess(&mut self, signal: Signal, cfg: &DetectorConfig) -> Option<Verdict> {
+    fn assess(&mut self, signal: Signal, t_ms: i64, cfg: &DetectorConfig) -> Option<Verdict> {
         let mut best: Option<Verdict> = None;
         for scale in cfg.cadence.scales(RING) {
             if scale > self.ring.len() {
                 break;
             }
-            let Some(mut v) = self.assess_at(signal, scale, cfg) else { continue };
+            let Some(mut v) = self.assess_at(signal, scale, t_ms, cfg) else { continue };
             // Over several windows, a deviation starts a detection only while the latest
             // window shares it: one odd window must not stay hot for as long as it is in a
             // sum. Once a detection is active, the sum alone keeps it (a quiet pair's single
@@ -1022,8 +1098,14 @@ impl PairModel {
                 keep_better(&mut best, v);
             }
         }
-        if signal == Signal::LatencyP50 && best.is_none() {
-            best = self.assess_slow_median(cfg);
+        // A quiet pair's median over half an hour, where its recent windows hold too few
+        // requests to tell (none, or not enough to be significant): otherwise a lasting shift
+        // would be judged in turns by the one and the other, and end and fire again.
+        if signal == Signal::LatencyP50
+            && !best.is_some_and(|b| b.hot)
+            && let Some(v) = self.assess_slow_median(cfg)
+        {
+            keep_better(&mut best, v);
         }
         best
     }
@@ -1094,7 +1176,13 @@ impl PairModel {
         for s in &self.ring {
             last.add(&s.obs);
         }
-        let still = last.requests > 0.0 && (last.weighted / last.requests).exp() >= 1.4 * a.expected;
+        // With fewer requests than a median needs they cannot tell: an active detection goes
+        // on (a quiet pair at night must not end and fire again between its requests).
+        let still = if last.requests >= MEDIAN_MIN_REQUESTS || !self.active[Signal::LatencyP50.index()] {
+            last.requests > 0.0 && (last.weighted / last.requests).exp() >= 1.4 * a.expected
+        } else {
+            true
+        };
         let hot = latency_hot(&a, cfg) && still;
         let scale = pooled.span as usize;
         Some(Verdict { signal: Signal::LatencyP50, assessment: a, scale, hot, sustained: false, kind: "latency_p50" })
@@ -1132,7 +1220,7 @@ impl PairModel {
         }
     }
 
-    fn assess_at(&self, signal: Signal, scale: usize, cfg: &DetectorConfig) -> Option<Verdict> {
+    fn assess_at(&self, signal: Signal, scale: usize, t_ms: i64, cfg: &DetectorConfig) -> Option<Verdict> {
         let p = cfg.threshold_p;
         let sum = |f: fn(&Slot) -> f64| window_sum(&self.ring, scale, f);
         let verdict = |assessment: Assessment, hot: bool, kind: &'static str| Verdict {
@@ -1150,7 +1238,7 @@ impl PairModel {
                 } else {
                     (&self.connections, sum(|s| s.obs.connections), sum(|s| s.connections_expected))
                 };
-                let (a, hot) = rate_verdict(baseline, x, expected, cfg)?;
+                let (a, hot) = rate_verdict(baseline, x, expected, t_ms, cfg)?;
                 let rate = if signal == Signal::RequestRate { "request_rate" } else { "connection_rate" };
                 let kind = match (a.high, x == 0.0) {
                     (true, _) => {
@@ -1561,8 +1649,10 @@ mod tests {
         assert_eq!(restored.to_bytes(), m.to_bytes());
         assert_eq!(PairModel::from_bytes(&m.to_bytes()[..m.to_bytes().len() - 1]), None);
         // Bytes from before the half-hour median existed (no trailer) read with an empty one.
-        let trailer =
-            postcard::to_stdvec(&(&m.slow, m.spreads(), m.ratio_spreads(), &m.long)).expect("encodes").len() + 8;
+        let trailer = postcard::to_stdvec(&(&m.slow, m.spreads(), m.ratio_spreads(), &m.long, m.weekdays()))
+            .expect("encodes")
+            .len()
+            + 8;
         let bytes = m.to_bytes();
         let body = &bytes[..bytes.len() - trailer];
         let legacy = PairModel::from_bytes(body).expect("legacy bytes decode");
@@ -1603,6 +1693,20 @@ mod tests {
         let before_weights = PairModel::from_bytes(&old).expect("third-trailer bytes decode");
         assert_eq!(before_weights.errors.spread, RatioSpread::migrated(learnt.rho));
         assert_eq!(before_weights.requests.spread, m.requests.spread);
+        // Bytes with the fourth trailer (no weekday evidence) read with everything else, and
+        // a weekday that taught its factor counts its evidence as enough.
+        let mut m4 = m.clone();
+        m4.requests.weekly_n[2] = 5;
+        let bytes = m4.to_bytes();
+        let body = &bytes[..bytes.len() - trailer];
+        let mut v4 = body.to_vec();
+        let t4 = postcard::to_stdvec(&(&m.slow, m.spreads(), m.ratio_spreads(), &m.long)).expect("encodes");
+        v4.extend(&t4);
+        v4.extend((t4.len() as u32).to_le_bytes());
+        v4.extend(TRAILER_MAGIC_V4);
+        let before_weekdays = PairModel::from_bytes(&v4).expect("fourth-trailer bytes decode");
+        assert_eq!(before_weekdays.long, m.long);
+        assert_eq!(before_weekdays.requests.weekday_expected, [0.0, 0.0, WEEKDAY_MIN_EXPECTED, 0.0, 0.0, 0.0, 0.0]);
     }
 
     /// A window of `n` requests whose latencies are log-normal (median 20 ms, log-sd 0.5),
@@ -1720,6 +1824,92 @@ mod tests {
             assert!(m.observe(&Obs::zero(), i * W, &cfg).fired.is_empty());
         }
         assert!(m.learning(&cfg));
+    }
+
+    #[test]
+    fn weekends_at_a_fifth_of_the_weekdays_page_nothing_and_a_drop_on_a_new_weekday_still_does() {
+        // Mondays to Fridays at 20 requests a window, weekends at 4, from a Monday, in bursts
+        // of two; two weeks and a day under the default warm-up. Each day of the first week
+        // is new once: its first hours teach its factor.
+        let cfg = DetectorConfig::default();
+        const MONDAY: i64 = 4 * 86_400_000;
+        let run = |outage: Option<std::ops::Range<i64>>| {
+            let mut draws = Draws(0x2f6b_3c1d);
+            let mut m = PairModel::default();
+            let mut fired = Vec::new();
+            for i in 0..(15 * 8_640) {
+                let t = MONDAY + i * W;
+                let weekend = crate::baseline::calendar(t).1 >= 5;
+                let mean = if weekend { 4.0 } else { 20.0 };
+                let n =
+                    if outage.as_ref().is_some_and(|o| o.contains(&i)) { 0.0 } else { 2.0 * draws.poisson(mean / 2.0) };
+                fired.extend(m.observe(&obs(n, 20.0, 0.0), t, &cfg).fired.into_iter().map(|v| (i, v.kind)));
+            }
+            (m, fired)
+        };
+        let (m, fired) = run(None);
+        assert!(fired.is_empty(), "{} detections: {:?}", fired.len(), &fired[..fired.len().min(5)]);
+        let saturday = m.requests.weekly[5] / m.requests.weekly[2];
+        assert!((0.17..0.23).contains(&saturday), "Saturday over Wednesday {saturday}");
+        // Gone on the first Saturday at three in the morning, an hour after its first two
+        // hours taught its factor.
+        let start = 5 * 8_640 + 3 * 360;
+        let (_, fired) = run(Some(start..start + 90));
+        let first = fired.iter().find(|(i, k)| *i >= start && ["vanished", "request_rate_low"].contains(k));
+        assert!(first.is_some_and(|(i, _)| i - start <= 12), "{fired:?}");
+    }
+
+    #[test]
+    fn a_lasting_doubling_of_a_quiet_pairs_median_is_detected_and_then_adopted_not_paged_again_and_again() {
+        // Half a request a window at the busiest hour, a twentieth at night; each request's
+        // latency log-normal (σ 0.78) around 250 ms, doubled for good from the third night.
+        let cfg = DetectorConfig::default();
+        let mut draws = Draws(0x77);
+        let mut m = PairModel::default();
+        let evening = [
+            0.1, 0.08, 0.06, 0.05, 0.05, 0.08, 0.2, 0.5, 0.9, 1.0, 1.1, 1.3, 1.8, 1.5, 1.1, 1.0, 0.9, 0.8, 0.6, 0.5,
+            0.4, 0.3, 0.2, 0.15,
+        ];
+        let shift_at = 2 * 8_640 + 360;
+        let mut fired = Vec::new();
+        for i in 0..(4 * 8_640) {
+            let n = draws.poisson(0.72 * evening[(i % 8_640) as usize / 360]);
+            let factor = if i >= shift_at { 2.0 } else { 1.0 };
+            let o = if n > 0.0 {
+                let l = (250_000.0f64 * factor).ln() + 0.78 * draws.normal() / n.sqrt();
+                Obs { requests: n, latency: [l, l + 1.0, l + 1.8], ..Obs::zero() }
+            } else {
+                Obs::zero()
+            };
+            fired.extend(m.observe(&o, i * W, &cfg).fired.into_iter().map(|v| (i, v.kind)));
+        }
+        assert!(fired.iter().all(|(i, _)| *i >= shift_at), "{fired:?}");
+        // It was fired eight times (ended and fired again for three hours) when a quiet
+        // median's detection ended whenever its last windows had too few requests to tell.
+        assert!((1..=2).contains(&fired.len()), "{} detections: {fired:?}", fired.len());
+        let learnt = m.latency[0].mean.exp() / 250_000.0;
+        assert!((1.7..2.3).contains(&learnt), "the doubled median is the new normal: {learnt}");
+    }
+
+    #[test]
+    fn sparse_bursty_pairs_are_not_paged_when_their_first_day_ends() {
+        // Pairs at 0.02 requests a second in bursts of four, busy in office hours, under the
+        // default day of warm-up: the first windows judged sum expectations that the first
+        // day's calibration has since corrected, not the ones stored before it.
+        let cfg = DetectorConfig::default();
+        let office = |hour: f64| if (8.0..18.0).contains(&hour) { 2.2 } else { 0.15 };
+        let mut fired = Vec::new();
+        for seed in 0..40u64 {
+            let mut draws = Draws(0x51_7cc1_b727_220a ^ seed);
+            let mut m = PairModel::default();
+            for i in 0..(2 * 8_640) {
+                let hour = (i % 8_640) as f64 / 360.0;
+                let bursts = draws.poisson(0.02 * 10.0 * office(hour) / 4.0);
+                let n = (0..bursts as u64).map(|_| 1.0 + draws.poisson(3.0)).sum::<f64>();
+                fired.extend(m.observe(&obs(n, 20.0, 0.0), i * W, &cfg).fired.into_iter().map(|v| (seed, i, v.kind)));
+            }
+        }
+        assert!(fired.is_empty(), "{} detections: {:?}", fired.len(), &fired[..fired.len().min(5)]);
     }
 }
 

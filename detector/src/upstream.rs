@@ -160,7 +160,7 @@ impl UpstreamModel {
         let mut step = Step::default();
         for signal in &Signal::ALL[Signal::CORE..] {
             let i = slot_of(*signal);
-            let mut verdict = self.assess(*signal, cfg);
+            let mut verdict = self.assess(*signal, t_ms, cfg);
             if *signal == Signal::UpstreamRequestRate
                 && logged_requests
                 && let Some(v) = verdict.as_mut()
@@ -185,8 +185,15 @@ impl UpstreamModel {
                 Lesson::Normal
             }
         });
-        self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
-        self.ejections.update(obs.ejections, t_ms, h_ej, cfg.adapt_after, cfg.cadence);
+        let changed = self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
+        if self.ejections.update(obs.ejections, t_ms, h_ej, cfg.adapt_after, cfg.cadence) | changed {
+            // As in `PairModel::learn`: the ring is judged against the calibrated baselines.
+            for (k, s) in self.ring.iter_mut().rev().enumerate() {
+                let t = t_ms - k as i64 * cfg.cadence.window_ms();
+                s.requests_expected = self.requests.expected(t, cfg.cadence);
+                s.ejections_expected = self.ejections.expected(t, cfg.cadence);
+            }
+        }
         for ((baseline, signal), h) in self.ratios.iter_mut().zip(RATIOS).zip(hot_ratios) {
             let (events, trials) = obs.ratio(signal);
             baseline.update(events, trials, h, cfg.adapt_after, cfg.cadence);
@@ -195,17 +202,17 @@ impl UpstreamModel {
         step
     }
 
-    fn assess(&self, signal: Signal, cfg: &DetectorConfig) -> Option<Verdict> {
+    fn assess(&self, signal: Signal, t_ms: i64, cfg: &DetectorConfig) -> Option<Verdict> {
         let mut best: Option<Verdict> = None;
         for scale in cfg.cadence.scales(RING).take_while(|s| *s <= self.ring.len()) {
-            if let Some(v) = self.assess_at(signal, scale, cfg) {
+            if let Some(v) = self.assess_at(signal, scale, t_ms, cfg) {
                 keep_better(&mut best, v);
             }
         }
         best
     }
 
-    fn assess_at(&self, signal: Signal, scale: usize, cfg: &DetectorConfig) -> Option<Verdict> {
+    fn assess_at(&self, signal: Signal, scale: usize, t_ms: i64, cfg: &DetectorConfig) -> Option<Verdict> {
         let p = cfg.threshold_p;
         let recent = || self.ring.iter().rev().take(scale);
         let verdict = |a: Assessment, hot: bool, kind: &'static str| Verdict {
@@ -235,7 +242,7 @@ impl UpstreamModel {
             Signal::UpstreamRequestRate => {
                 let x = recent().map(|s| s.obs.requests).sum();
                 let expected = recent().map(|s| s.requests_expected).sum();
-                let (a, hot) = rate_verdict(&self.requests, x, expected, cfg)?;
+                let (a, hot) = rate_verdict(&self.requests, x, expected, t_ms, cfg)?;
                 let kind = match (a.high, x == 0.0) {
                     (true, _) => "upstream_request_rate_high",
                     (false, true) => "upstream_vanished",
