@@ -794,20 +794,6 @@ impl LatencyBaseline {
         self.windows += 1;
     }
 
-    /// Learns the spread within a window from a window with too few requests for p90 − p50
-    /// (`n` of them, with `log_p50`): its median's distance from the level, in units of the
-    /// sampling error of a median of `n` (`E|z| = √(2/π)`). It holds the variation between
-    /// windows too, so it errs wide; without it a sparse pair with heavy tails kept the
-    /// default spread and paged on the medians of a few slow requests.
-    pub fn learn_spread_from(&mut self, log_p50: f64, n: f64, cadence: Cadence) {
-        if self.windows < 30 || n < 1.0 || !log_p50.is_finite() {
-            return;
-        }
-        let s =
-            (log_p50 - self.mean).abs() * n.sqrt() / (quantile_error_factor(0.5) * (2.0 / std::f64::consts::PI).sqrt());
-        self.spread += (s.clamp(0.01, 5.0) - self.spread) / cadence.windows(LATENCY_MEMORY_MS, 30.0);
-    }
-
     /// The mean log quantile over `windows` windows holding `n` requests: an increase only.
     pub fn assess(&self, q: f64, log_value: f64, n: f64, windows: f64, threshold_p: f64) -> Assessment {
         let sd = self.sd(q, n, windows);
