@@ -347,6 +347,14 @@ impl CountBaseline {
         }
     }
 
+    /// Sets what this baseline now expects of the windows that ended at `t_ms` and before it,
+    /// latest first (a ring's stored expectations, once `update` said they are stale).
+    pub fn reexpect<'a>(&self, latest_first: impl Iterator<Item = &'a mut f64>, t_ms: i64, cadence: Cadence) {
+        for (k, e) in latest_first.enumerate() {
+            *e = self.expected(t_ms - k as i64 * cadence.window_ms(), cadence);
+        }
+    }
+
     /// Expected count in the window at `t_ms`.
     pub fn expected(&self, t_ms: i64, cadence: Cadence) -> f64 {
         self.level * self.season(t_ms, cadence) * self.short

@@ -1012,11 +1012,9 @@ impl PairModel {
         if self.connections.update(obs.connections, t_ms, h_conn, cfg.adapt_after, cfg.cadence) | changed {
             // The first day has just set the level and daily shape, or a weekday's factor has
             // settled: the windows in the ring are judged against what the baselines now say.
-            for (k, s) in self.ring.iter_mut().rev().enumerate() {
-                let t = t_ms - k as i64 * cfg.cadence.window_ms();
-                s.requests_expected = self.requests.expected(t, cfg.cadence);
-                s.connections_expected = self.connections.expected(t, cfg.cadence);
-            }
+            let ring = &mut self.ring;
+            self.requests.reexpect(ring.iter_mut().rev().map(|s| &mut s.requests_expected), t_ms, cfg.cadence);
+            self.connections.reexpect(ring.iter_mut().rev().map(|s| &mut s.connections_expected), t_ms, cfg.cadence);
         }
         self.errors.update(obs.errors, obs.requests, h_err, cfg.adapt_after, cfg.cadence);
         self.denials.update(obs.denied, obs.requests, h_den, cfg.adapt_after, cfg.cadence);

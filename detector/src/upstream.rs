@@ -188,11 +188,9 @@ impl UpstreamModel {
         let changed = self.requests.update(obs.requests, t_ms, h_req, cfg.adapt_after, cfg.cadence);
         if self.ejections.update(obs.ejections, t_ms, h_ej, cfg.adapt_after, cfg.cadence) | changed {
             // As in `PairModel::learn`: the ring is judged against the calibrated baselines.
-            for (k, s) in self.ring.iter_mut().rev().enumerate() {
-                let t = t_ms - k as i64 * cfg.cadence.window_ms();
-                s.requests_expected = self.requests.expected(t, cfg.cadence);
-                s.ejections_expected = self.ejections.expected(t, cfg.cadence);
-            }
+            let ring = &mut self.ring;
+            self.requests.reexpect(ring.iter_mut().rev().map(|s| &mut s.requests_expected), t_ms, cfg.cadence);
+            self.ejections.reexpect(ring.iter_mut().rev().map(|s| &mut s.ejections_expected), t_ms, cfg.cadence);
         }
         for ((baseline, signal), h) in self.ratios.iter_mut().zip(RATIOS).zip(hot_ratios) {
             let (events, trials) = obs.ratio(signal);
