@@ -304,6 +304,72 @@ pub struct RawDetector {
 pub struct RawListen {
     pub grpc: Option<String>,
     pub http: Option<String>,
+    pub tls: RawTls,
+}
+
+/// `[listen.tls]`: TLS on the gRPC listener. Paths are relative to the configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub client_ca: Option<String>,
+    pub allowed_identities: Vec<String>,
+    pub bind_node_identity: bool,
+}
+
+impl RawTls {
+    fn validate(&self, c: &mut Check) -> Option<crate::tls::TlsSettings> {
+        let mut read = |key: &str, path: &str| match std::fs::read(path) {
+            Ok(pem) if pem.windows(11).any(|w| w == b"-----BEGIN ") => Some(pem),
+            Ok(_) => {
+                c.0.push(format!("listen.tls.{key}: {path} holds no PEM block"));
+                None
+            }
+            Err(e) => {
+                c.0.push(format!("listen.tls.{key}: cannot read {path}: {e}"));
+                None
+            }
+        };
+        let (cert, key) = match (self.cert.as_deref(), self.key.as_deref()) {
+            (Some(cert), Some(key)) => (read("cert", cert), read("key", key)),
+            (None, None) => {
+                if self.client_ca.is_some() || !self.allowed_identities.is_empty() || self.bind_node_identity {
+                    c.0.push(
+                        "listen.tls: client_ca, allowed_identities and bind_node_identity need cert and key".into(),
+                    );
+                }
+                return None;
+            }
+            _ => {
+                c.0.push("listen.tls: cert and key go together".into());
+                return None;
+            }
+        };
+        let client_ca = self.client_ca.as_deref().map(|p| read("client_ca", p));
+        if client_ca.is_none() && !self.allowed_identities.is_empty() {
+            c.0.push(
+                "listen.tls.allowed_identities: needs client_ca (the identities are read from client certificates)"
+                    .into(),
+            );
+        }
+        if client_ca.is_none() && self.bind_node_identity {
+            c.0.push(
+                "listen.tls.bind_node_identity: needs client_ca (the identity is read from client certificates)".into(),
+            );
+        }
+        let allowed_identities = c.patterns("listen.tls.allowed_identities", &self.allowed_identities);
+        Some(crate::tls::TlsSettings {
+            cert_pem: cert?,
+            key_pem: key?,
+            client_ca_pem: match client_ca {
+                Some(pem) => Some(pem?),
+                None => None,
+            },
+            allowed_identities,
+            bind_node_identity: self.bind_node_identity,
+        })
+    }
 }
 
 /// meshwatch's own traces.
@@ -393,6 +459,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
+    /// TLS (and mutual TLS) on the gRPC listener; plaintext when `None`.
+    pub grpc_tls: Option<crate::tls::TlsSettings>,
     pub shutdown_grace: Duration,
     pub queue_batches: usize,
     pub als: AlsConfig,
@@ -457,8 +525,14 @@ pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>
     let mut raw: RawConfig = table.try_into().map_err(|e: toml::de::Error| {
         ConfigError::one(format!("{}: {}", path.map_or("environment".into(), |p| p.display().to_string()), e.message()))
     })?;
-    if let (Some(policy), Some(dir)) = (raw.zero_trust.policy.as_mut(), path.and_then(Path::parent)) {
-        *policy = dir.join(&*policy).display().to_string();
+    if let Some(dir) = path.and_then(Path::parent) {
+        let tls = &mut raw.listen.tls;
+        for file in [raw.zero_trust.policy.as_mut(), tls.cert.as_mut(), tls.key.as_mut(), tls.client_ca.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            *file = dir.join(&*file).display().to_string();
+        }
     }
     raw.validate()
 }
@@ -564,6 +638,7 @@ impl RawConfig {
         if grpc_listen == http_listen && grpc_listen.port() != 0 {
             c.0.push(format!("listen: grpc and http are both {grpc_listen}"));
         }
+        let grpc_tls = self.listen.tls.validate(&mut c);
         let length = c.duration(
             "window.length",
             self.window.length.as_deref(),
@@ -765,6 +840,7 @@ impl RawConfig {
             data_dir,
             grpc_listen,
             http_listen,
+            grpc_tls,
             shutdown_grace,
             queue_batches,
             als: AlsConfig { max_message_bytes, enqueue_timeout, identify_within, ..als_defaults },
@@ -963,6 +1039,47 @@ mod tests {
         for needle in ["routing_key: required", "used twice", "ftp://nope", "secret: required", "`page`", "`email`"] {
             assert!(all.contains(needle), "no problem about {needle} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn tls_files_are_read_relative_to_the_config_file_and_their_combinations_checked() {
+        let dir = std::env::temp_dir().join(format!("meshwatch-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let pem = "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n";
+        for f in ["mw.crt", "mw.key", "ca.crt"] {
+            std::fs::write(dir.join(f), pem).expect("written");
+        }
+        std::fs::write(dir.join("empty.crt"), "").expect("written");
+        let config = dir.join("meshwatch.toml");
+        let load_with = |tls: &str| {
+            std::fs::write(&config, format!("[listen.tls]\n{tls}")).expect("written");
+            load(Some(&config), Vec::new())
+        };
+        let full = load_with(
+            r#"cert = "mw.crt"
+key = "mw.key"
+client_ca = "ca.crt"
+allowed_identities = ["spiffe://mesh.test/ns/shop/*"]
+bind_node_identity = true"#,
+        )
+        .expect("valid");
+        let tls = full.grpc_tls.expect("TLS on");
+        assert_eq!(tls.cert_pem, pem.as_bytes());
+        assert!(tls.client_ca_pem.is_some() && tls.bind_node_identity);
+        assert_eq!(tls.describe(), "mutual, allowed identities, node identity bound");
+        assert!(load(None, Vec::new()).expect("defaults").grpc_tls.is_none(), "off by default");
+        for (tls, problem) in [
+            (r#"cert = "mw.crt""#, "cert and key go together"),
+            (r#"client_ca = "ca.crt""#, "need cert and key"),
+            ("cert = \"mw.crt\"\nkey = \"mw.key\"\nallowed_identities = [\"spiffe://x/*\"]", "needs client_ca"),
+            ("cert = \"mw.crt\"\nkey = \"mw.key\"\nbind_node_identity = true", "needs client_ca"),
+            ("cert = \"missing.crt\"\nkey = \"mw.key\"", "cannot read"),
+            ("cert = \"empty.crt\"\nkey = \"mw.key\"", "holds no PEM block"),
+        ] {
+            let err = load_with(tls).expect_err(tls).problems.join("\n");
+            assert!(err.contains(problem), "{tls}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -14,4 +14,5 @@ pub mod listen;
 pub mod serve;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;
 pub mod univariate;

@@ -192,7 +192,15 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     // Pings keep a quiet access-log stream's connection from counting as idle (an Envoy
     // answers them) and find peers that are gone.
     let ping = (config.grpc_connections.idle / 3).max(std::time::Duration::from_secs(1));
-    let grpc = tonic::transport::Server::builder()
+    let mut grpc_server = tonic::transport::Server::builder();
+    let (mut allowed, mut bind) = (Vec::new(), false);
+    if let Some(tls) = &config.grpc_tls {
+        grpc_server = grpc_server.tls_config(tls.server_config())?;
+        (allowed, bind) = (tls.allowed_identities.clone(), tls.bind_node_identity);
+    }
+    let admission = crate::tls::admission(allowed, bind, crate::tls::refused_counter(&registry)?);
+    let grpc = grpc_server
+        .layer(tonic::service::InterceptorLayer::new(admission))
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         .http2_keepalive_interval(Some(ping))
         .http2_keepalive_timeout(Some(ping))
@@ -215,7 +223,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     let grpc_task = tokio::spawn(grpc);
     let http_task = tokio::spawn(async move { http.await.map_err(ServeError::Http) });
 
-    info!(grpc = %grpc_addr, http = %http_addr, "listening");
+    let tls = config.grpc_tls.as_ref().map_or_else(|| "off".to_string(), crate::tls::TlsSettings::describe);
+    info!(grpc = %grpc_addr, http = %http_addr, grpc_tls = tls, "listening");
     ready.store(true, Ordering::Relaxed);
     on_bound(Bound { grpc: grpc_addr, http: http_addr });
 

@@ -570,3 +570,169 @@ async fn otel_logs_count_what_the_access_log_counts(name: &str, keys: fn(&str) -
     drop((frontend, backend));
     assert!(mw.stop().success());
 }
+
+/// A sidecar bootstrap whose `meshwatch` cluster speaks mutual TLS: the sidecar's own
+/// certificate, and meshwatch's checked against the CA and its DNS name.
+fn over_mtls(template: &str, service: &str) -> String {
+    let cluster = "  - name: meshwatch\n    type: STATIC\n    connect_timeout: 1s\n";
+    assert!(template.contains(cluster), "the template's meshwatch cluster");
+    let tls = format!(
+        r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: meshwatch
+        common_tls_context:
+          alpn_protocols: [h2]
+          tls_certificates:
+          - certificate_chain: {{ filename: certs/{service}.crt }}
+            private_key: {{ filename: certs/{service}.key }}
+          validation_context:
+            trusted_ca: {{ filename: certs/ca.crt }}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{ exact: meshwatch }}
+"#
+    );
+    template.replacen(cluster, &format!("{cluster}{tls}"), 1)
+}
+
+/// A gRPC channel over TLS to meshwatch as `client` (a certificate in `certs`), or with no
+/// client certificate; `Err` when the connection is refused.
+async fn channel_over_tls(
+    mw: &Meshwatch,
+    certs: &std::path::Path,
+    client: Option<&str>,
+) -> Result<tonic::transport::Channel, tonic::Status> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let read = |f: &str| std::fs::read(certs.join(f)).unwrap();
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.crt"))).domain_name("meshwatch");
+    if let Some(name) = client {
+        tls = tls.identity(Identity::from_pem(read(&format!("{name}.crt")), read(&format!("{name}.key"))));
+    }
+    let endpoint = Channel::from_shared(format!("https://{}", mw.grpc)).unwrap().tls_config(tls).unwrap();
+    endpoint.connect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))
+}
+
+/// A gRPC health check over TLS (see `channel_over_tls`).
+async fn health_over_tls(mw: &Meshwatch, certs: &std::path::Path, client: Option<&str>) -> Result<(), tonic::Status> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    // Refused in the handshake: the connection (or its first call) fails.
+    let channel = channel_over_tls(mw, certs, client).await?;
+    HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.map(|_| ())
+}
+
+/// One access-log stream over TLS as `client`, from a node whose cluster (its identity, as
+/// it has no other) is `node_cluster`, with one HTTP entry.
+async fn access_log_over_tls(
+    mw: &Meshwatch,
+    certs: &std::path::Path,
+    client: &str,
+    node_cluster: &str,
+) -> Result<(), tonic::Status> {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry};
+    use envoy_types::pb::envoy::service::accesslog::v3::{StreamAccessLogsMessage, stream_access_logs_message as sm};
+    use prost::Message;
+    let channel = channel_over_tls(mw, certs, Some(client)).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let entry = HttpAccessLogEntry {
+        common_properties: Some(AccessLogCommon {
+            start_time: Some(envoy_types::pb::google::protobuf::Timestamp { seconds: now.as_secs() as i64, nanos: 0 }),
+            upstream_cluster: "backend".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let message = StreamAccessLogsMessage {
+        identifier: Some(sm::Identifier {
+            node: Some(Node { id: "forger-1".into(), cluster: node_cluster.into(), ..Default::default() }),
+            log_name: "outbound_http".into(),
+        }),
+        log_entries: Some(sm::LogEntries::HttpLogs(sm::HttpAccessLogEntries { log_entry: vec![entry] })),
+    };
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(meshwatch_collector::als::STREAM_ACCESS_LOGS_PATH);
+    let messages = tokio_stream::iter(vec![bytes::Bytes::from(message.encode_to_vec())]);
+    grpc.client_streaming(tonic::Request::new(messages), path, meshwatch_collector::als::BytesCodec).await.map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_over_mutual_tls_are_counted_and_clients_without_an_allowed_certificate_are_refused() {
+    let work = TempDir::new("e2e-mtls");
+    let certs = work.path().join("certs");
+    gen_certs(&certs);
+    let data = TempDir::new("e2e-mtls-data");
+    let file = |f: &str| certs.join(f).display().to_string();
+    let allowed = format!(r#"["{FRONTEND}", "{BACKEND}"]"#);
+    let env = [
+        ("MESHWATCH_DATA_DIR", data.path().display().to_string()),
+        ("MESHWATCH_WINDOW__LENGTH", "1s".to_string()),
+        ("MESHWATCH_WINDOW__GRACE", "2s".to_string()),
+        ("MESHWATCH_LISTEN__TLS__CERT", file("meshwatch.crt")),
+        ("MESHWATCH_LISTEN__TLS__KEY", file("meshwatch.key")),
+        ("MESHWATCH_LISTEN__TLS__CLIENT_CA", file("ca.crt")),
+        ("MESHWATCH_LISTEN__TLS__ALLOWED_IDENTITIES", allowed),
+        ("MESHWATCH_LISTEN__TLS__BIND_NODE_IDENTITY", "true".to_string()),
+    ];
+    let mw = Meshwatch::start(&repo_root().join("deploy/meshwatch-example.toml"), &env);
+    assert!(mw.logs().contains("grpc_tls=\"mutual, allowed identities, node identity bound\""), "{}", mw.logs());
+
+    // Both sidecars stream their access logs over mutual TLS, each with its own certificate.
+    let backend_app = start_app("127.0.0.1", 100).await;
+    let tcp_app = start_tcp_app(1, 1).await;
+    let apps = [backend_app.port(), tcp_app.port(), closed_port(), closed_port()];
+    let (backend, frontend) = sidecars_named(work.path(), mw.grpc.port(), apps, over_mtls).await;
+    let out = frontend.listener("outbound_http");
+    for _ in 0..3 {
+        assert_eq!(http_request(None, out, "GET", "/ok", "backend", b"").await.0, 200);
+    }
+    let client = pair(FRONTEND, BACKEND, "east_west", "source");
+    let server = pair(FRONTEND, BACKEND, "east_west", "destination");
+    let m = mw
+        .metrics_until(Duration::from_secs(30), |m| {
+            m.sum("meshwatch_pair_requests_total", &client) >= 3.0
+                && m.sum("meshwatch_pair_requests_total", &server) >= 3.0
+        })
+        .await;
+    assert_eq!(
+        m.sum("meshwatch_pair_requests_total", &client),
+        3.0,
+        "{}\n{}",
+        m.text,
+        frontend.log("sidecar-frontend")
+    );
+    assert_eq!(m.sum("meshwatch_pair_requests_total", &server), 3.0, "{}\n{}", m.text, backend.log("sidecar-backend"));
+    assert_eq!(m.get("meshwatch_grpc_calls_refused_total", &[]), Some(0.0));
+
+    // Without a client certificate: no call gets through.
+    let anonymous = health_over_tls(&mw, &certs, None).await;
+    assert!(anonymous.is_err(), "a client without a certificate was answered");
+    // Plaintext to the TLS listener: nothing either.
+    let plain = tonic::transport::Channel::from_shared(format!("http://{}", mw.grpc)).unwrap().connect().await;
+    if let Ok(channel) = plain {
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let answer = tonic_health::pb::health_client::HealthClient::new(channel).check(request).await;
+        assert!(answer.is_err(), "a plaintext client was answered");
+    }
+    // A certificate from the same CA naming an identity not on the list: refused, counted.
+    let intruder = health_over_tls(&mw, &certs, Some("intruder")).await.expect_err("the intruder was answered");
+    assert_eq!(intruder.code(), tonic::Code::PermissionDenied, "{intruder:?}");
+    assert!(intruder.message().contains("spiffe://mesh.test/ns/shop/sa/intruder"), "{intruder:?}");
+    // An allowed identity is answered.
+    health_over_tls(&mw, &certs, Some("frontend")).await.expect("the frontend's certificate is allowed");
+    // The frontend's certificate with a node that reports as the backend: the stream is
+    // refused, and its entry is not counted.
+    let forged = access_log_over_tls(&mw, &certs, "frontend", BACKEND).await.expect_err("a forged node was taken");
+    assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
+    // As itself, the same client's entry is taken.
+    access_log_over_tls(&mw, &certs, "frontend", FRONTEND).await.expect("the frontend as itself");
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_pair_requests_total", &[]) >= 7.0).await;
+    assert_eq!(m.get("meshwatch_grpc_calls_refused_total", &[]), Some(1.0), "{}", m.text);
+    let unproven = [("reason", "unproven_identity")];
+    assert_eq!(m.get("meshwatch_als_messages_rejected_total", &unproven), Some(1.0), "{}", m.text);
+    assert_eq!(m.sum("meshwatch_pair_requests_total", &[]), 7.0, "the sidecars' entries and the frontend's own");
+    drop((frontend, backend));
+    assert!(mw.stop().success());
+}

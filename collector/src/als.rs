@@ -330,6 +330,11 @@ impl OtlpLogsService {
     }
 }
 
+/// The identities (URI SANs) a gRPC client's certificate proves, put in a call's extensions
+/// when nodes must report as what their certificate proves (`listen.tls.bind_node_identity`).
+#[derive(Clone, Debug)]
+pub struct ProvenIdentities(pub Arc<[String]>);
+
 struct StreamHandler(Arc<Shared>);
 
 impl ClientStreamingService<Bytes> for StreamHandler {
@@ -340,7 +345,8 @@ impl ClientStreamingService<Bytes> for StreamHandler {
         let shared = self.0.clone();
         Box::pin(async move {
             let stream = crate::pipeline::next_stream_id();
-            let result = run_stream(&shared, stream, request.into_inner()).await;
+            let proven = request.extensions().get::<ProvenIdentities>().cloned();
+            let result = run_stream(&shared, stream, proven, request.into_inner()).await;
             // Tell the aggregator this stream's event time no longer holds anything back.
             let end = Batch::end(stream);
             let _ = tokio::time::timeout(shared.cfg.enqueue_timeout, shared.tx.send(end)).await;
@@ -362,12 +368,17 @@ impl Drop for OpenStream<'_> {
 
 /// Reads a stream to its end (or shutdown). A transport or framing error (a message over the
 /// size limit, for one) ends the stream and is returned to the client.
-async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> Result<(), Status> {
+async fn run_stream(
+    shared: &Shared,
+    id: u64,
+    proven: Option<ProvenIdentities>,
+    mut stream: Streaming<Bytes>,
+) -> Result<(), Status> {
     let m = &shared.metrics;
     m.all.streams_opened.inc();
     m.all.streams_open.inc();
     let _open = OpenStream(&m.all.streams_open);
-    let mut decoder = StreamDecoder::new(shared.cfg.interner_capacity);
+    let mut decoder = StreamDecoder::bound(shared.cfg.interner_capacity, proven);
     let mut first = true;
     loop {
         let next = match next_message(&mut stream, first, &shared.cfg, &shared.shutdown, &m.all.messages_rejected).await
@@ -395,6 +406,12 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
                     (records, tally)
                 };
                 publish(m, &tally);
+                if let Some(claimed) = &tally.unproven {
+                    debug!(%claimed, "access-log stream refused: its node claims an identity its certificate does not prove");
+                    return Err(Status::permission_denied(format!(
+                        "the node reports as {claimed}, which its client certificate does not prove"
+                    )));
+                }
                 if !records.is_empty() {
                     enqueue(shared, Batch { stream: id, records, ..Batch::default() }).await;
                 }

@@ -243,8 +243,11 @@ pub fn tcp_entry(raw: Bytes, node: &NodeContext, resolver: &mut Resolver<'_, '_>
 /// [source, destination].
 #[derive(Debug, Default, PartialEq)]
 pub struct Tally {
-    /// Set when the whole message was unusable (`malformed`, `malformed_identifier`).
+    /// Set when the whole message was unusable (`malformed`, `malformed_identifier`,
+    /// `unproven_identity`).
     pub message_rejected: Option<&'static str>,
+    /// The identity a node claimed without its certificate proving it.
+    pub unproven: Option<std::sync::Arc<str>>,
     pub received: [u64; 2],
     pub decoded: [u64; 2],
     pub intermediate: [u64; 2],
@@ -280,11 +283,23 @@ impl Tally {
 pub struct StreamDecoder {
     node: Option<NodeContext>,
     interner: Interner,
+    /// The identities the client's certificate proves, when its node must be one of them.
+    proven: Option<crate::als::ProvenIdentities>,
 }
+
+/// `Tally::message_rejected` when a node claims an identity its client certificate does not
+/// prove; the stream ends there.
+pub const UNPROVEN_IDENTITY: &str = "unproven_identity";
 
 impl StreamDecoder {
     pub fn new(interner_capacity: usize) -> StreamDecoder {
-        StreamDecoder { node: None, interner: Interner::new(interner_capacity) }
+        StreamDecoder { node: None, interner: Interner::new(interner_capacity), proven: None }
+    }
+
+    /// A decoder whose node must be one of `proven`: an identifier naming another identity
+    /// is rejected (`UNPROVEN_IDENTITY`) and nothing of the stream is decoded.
+    pub fn bound(interner_capacity: usize, proven: Option<crate::als::ProvenIdentities>) -> StreamDecoder {
+        StreamDecoder { proven, ..StreamDecoder::new(interner_capacity) }
     }
 
     /// One encoded `StreamAccessLogsMessage` into flow records, and what was counted.
@@ -296,7 +311,16 @@ impl StreamDecoder {
         };
         if let Some(raw) = wire.identifier {
             match identifier(raw) {
-                Ok(id) => self.node = Some(NodeContext::new(id.node.as_ref(), &id.log_name, mesh)),
+                Ok(id) => {
+                    let node = NodeContext::new(id.node.as_ref(), &id.log_name, mesh);
+                    if self.proven.as_ref().is_some_and(|p| !p.0.iter().any(|i| **i == *node.identity)) {
+                        tally.message_rejected = Some(UNPROVEN_IDENTITY);
+                        tally.unproven = Some(node.identity);
+                        self.node = None;
+                        return (Vec::new(), tally);
+                    }
+                    self.node = Some(node);
+                }
                 Err(_) => tally.message_rejected = Some("malformed_identifier"),
             }
         }
@@ -508,6 +532,43 @@ mod tests {
             false,
         ));
         assert_eq!((empty.end_ms, empty.duration_us, empty.bytes_sent), (5_000, None, 0));
+    }
+
+    /// One access-log message from a node named `cluster`, with one HTTP entry.
+    fn stream_message(cluster: &str) -> Bytes {
+        use envoy_types::pb::envoy::service::accesslog::v3::{
+            StreamAccessLogsMessage, stream_access_logs_message as sm,
+        };
+        let entry = al::HttpAccessLogEntry { common_properties: Some(base_common()), ..Default::default() };
+        StreamAccessLogsMessage {
+            identifier: Some(sm::Identifier {
+                node: Some(core::Node { id: "web-1".into(), cluster: cluster.into(), ..Default::default() }),
+                log_name: "outbound".into(),
+            }),
+            log_entries: Some(sm::LogEntries::HttpLogs(sm::HttpAccessLogEntries { log_entry: vec![entry] })),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    #[test]
+    fn a_bound_stream_takes_only_a_node_its_certificate_proves() {
+        let mesh = MeshConfig::default();
+        let proven = || Some(crate::als::ProvenIdentities(vec!["spiffe://t/ns/a/sa/web".to_string()].into()));
+        let mut honest = StreamDecoder::bound(16, proven());
+        let (records, tally) = honest.message(&mesh, stream_message("spiffe://t/ns/a/sa/web"));
+        assert_eq!((records.len(), tally.message_rejected, tally.unproven), (1, None, None));
+        let mut forger = StreamDecoder::bound(16, proven());
+        let (records, tally) = forger.message(&mesh, stream_message("spiffe://t/ns/a/sa/db"));
+        assert!(records.is_empty());
+        assert_eq!(tally.message_rejected, Some(UNPROVEN_IDENTITY));
+        assert_eq!(tally.unproven.as_deref(), Some("spiffe://t/ns/a/sa/db"));
+        // A certificate without URI SANs proves nothing; an unbound stream takes any node.
+        let (records, _) = StreamDecoder::bound(16, Some(crate::als::ProvenIdentities(Vec::new().into())))
+            .message(&mesh, stream_message("spiffe://t/ns/a/sa/web"));
+        assert!(records.is_empty());
+        let (records, _) = StreamDecoder::new(16).message(&mesh, stream_message("spiffe://t/ns/a/sa/db"));
+        assert_eq!(records.len(), 1);
     }
 
     #[test]
