@@ -304,6 +304,7 @@ pub struct RawDetector {
 pub struct RawListen {
     pub grpc: Option<String>,
     pub http: Option<String>,
+    pub read_token: Option<String>,
     pub tls: RawTls,
 }
 
@@ -461,6 +462,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// TLS (and mutual TLS) on the gRPC listener; plaintext when `None`.
     pub grpc_tls: Option<crate::tls::TlsSettings>,
+    /// Bearer token that the HTTP listener's reads need (`/metrics`, `/api/v1/*`).
+    pub read_token: Option<String>,
     pub shutdown_grace: Duration,
     pub queue_batches: usize,
     pub als: AlsConfig,
@@ -841,6 +844,7 @@ impl RawConfig {
             grpc_listen,
             http_listen,
             grpc_tls,
+            read_token: self.listen.read_token.clone().filter(|t| !t.is_empty()),
             shutdown_grace,
             queue_batches,
             als: AlsConfig { max_message_bytes, enqueue_timeout, identify_within, ..als_defaults },

@@ -64,10 +64,19 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, Sock
 }
 
 /// OTLP/HTTP logs: `POST /v1/logs` with a protobuf `ExportLogsServiceRequest` (JSON is not
-/// served: 415), answered with a protobuf `ExportLogsServiceResponse`.
-fn otlp_http_router(service: OtlpLogsService) -> axum::Router {
+/// served: 415), answered with a protobuf `ExportLogsServiceResponse`. Refused (403) when
+/// ingest requires client certificates, which the HTTP listener does not check.
+fn otlp_http_router(service: OtlpLogsService, mutual_tls: bool) -> axum::Router {
     use axum::http::{StatusCode, header};
     use axum::response::IntoResponse;
+    if mutual_tls {
+        let refuse = || async {
+            let why =
+                "OTLP over HTTP is off while listen.tls.client_ca requires client certificates: send OTLP over gRPC\n";
+            (StatusCode::FORBIDDEN, why).into_response()
+        };
+        return axum::Router::new().route("/v1/logs", axum::routing::post(refuse));
+    }
     let limit = service.max_message_bytes();
     let export = |axum::extract::State(s): axum::extract::State<OtlpLogsService>,
                   headers: axum::http::HeaderMap,
@@ -181,7 +190,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         shutdown.clone(),
     );
     let als = AlsService::new(mesh, als_config, records_tx, collector_metrics, shutdown.clone());
-    let otlp_http = otlp_http_router(als.otlp_logs());
+    let mutual_tls = config.grpc_tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
+    let otlp_http = otlp_http_router(als.otlp_logs(), mutual_tls);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AlsService>().await;
     health.set_serving::<OtlpLogsService>().await;
@@ -217,6 +227,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         ready: ready.clone(),
         store: Some(store),
         api_token: config.alerting.api_token.clone(),
+        read_token: config.read_token.clone(),
     })
     .merge(otlp_http);
     let http = axum::serve(http_incoming, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());

@@ -720,6 +720,9 @@ async fn access_logs_over_mutual_tls_are_counted_and_clients_without_an_allowed_
     let intruder = health_over_tls(&mw, &certs, Some("intruder")).await.expect_err("the intruder was answered");
     assert_eq!(intruder.code(), tonic::Code::PermissionDenied, "{intruder:?}");
     assert!(intruder.message().contains("spiffe://mesh.test/ns/shop/sa/intruder"), "{intruder:?}");
+    // OTLP over HTTP would go around the client certificates: refused.
+    let (status, body) = http_send(mw.http, "POST", "/v1/logs", None, "").await;
+    assert_eq!(status, 403, "{body}");
     // An allowed identity is answered.
     health_over_tls(&mw, &certs, Some("frontend")).await.expect("the frontend's certificate is allowed");
     // The frontend's certificate with a node that reports as the backend: the stream is

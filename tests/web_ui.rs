@@ -148,6 +148,23 @@ async fn the_page_shows_the_mesh_the_new_edge_the_anomaly_and_the_pair_band() {
     assert!(!tags(chart, "path", &[("class", "observed")]).is_empty());
     assert_eq!(tags(chart, "rect", &[("class", "detection")]).len(), 1, "one latency detection: {chart}");
     assert!(chart.contains(r#"class="hot""#), "hot windows are marked");
+    assert!(mw.stop().success());
+
+    // With a read token, the page opened as /#token=… reads with it; opened without, it says
+    // what it needs and draws nothing.
+    let with_token = [env[0].clone(), ("MESHWATCH_LISTEN__READ_TOKEN", "s3cret".to_string())];
+    let mw = Meshwatch::start(&config, &with_token);
+    assert_eq!(http_get(mw.http, "/api/v1/pairs").await.0, 401);
+    let base = format!("http://{}/", mw.http);
+    let dom = open(&format!("{base}#token=s3cret"), &profile, &artefacts.join("mesh-token.png"));
+    assert!(dom.contains(r#"data-rendered="mesh""#), "the page did not render with its token: {dom}");
+    for (source, target, direction) in &edges {
+        let found = tags(&dom, "g", &[("data-source", source), ("data-target", target), ("data-direction", direction)]);
+        assert_eq!(found.len(), 1, "{source} → {target} ({direction}) is not one edge of the graph");
+    }
+    let dom = open(&base, &profile, &artefacts.join("mesh-no-token.png"));
+    assert!(!dom.contains(r#"data-rendered="#), "rendered without the token: {dom}");
+    assert!(dom.contains("needs its read token"), "{dom}");
     println!("screenshots: {}", artefacts.display());
     assert!(mw.stop().success());
 }

@@ -35,14 +35,14 @@ pub struct AppState {
     pub store: Option<crate::store::Store>,
     /// Bearer token that mutating calls must present; without one they are refused.
     pub api_token: Option<String>,
+    /// Bearer token that reads (`/metrics`, `/api/v1/*`) must present (or `api_token`);
+    /// without one they are open.
+    pub read_token: Option<String>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(ui))
+    let guarded = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
         .route("/api/v1/pairs", get(pairs))
         .route("/api/v1/pairs/{id}", get(pair))
         .route("/api/v1/pairs/{id}/trail", get(trail))
@@ -54,7 +54,38 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/silences", get(silences).post(create_silence))
         .route("/api/v1/silences/{id}", axum::routing::delete(expire_silence))
         .route("/api/v1/deadletters", get(dead_letters))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), reads_need_token));
+    Router::new()
+        .route("/", get(ui))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
         .with_state(state)
+}
+
+/// With `read_token` set, a request without it (or the API token) is refused with 401.
+async fn reads_need_token(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(read) = state.read_token.as_deref() {
+        let headers = request.headers();
+        let api = state.api_token.as_deref();
+        if !bearer_is(headers, read) && !api.is_some_and(|t| bearer_is(headers, t)) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (listen.read_token)");
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether the request's bearer token is `token`, compared in constant time (it is a secret).
+fn bearer_is(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|g| {
+        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    })
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -287,13 +318,7 @@ fn refusal(state: &AppState, headers: &axum::http::HeaderMap) -> Option<Response
     let Some(token) = state.api_token.as_deref() else {
         return Some(error(StatusCode::FORBIDDEN, "changes are disabled: set alerting.api_token"));
     };
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    // Compared in constant time: the token is a secret.
-    let same = given.is_some_and(|g| {
-        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    });
-    (!same).then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
+    (!bearer_is(headers, token)).then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -655,7 +680,42 @@ mod tests {
             .register(Box::new(crate::pairs::PairCollector::new(pairs.clone()).expect("collector")))
             .expect("register");
         let detector = Arc::new(Mutex::new(Detector::new(crate::model::DetectorConfig::default(), 10_000)));
-        AppState { registry, pairs, detector, ready: Arc::new(AtomicBool::new(false)), store: None, api_token: None }
+        AppState {
+            registry,
+            pairs,
+            detector,
+            ready: Arc::new(AtomicBool::new(false)),
+            store: None,
+            api_token: None,
+            read_token: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn with_a_read_token_reads_need_it_or_the_api_token_and_probes_stay_open() {
+        let s = AppState { api_token: Some("change".into()), read_token: Some("read".into()), ..state() };
+        let get = |path: &str, token: Option<&str>| {
+            let mut request = Request::get(path);
+            if let Some(t) = token {
+                request = request.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            router(s.clone()).oneshot(request.body(Body::empty()).expect("request"))
+        };
+        for path in ["/metrics", "/api/v1/pairs", "/api/v1/anomalies", "/api/v1/silences", "/api/v1/deadletters"] {
+            assert_eq!(get(path, None).await.expect("response").status(), StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(get(path, Some("reader")).await.expect("response").status(), StatusCode::UNAUTHORIZED, "{path}");
+        }
+        for token in ["read", "change"] {
+            assert_eq!(get("/api/v1/pairs", Some(token)).await.expect("response").status(), StatusCode::OK);
+            assert_eq!(get("/metrics", Some(token)).await.expect("response").status(), StatusCode::OK);
+        }
+        for path in ["/healthz", "/"] {
+            assert_eq!(get(path, None).await.expect("response").status(), StatusCode::OK, "{path}");
+        }
+        assert_eq!(get("/readyz", None).await.expect("response").status(), StatusCode::SERVICE_UNAVAILABLE);
+        // Without a read token, reads are open.
+        let open = router(state()).oneshot(Request::get("/api/v1/pairs").body(Body::empty()).expect("request"));
+        assert_eq!(open.await.expect("response").status(), StatusCode::OK);
     }
 
     #[tokio::test]
