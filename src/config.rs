@@ -317,6 +317,7 @@ pub struct RawTls {
     pub client_ca: Option<String>,
     pub allowed_identities: Vec<String>,
     pub bind_node_identity: bool,
+    pub http: bool,
 }
 
 impl RawTls {
@@ -369,6 +370,7 @@ impl RawTls {
             },
             allowed_identities,
             bind_node_identity: self.bind_node_identity,
+            http: self.http,
         })
     }
 }

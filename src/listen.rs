@@ -263,3 +263,68 @@ impl axum::serve::Listener for BoundedListener {
         self.listener.local_addr()
     }
 }
+
+/// The HTTP listener over TLS: handshakes run beside the accept loop (a client that never
+/// finishes one holds only its own connection, until `handshake_within`), and only finished
+/// ones are handed to the server.
+pub struct TlsListener {
+    inner: BoundedListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake_within: Duration,
+    handshakes: tokio::task::JoinSet<Option<(tokio_rustls::server::TlsStream<Guarded>, std::net::SocketAddr)>>,
+}
+
+impl TlsListener {
+    pub fn new(
+        inner: BoundedListener,
+        config: Arc<tokio_rustls::rustls::ServerConfig>,
+        handshake_within: Duration,
+    ) -> Self {
+        TlsListener {
+            inner,
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            handshake_within,
+            handshakes: tokio::task::JoinSet::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListener").field("inner", &self.inner).field("handshakes", &self.handshakes.len()).finish()
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<Guarded>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            tokio::select! {
+                (io, addr) = std::future::poll_fn(|cx| self.inner.poll_admit(cx)) => {
+                    let (acceptor, within) = (self.acceptor.clone(), self.handshake_within);
+                    self.handshakes.spawn(async move {
+                        match tokio::time::timeout(within, acceptor.accept(io)).await {
+                            Ok(Ok(tls)) => Some((tls, addr)),
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, %addr, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => None,
+                        }
+                    });
+                }
+                Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
+                    if let Ok(Some(ready)) = done {
+                        return ready;
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.listener.local_addr()
+    }
+}

@@ -46,6 +46,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("a task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -230,9 +232,21 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
         read_token: config.read_token.clone(),
     })
     .merge(otlp_http);
-    let http = axum::serve(http_incoming, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let stop = shutdown.clone().cancelled_owned();
+    let http_task = match config.grpc_tls.as_ref().filter(|t| t.http) {
+        Some(tls) => {
+            let rustls = Arc::new(tls.http_config().map_err(ServeError::Tls)?);
+            let within = config.http_connections.answer_within.unwrap_or(std::time::Duration::from_secs(10));
+            let incoming = crate::listen::TlsListener::new(http_incoming, rustls, within);
+            let http = axum::serve(incoming, app).with_graceful_shutdown(stop);
+            tokio::spawn(async move { http.await.map_err(ServeError::Http) })
+        }
+        None => {
+            let http = axum::serve(http_incoming, app).with_graceful_shutdown(stop);
+            tokio::spawn(async move { http.await.map_err(ServeError::Http) })
+        }
+    };
     let grpc_task = tokio::spawn(grpc);
-    let http_task = tokio::spawn(async move { http.await.map_err(ServeError::Http) });
 
     let tls = config.grpc_tls.as_ref().map_or_else(|| "off".to_string(), crate::tls::TlsSettings::describe);
     info!(grpc = %grpc_addr, http = %http_addr, grpc_tls = tls, "listening");

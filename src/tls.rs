@@ -28,20 +28,42 @@ pub struct TlsSettings {
     pub allowed_identities: Vec<Pattern>,
     /// An access-log stream's node must report as one of its certificate's URI SANs.
     pub bind_node_identity: bool,
+    /// The HTTP listener over TLS too (same certificate, no client certificates).
+    pub http: bool,
 }
 
 impl TlsSettings {
+    /// The HTTP listener's TLS: the same certificate, HTTP/1.1, no client certificates.
+    pub fn http_config(&self) -> Result<tokio_rustls::rustls::ServerConfig, String> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("listen.tls.cert: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| format!("listen.tls.key: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("listen.tls: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+
     /// "on", or "mutual" with what else is checked, for the log.
     pub fn describe(&self) -> String {
-        if self.client_ca_pem.is_none() {
-            return "on".into();
-        }
-        let mut d = String::from("mutual");
+        let mut d = String::from(if self.client_ca_pem.is_some() { "mutual" } else { "on" });
         if !self.allowed_identities.is_empty() {
             d.push_str(", allowed identities");
         }
         if self.bind_node_identity {
             d.push_str(", node identity bound");
+        }
+        if self.http {
+            d.push_str(", HTTP too");
         }
         d
     }

@@ -739,3 +739,50 @@ async fn access_logs_over_mutual_tls_are_counted_and_clients_without_an_allowed_
     drop((frontend, backend));
     assert!(mw.stop().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_listener_over_tls_answers_https_only_and_a_stalled_handshake_blocks_nobody() {
+    let work = TempDir::new("e2e-https");
+    let certs = work.path().join("certs");
+    gen_certs(&certs);
+    let data = TempDir::new("e2e-https-data");
+    let file = |f: &str| certs.join(f).display().to_string();
+    let env = [
+        ("MESHWATCH_DATA_DIR", data.path().display().to_string()),
+        ("MESHWATCH_LISTEN__TLS__CERT", file("meshwatch.crt")),
+        ("MESHWATCH_LISTEN__TLS__KEY", file("meshwatch.key")),
+        ("MESHWATCH_LISTEN__TLS__HTTP", "true".to_string()),
+        ("MESHWATCH_LISTEN__READ_TOKEN", "s3cret".to_string()),
+    ];
+    let mw = Meshwatch::start(&repo_root().join("deploy/meshwatch-example.toml"), &env);
+    assert!(mw.logs().contains("grpc_tls=\"on, HTTP too\""), "{}", mw.logs());
+    // A client that opens a connection and never says hello.
+    let stalled = tokio::net::TcpStream::connect(mw.http).await.unwrap();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(certs.join("ca.crt")).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .resolve("meshwatch", mw.http)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("https://meshwatch:{}{path}", mw.http.port());
+    let get = |path: &str, token: Option<&str>| {
+        let mut request = client.get(url(path));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send()
+    };
+    assert_eq!(get("/healthz", None).await.expect("https while a handshake stalls").status(), 200);
+    assert_eq!(get("/api/v1/pairs", None).await.unwrap().status(), 401);
+    assert_eq!(get("/api/v1/pairs", Some("s3cret")).await.unwrap().status(), 200);
+    assert_eq!(get("/metrics", Some("s3cret")).await.unwrap().status(), 200);
+    // Plain HTTP to the TLS listener gets no HTTP answer.
+    let mut plain = tokio::net::TcpStream::connect(mw.http).await.unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: meshwatch\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+    assert!(!answer.starts_with(b"HTTP/"), "plain HTTP was answered: {}", String::from_utf8_lossy(&answer));
+    drop(stalled);
+    assert!(mw.stop().success());
+}
