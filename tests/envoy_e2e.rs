@@ -622,6 +622,31 @@ async fn health_over_tls(mw: &Meshwatch, certs: &std::path::Path, client: Option
     HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.map(|_| ())
 }
 
+/// One client stream of `message` over TLS as `client` to the gRPC method at `path`.
+async fn stream_over_tls(
+    mw: &Meshwatch,
+    certs: &std::path::Path,
+    client: &str,
+    path: &'static str,
+    message: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    let channel = channel_over_tls(mw, certs, Some(client)).await?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let messages = tokio_stream::iter(vec![bytes::Bytes::from(message)]);
+    grpc.client_streaming(tonic::Request::new(messages), path, meshwatch_collector::als::BytesCodec).await.map(|_| ())
+}
+
+/// A node with no identity but its cluster, `cluster`.
+fn node_named(cluster: &str) -> Option<envoy_types::pb::envoy::config::core::v3::Node> {
+    Some(envoy_types::pb::envoy::config::core::v3::Node {
+        id: "forger-1".into(),
+        cluster: cluster.into(),
+        ..Default::default()
+    })
+}
+
 /// One access-log stream over TLS as `client`, from a node whose cluster (its identity, as
 /// it has no other) is `node_cluster`, with one HTTP entry.
 async fn access_log_over_tls(
@@ -630,11 +655,9 @@ async fn access_log_over_tls(
     client: &str,
     node_cluster: &str,
 ) -> Result<(), tonic::Status> {
-    use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::data::accesslog::v3::{AccessLogCommon, HttpAccessLogEntry};
     use envoy_types::pb::envoy::service::accesslog::v3::{StreamAccessLogsMessage, stream_access_logs_message as sm};
     use prost::Message;
-    let channel = channel_over_tls(mw, certs, Some(client)).await?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
     let entry = HttpAccessLogEntry {
         common_properties: Some(AccessLogCommon {
@@ -645,17 +668,27 @@ async fn access_log_over_tls(
         ..Default::default()
     };
     let message = StreamAccessLogsMessage {
-        identifier: Some(sm::Identifier {
-            node: Some(Node { id: "forger-1".into(), cluster: node_cluster.into(), ..Default::default() }),
-            log_name: "outbound_http".into(),
-        }),
+        identifier: Some(sm::Identifier { node: node_named(node_cluster), log_name: "outbound_http".into() }),
         log_entries: Some(sm::LogEntries::HttpLogs(sm::HttpAccessLogEntries { log_entry: vec![entry] })),
     };
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(meshwatch_collector::als::STREAM_ACCESS_LOGS_PATH);
-    let messages = tokio_stream::iter(vec![bytes::Bytes::from(message.encode_to_vec())]);
-    grpc.client_streaming(tonic::Request::new(messages), path, meshwatch_collector::als::BytesCodec).await.map(|_| ())
+    let path = meshwatch_collector::als::STREAM_ACCESS_LOGS_PATH;
+    stream_over_tls(mw, certs, client, path, message.encode_to_vec()).await
+}
+
+/// One stats-sink stream over TLS as `client`, from a node named `node_cluster`, without
+/// metrics.
+async fn stats_over_tls(
+    mw: &Meshwatch,
+    certs: &std::path::Path,
+    client: &str,
+    node_cluster: &str,
+) -> Result<(), tonic::Status> {
+    use envoy_types::pb::envoy::service::metrics::v3::{StreamMetricsMessage, stream_metrics_message};
+    use prost::Message;
+    let identifier = stream_metrics_message::Identifier { node: node_named(node_cluster) };
+    let message = StreamMetricsMessage { identifier: Some(identifier), envoy_metrics: Vec::new() };
+    let path = meshwatch_collector::envoy_stats::STREAM_METRICS_PATH;
+    stream_over_tls(mw, certs, client, path, message.encode_to_vec()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,10 +764,15 @@ async fn access_logs_over_mutual_tls_are_counted_and_clients_without_an_allowed_
     assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
     // As itself, the same client's entry is taken.
     access_log_over_tls(&mw, &certs, "frontend", FRONTEND).await.expect("the frontend as itself");
+    // The same for the stats sink.
+    let forged = stats_over_tls(&mw, &certs, "frontend", BACKEND).await.expect_err("a forged stats node was taken");
+    assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
+    stats_over_tls(&mw, &certs, "frontend", FRONTEND).await.expect("the frontend's stats as itself");
     let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_pair_requests_total", &[]) >= 7.0).await;
     assert_eq!(m.get("meshwatch_grpc_calls_refused_total", &[]), Some(1.0), "{}", m.text);
     let unproven = [("reason", "unproven_identity")];
     assert_eq!(m.get("meshwatch_als_messages_rejected_total", &unproven), Some(1.0), "{}", m.text);
+    assert_eq!(m.get("meshwatch_envoy_stats_messages_rejected_total", &unproven), Some(1.0), "{}", m.text);
     assert_eq!(m.sum("meshwatch_pair_requests_total", &[]), 7.0, "the sidecars' entries and the frontend's own");
     drop((frontend, backend));
     assert!(mw.stop().success());

@@ -395,6 +395,11 @@ impl StatsStream {
         StatsStream { node: None, interner: Interner::new(interner_capacity), aliases: HashMap::new() }
     }
 
+    /// The reporting node's identity, once the stream has said who it is.
+    pub fn identity(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| &*n.ctx.identity)
+    }
+
     /// Takes the stream's identifier (the node).
     pub fn identify(&mut self, node: Option<&Node>, mesh: &MeshConfig, cfg: &StatsConfig) {
         let mode = node

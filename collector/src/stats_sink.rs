@@ -69,7 +69,8 @@ impl ClientStreamingService<Bytes> for StreamHandler {
         let shared = self.0.clone();
         Box::pin(async move {
             let id = next_stream_id();
-            let result = run_stream(&shared, id, request.into_inner()).await;
+            let proven = request.extensions().get::<crate::als::ProvenIdentities>().cloned();
+            let result = run_stream(&shared, id, proven, request.into_inner()).await;
             let _ = tokio::time::timeout(shared.als.enqueue_timeout, shared.tx.send(Batch::end(id))).await;
             result?;
             // StreamMetricsResponse is empty.
@@ -78,7 +79,14 @@ impl ClientStreamingService<Bytes> for StreamHandler {
     }
 }
 
-async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> Result<(), Status> {
+/// Reads a stats stream to its end (or shutdown). With `proven`, the node must report as one
+/// of those identities (its client certificate's), or the stream ends `PERMISSION_DENIED`.
+async fn run_stream(
+    shared: &Shared,
+    id: u64,
+    proven: Option<crate::als::ProvenIdentities>,
+    mut stream: Streaming<Bytes>,
+) -> Result<(), Status> {
     let m = &shared.metrics.stats;
     m.streams_open.inc();
     let _open = OpenStream(&m.streams_open);
@@ -108,6 +116,15 @@ async fn run_stream(shared: &Shared, id: u64, mut stream: Streaming<Bytes>) -> R
         };
         if let Some(identifier) = &message.identifier {
             state.identify(identifier.node.as_ref(), &shared.mesh, &shared.cfg);
+            if let (Some(p), Some(claimed)) = (&proven, state.identity())
+                && !p.0.iter().any(|i| i == claimed)
+            {
+                m.messages_rejected.with_label_values(&[crate::decode::UNPROVEN_IDENTITY]).inc();
+                debug!(%claimed, "stats stream refused: its node claims an identity its certificate does not prove");
+                return Err(Status::permission_denied(format!(
+                    "the node reports as {claimed}, which its client certificate does not prove"
+                )));
+            }
         }
         let now_ms = wall_clock_ms();
         let span = tracing::debug_span!(
