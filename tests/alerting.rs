@@ -280,6 +280,40 @@ async fn a_receiver_down_across_a_restart_gets_every_notification_in_order() {
     assert!(mw.stop().success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alertmanager_back_from_an_outage_gets_its_queue_batched_one_notification_per_alert_a_post() {
+    let dir = TempDir::new("alerting-am-batch");
+    let am = Recorder::start(Answer::Status(503, Some(0))).await;
+    let receivers =
+        format!("[[alerting.receivers]]\nname = \"am\"\ntype = \"alertmanager\"\nurls = [\"{}/am\"]\n", am.url());
+    let (scenario_path, config) = setup(dir.path(), SCENARIO, "", &receivers);
+    let env = [("MESHWATCH_DATA_DIR", dir.path().join("data").display().to_string())];
+    let mw = Meshwatch::start(&config, &env);
+    simulate(&scenario_path, &mw, "max");
+    // The downgrade's firing and resolved and the new edge's firing, queued while refused.
+    let m = mw
+        .metrics_until(Duration::from_secs(30), |m| m.get("meshwatch_outbox_depth", &[("receiver", "am")]) == Some(3.0))
+        .await;
+    assert_eq!(m.get("meshwatch_outbox_depth", &[("receiver", "am")]), Some(3.0), "{}\n{}", m.text, mw.logs());
+    am.answer(Answer::Status(200, None));
+    let posts = am.until(Duration::from_secs(20), |t| t.len() >= 2).await;
+    let alerts = |i: usize| posts[i].json().as_array().unwrap().clone();
+    let kind = |a: &serde_json::Value| a["labels"]["kind"].as_str().unwrap().to_string();
+    // One post for both alerts' firing notifications, the critical downgrade first; its
+    // resolution in the next (never two notifications of one alert in a post).
+    let first: Vec<String> = alerts(0).iter().map(kind).collect();
+    assert_eq!(first, ["mtls_downgrade", "new_edge"], "{:?}", posts[0].json());
+    let second = alerts(1);
+    assert_eq!(second.iter().map(kind).collect::<Vec<_>>(), ["mtls_downgrade"], "{:?}", posts[1].json());
+    let ends = |a: &serde_json::Value| a["endsAt"].as_str().unwrap().to_string();
+    assert!(ends(&second[0]) < ends(&alerts(0)[0]), "the second post ends the downgrade: {second:?}");
+    let m = mw
+        .metrics_until(Duration::from_secs(5), |m| m.get("meshwatch_outbox_depth", &[("receiver", "am")]) == Some(0.0))
+        .await;
+    assert_eq!(m.get("meshwatch_notifications_sent_total", &[("receiver", "am")]), Some(3.0), "{}", m.text);
+    assert!(mw.stop().success());
+}
+
 /// Per alert fingerprint, its statuses in the order received, repeats collapsed: one firing
 /// cycle is `["firing"]` or `["firing", "resolved"]`.
 fn cycles(got: &[(String, String, String)]) -> std::collections::BTreeMap<(String, String), Vec<String>> {

@@ -375,6 +375,11 @@ async fn send(client: &reqwest::Client, target: &Target, body: &serde_json::Valu
     }
 }
 
+/// Notifications in one post to an Alertmanager (it takes a list of alerts).
+const ALERTMANAGER_BATCH: usize = 64;
+/// Queued notifications looked at to pick the next ones (critical first).
+const NEXT_SCAN: usize = 512;
+
 /// What a delivery task needs.
 #[derive(Clone, Debug)]
 pub struct Delivery {
@@ -449,7 +454,9 @@ impl Delivery {
         loop {
             let store = self.store.clone();
             let name = self.receiver.name.clone();
-            let head = blocking(move || store.head(&name)).await.flatten();
+            let max = if matches!(self.receiver.target, Target::Alertmanager { .. }) { ALERTMANAGER_BATCH } else { 1 };
+            let batch = blocking(move || store.next_batch(&name, max, NEXT_SCAN)).await.unwrap_or_default();
+            let head = batch.first();
             // The queue's depth needs a scan of it: at most once a second while it drains.
             if head.is_none() {
                 self.metrics.depth.with_label_values(&r).set(0);
@@ -458,7 +465,7 @@ impl Delivery {
                 gauges_at = Some(tokio::time::Instant::now());
                 self.refresh_gauges().await;
             }
-            let Some(q) = head else {
+            if head.is_none() {
                 attempt = 0;
                 let mut wait = Duration::from_secs(3600);
                 if let Target::Alertmanager { .. } = self.receiver.target {
@@ -491,16 +498,30 @@ impl Delivery {
                     () = tokio::time::sleep(wait) => {}
                 }
                 continue;
-            };
+            }
             let now = wall_clock_ms();
-            let age = Duration::from_millis(u64::try_from(now - q.notification.created_ms).unwrap_or(0));
-            if age > self.cfg.max_age {
-                self.give_up(&q, format!("not delivered within {:?} ({attempt} attempts)", self.cfg.max_age), attempt)
-                    .await;
+            let age = |q: &crate::store::Queued| {
+                Duration::from_millis(u64::try_from(now - q.notification.created_ms).unwrap_or(0))
+            };
+            let (expired, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|q| age(q) > self.cfg.max_age);
+            if !expired.is_empty() {
+                for q in &expired {
+                    let reason = format!("not delivered within {:?} ({attempt} attempts)", self.cfg.max_age);
+                    self.give_up(q, reason, attempt).await;
+                }
                 attempt = 0;
                 continue;
             }
-            let body = body(&self.receiver.target, &q.notification, now, self.cfg.resend_interval);
+            // An Alertmanager takes many alerts in one post; the others one notification each.
+            let body = match &self.receiver.target {
+                Target::Alertmanager { .. } => json!(
+                    batch
+                        .iter()
+                        .map(|q| alertmanager_alert(&q.notification, now, self.cfg.resend_interval))
+                        .collect::<Vec<_>>()
+                ),
+                target => body(target, &batch[0].notification, now, self.cfg.resend_interval),
+            };
             if attempt > 0 {
                 self.metrics.retried.with_label_values(&r).inc();
             }
@@ -511,17 +532,25 @@ impl Delivery {
             match outcome {
                 Outcome::Delivered => {
                     let store = self.store.clone();
-                    let key = q.key.clone();
-                    if blocking(move || store.delivered(&key)).await.is_some() {
-                        self.metrics.sent.with_label_values(&r).inc();
-                        debug!(receiver = r[0], fingerprint = %q.notification.fingerprint, status = q.notification.status.as_str(), "delivered");
+                    let keys: Vec<Vec<u8>> = batch.iter().map(|q| q.key.clone()).collect();
+                    let removed = blocking(move || {
+                        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+                        store.delivered_all(&keys)
+                    });
+                    if removed.await.is_some() {
+                        self.metrics.sent.with_label_values(&r).inc_by(batch.len() as u64);
+                        for q in &batch {
+                            debug!(receiver = r[0], fingerprint = %q.notification.fingerprint, status = q.notification.status.as_str(), "delivered");
+                        }
                     }
                     attempt = 0;
                 }
                 Outcome::Refused { error } => {
                     self.metrics.failed.with_label_values(&r).inc();
-                    warn!(receiver = r[0], %error, "receiver refused a notification; dead-lettered");
-                    self.give_up(&q, format!("refused: {error}"), attempt + 1).await;
+                    warn!(receiver = r[0], %error, n = batch.len(), "receiver refused; dead-lettered");
+                    for q in &batch {
+                        self.give_up(q, format!("refused: {error}"), attempt + 1).await;
+                    }
                     attempt = 0;
                 }
                 Outcome::Retry { after, error } => {

@@ -248,9 +248,54 @@ impl Store {
 
     /// Removes a delivered notification.
     pub fn delivered(&self, key: &[u8]) -> Result<(), StoreError> {
-        self.outbox.remove(key)?;
+        self.delivered_all(&[key])
+    }
+
+    /// Removes delivered notifications, at once.
+    pub fn delivered_all(&self, keys: &[&[u8]]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(*key);
+        }
+        self.outbox.apply_batch(batch)?;
         self.outbox.flush()?;
         Ok(())
+    }
+
+    /// The next notifications to send to `receiver`, at most `max`: among the first `scan`
+    /// queued, those whose alert has nothing queued before them (an alert's notifications go
+    /// out in order, one per batch), critical ones first, each group in queue order. Beyond
+    /// `scan`, the queue waits its turn.
+    pub fn next_batch(&self, receiver: &str, max: usize, scan: usize) -> Result<Vec<Queued>, StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let (mut critical, mut rest) = (Vec::new(), Vec::new());
+        for item in self.outbox.scan_prefix(outbox_prefix(receiver)).take(scan) {
+            let (key, value) = item?;
+            let notification: crate::alert::Notification = match serde_json::from_slice(&value) {
+                Ok(n) => n,
+                Err(error) => {
+                    warn!(%error, receiver, "dropping an undecodable queued notification");
+                    self.outbox.remove(key)?;
+                    continue;
+                }
+            };
+            if !seen.insert(notification.fingerprint.clone()) {
+                continue;
+            }
+            let urgent = notification.labels.get("severity").is_some_and(|s| s == "critical");
+            let q = Queued { key: key.to_vec(), receiver: receiver.to_string(), notification };
+            if urgent {
+                critical.push(q);
+                if critical.len() >= max {
+                    break;
+                }
+            } else if rest.len() < max {
+                rest.push(q);
+            }
+        }
+        critical.extend(rest);
+        critical.truncate(max);
+        Ok(critical)
     }
 
     /// Moves a notification from the outbox to the dead-letter list.
@@ -391,6 +436,51 @@ mod tests {
         kept.sort();
         assert_eq!(kept, ["2", "3", "4"], "the three newest notifications' letters");
         assert_eq!(store.depth("a").expect("reads").0 + store.depth("b").expect("reads").0, 0);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_batch_takes_critical_notifications_first_and_one_per_alert_in_order() {
+        let dir = std::env::temp_dir().join(format!("meshwatch-store-batch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).expect("open");
+        let n = |fingerprint: &str, severity: &str, status: crate::alert::State| crate::alert::Notification {
+            fingerprint: fingerprint.into(),
+            status,
+            labels: [("severity".to_string(), severity.to_string())].into_iter().collect(),
+            annotations: Default::default(),
+            starts_at_ms: 0,
+            ends_at_ms: None,
+            created_ms: 0,
+        };
+        use crate::alert::State::{Firing, Resolved};
+        let queued = [
+            n("w1", "warning", Firing),
+            n("w2", "warning", Firing),
+            n("w1", "warning", Resolved),
+            n("c1", "critical", Firing),
+            n("w3", "warning", Firing),
+            n("c1", "critical", Resolved),
+        ];
+        let state = crate::score::State::default();
+        let items: Vec<_> = queued.iter().map(|q| ("am".to_string(), q.clone())).collect();
+        store.enqueue(&items, &state).expect("queued");
+        let names = |b: &[Queued]| {
+            b.iter()
+                .map(|q| format!("{}:{}", q.notification.fingerprint, q.notification.status.as_str()))
+                .collect::<Vec<_>>()
+        };
+        // One at a time (a webhook): the critical one goes ahead of the warnings queued before it.
+        assert_eq!(names(&store.next_batch("am", 1, 1_000).expect("reads")), ["c1:firing"]);
+        // A batch: critical first, then the rest in order, never an alert twice.
+        let batch = store.next_batch("am", 10, 1_000).expect("reads");
+        assert_eq!(names(&batch), ["c1:firing", "w1:firing", "w2:firing", "w3:firing"]);
+        let keys: Vec<&[u8]> = batch.iter().map(|q| q.key.as_slice()).collect();
+        store.delivered_all(&keys).expect("removed");
+        assert_eq!(names(&store.next_batch("am", 10, 1_000).expect("reads")), ["c1:resolved", "w1:resolved"]);
+        // Only the first `scan` are looked at.
+        assert_eq!(names(&store.next_batch("am", 10, 1).expect("reads")), ["w1:resolved"]);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
