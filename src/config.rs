@@ -33,6 +33,7 @@ pub const ENV_LOG: &str = "MESHWATCH_LOG";
 pub struct RawConfig {
     pub data_dir: Option<String>,
     pub shutdown_grace: Option<String>,
+    pub shutdown_drain: Option<String>,
     pub listen: RawListen,
     pub ingest: RawIngest,
     pub window: RawWindow,
@@ -467,6 +468,8 @@ pub struct Config {
     /// Bearer token that the HTTP listener's reads need (`/metrics`, `/api/v1/*`).
     pub read_token: Option<String>,
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long `/readyz` answers 503 before the listeners stop.
+    pub shutdown_drain: Duration,
     pub queue_batches: usize,
     pub als: AlsConfig,
     /// Per listener (gRPC and HTTP): connections open, and when one is closed.
@@ -724,6 +727,8 @@ impl RawConfig {
         );
         let shutdown_grace =
             c.duration("shutdown_grace", self.shutdown_grace.as_deref(), Duration::from_secs(10), Duration::ZERO);
+        let shutdown_drain =
+            c.duration("shutdown_drain", self.shutdown_drain.as_deref(), Duration::ZERO, Duration::ZERO);
 
         let det_defaults = DetectorConfig::default();
         let windows_of = |d: Duration| (d.as_millis() / length.as_millis().max(1)) as u64;
@@ -848,6 +853,7 @@ impl RawConfig {
             grpc_tls,
             read_token: self.listen.read_token.clone().filter(|t| !t.is_empty()),
             shutdown_grace,
+            shutdown_drain,
             queue_batches,
             als: AlsConfig { max_message_bytes, enqueue_timeout, identify_within, ..als_defaults },
             grpc_connections: crate::listen::ConnectionLimits {

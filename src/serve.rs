@@ -102,9 +102,12 @@ fn otlp_http_router(service: OtlpLogsService, mutual_tls: bool) -> axum::Router 
         .with_state(service)
 }
 
-/// Runs until `shutdown` is cancelled, then drains within `config.shutdown_grace`.
-/// `on_bound` is called once both listeners are up.
-pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnOnce(Bound)) -> Result<(), ServeError> {
+/// Runs until `signal` is cancelled: then `/readyz` answers 503 for `config.shutdown_drain`
+/// while everything else goes on (a load balancer's probe sees it and stops sending), and
+/// then it drains within `config.shutdown_grace`. `on_bound` is called once both listeners
+/// are up.
+pub async fn run(config: Config, signal: CancellationToken, on_bound: impl FnOnce(Bound)) -> Result<(), ServeError> {
+    let shutdown = CancellationToken::new();
     let dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&dir)).await??;
     let loader = store.clone();
@@ -249,12 +252,17 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_bound: impl FnO
     let grpc_task = tokio::spawn(grpc);
 
     let tls = config.grpc_tls.as_ref().map_or_else(|| "off".to_string(), crate::tls::TlsSettings::describe);
-    info!(grpc = %grpc_addr, http = %http_addr, grpc_tls = tls, "listening");
     ready.store(true, Ordering::Relaxed);
+    info!(grpc = %grpc_addr, http = %http_addr, grpc_tls = tls, "listening");
     on_bound(Bound { grpc: grpc_addr, http: http_addr });
 
-    shutdown.cancelled().await;
+    signal.cancelled().await;
     ready.store(false, Ordering::Relaxed);
+    if !config.shutdown_drain.is_zero() {
+        info!(drain = ?config.shutdown_drain, "not ready; serving on while probes see it");
+        tokio::time::sleep(config.shutdown_drain).await;
+    }
+    shutdown.cancel();
     info!(grace = ?config.shutdown_grace, "shutting down");
     // Windows and the store first, and in full: what was learnt must not be cut short by a
     // client that does not hang up. The grace period is for the servers.

@@ -673,3 +673,29 @@ async fn a_burst_of_made_up_pairs_does_not_hold_the_pair_cap() {
     assert_eq!(v["pairs"].as_array().unwrap().len(), 3, "{body}");
     assert!(mw.stop().success());
 }
+
+#[tokio::test]
+async fn after_sigterm_readyz_answers_503_for_the_drain_while_ingest_goes_on_then_it_stops() {
+    let (mw, _data) = start(&[("MESHWATCH_SHUTDOWN_DRAIN", "3s")]);
+    assert_eq!(http_get(mw.http, "/readyz").await.0, 200);
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(mw.pid().to_string()).status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        seen.push(http_get(mw.http, "/readyz").await.0);
+        if seen.last() == Some(&503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.last(), Some(&503), "{seen:?}\n{}", mw.logs());
+    // Still serving: metrics answer, and an access-log stream is taken.
+    assert_eq!(http_get(mw.http, "/healthz").await.0, 200);
+    send(&mw, vec![message(identifier("outbound"), vec![entry(Some(now_s()), "backend", Some(200))])])
+        .await
+        .expect("ingest during the drain");
+    let log = mw.log.clone();
+    assert!(mw.stop().success(), "it stops after the drain");
+    let log = log.lock().unwrap().join("\n");
+    assert!(log.contains("not ready; serving on while probes see it"), "{log}");
+}
