@@ -56,8 +56,9 @@ pub struct StatsConfig {
     /// Clusters whose stats are not a pair: the control plane, meshwatch itself, inbound
     /// clusters (the local workload).
     pub ignore_clusters: Vec<Pattern>,
-    /// Nodes and (node, cluster) pairs whose cumulative counters are remembered; beyond, new
-    /// ones are rejected (`state_full`) until idle nodes are forgotten.
+    /// Nodes and (node, cluster) pairs whose cumulative counters are remembered, one node's
+    /// clusters at most an eighth of them; beyond, new ones are rejected (`state_full`) until
+    /// idle nodes are forgotten (after an hour, or after a minute while the book is full).
     pub max_tracked_clusters: usize,
 }
 
@@ -334,10 +335,19 @@ pub struct CounterBook {
     tracked: usize,
     /// When idle nodes were last looked for.
     swept_ms: i64,
+    /// When the book was last full and looked for nodes silent for `PRESSED_IDLE_MS`.
+    pressed_ms: i64,
 }
 
 /// A node not heard from for this long is forgotten.
 pub const NODE_IDLE_MS: i64 = 3_600_000;
+/// While the book is full, a node not heard from for this long (six of Envoy's default
+/// 10 s stats flushes) makes room for a new one: a burst of made-up nodes cannot keep real
+/// Envoys out for an hour.
+pub const PRESSED_IDLE_MS: i64 = 60_000;
+/// The share of the book one node may fill (its clusters), so that one Envoy's junk cannot
+/// take the places of the others.
+const NODE_SHARE: usize = 8;
 
 impl CounterBook {
     /// Nodes and clusters tracked.
@@ -362,6 +372,29 @@ impl CounterBook {
             keep
         });
         self.tracked -= forgotten;
+    }
+
+    /// With the book full: forgets the nodes silent for `PRESSED_IDLE_MS` (looking at most
+    /// once a second); whether there is room now.
+    fn make_room(&mut self, now_ms: i64, cap: usize) -> bool {
+        if self.tracked < cap {
+            return true;
+        }
+        if now_ms.saturating_sub(self.pressed_ms) < 1_000 {
+            return false;
+        }
+        self.pressed_ms = now_ms;
+        let before = now_ms.saturating_sub(PRESSED_IDLE_MS);
+        let mut forgotten = 0;
+        self.nodes.retain(|_, n| {
+            let keep = n.last_seen_ms >= before;
+            if !keep {
+                forgotten += 1 + n.clusters.len();
+            }
+            keep
+        });
+        self.tracked -= forgotten;
+        self.tracked < cap
     }
 }
 
@@ -489,7 +522,7 @@ impl StatsStream {
         if node.mode == CounterMode::Cumulative && !gathered.is_empty() {
             let node_id: &str = &node.ctx.node_id;
             if !book.nodes.contains_key(node_id) {
-                if book.tracked >= cfg.max_tracked_clusters {
+                if !book.make_room(now_ms, cfg.max_tracked_clusters) {
                     tally.reject(StatsRejection::StateFull, tally.used);
                     tally.used = 0;
                     return (Vec::new(), tally);
@@ -527,9 +560,10 @@ impl StatsStream {
                     }
                 }
                 Some(st) => {
+                    let node_full = st.clusters.len() >= (cfg.max_tracked_clusters / NODE_SHARE).max(1);
                     let last = match st.clusters.get_mut(cluster.as_ref()) {
                         Some(last) => last,
-                        None if book.tracked >= cfg.max_tracked_clusters => {
+                        None if node_full || book.tracked >= cfg.max_tracked_clusters => {
                             let n = g.counters.iter().chain(&g.hosts).flatten().count() as u64;
                             tally.used -= n;
                             tally.reject(StatsRejection::StateFull, n);
@@ -862,9 +896,36 @@ mod tests {
         s.identify(Some(&node("frontend", None)), &MeshConfig::default(), &cfg);
         let f: Vec<_> = (0..5).map(|i| raw(&format!("c{i}"), "upstream_rq_total", 1.0)).collect();
         let (r, t) = s.families(&f, &mut book, &MeshConfig::default(), &cfg, 0);
-        assert_eq!(r.len(), 2);
-        assert_eq!(t.rejected, vec![(StatsRejection::StateFull, 3)]);
+        assert_eq!(r.len(), 1, "a node holds at most an eighth of the book, here one cluster");
+        assert_eq!(t.rejected, vec![(StatsRejection::StateFull, 4)]);
         book.forget_idle(NODE_IDLE_MS + 10);
         assert_eq!(book.tracked(), 0);
+    }
+
+    #[test]
+    fn made_up_nodes_that_filled_the_book_make_room_for_a_real_one_after_a_minute_of_silence() {
+        let mut book = CounterBook::default();
+        let cfg = StatsConfig { max_tracked_clusters: 80, ..StatsConfig::default() };
+        let mesh = MeshConfig::default();
+        let f: Vec<_> = (0..30).map(|i| raw(&format!("c{i}"), "upstream_rq_total", 1.0)).collect();
+        // One node's junk takes at most its share: ten clusters of eighty.
+        let mut junk = StatsStream::new(64);
+        junk.identify(Some(&node("junk", None)), &mesh, &cfg);
+        let (r, _) = junk.families(&f, &mut book, &mesh, &cfg, 0);
+        assert_eq!(r.len(), 10);
+        // Made-up nodes fill the rest.
+        for i in 0..30 {
+            let mut s = StatsStream::new(64);
+            s.identify(Some(&node(&format!("made-up-{i}"), None)), &mesh, &cfg);
+            s.families(&f[..2], &mut book, &mesh, &cfg, 1_000);
+        }
+        assert_eq!(book.tracked(), 80);
+        let mut real = StatsStream::new(64);
+        real.identify(Some(&node("frontend", None)), &mesh, &cfg);
+        let (r, t) = real.families(&f[..2], &mut book, &mesh, &cfg, 2_000);
+        assert!(r.is_empty() && t.rejected == vec![(StatsRejection::StateFull, 2)], "full: {t:?}");
+        // A minute after the made-up nodes went silent, the real one gets in.
+        let (r, t) = real.families(&f[..2], &mut book, &mesh, &cfg, 1_000 + PRESSED_IDLE_MS + 1);
+        assert_eq!((r.len(), t.rejected.len()), (2, 0), "{t:?}");
     }
 }
