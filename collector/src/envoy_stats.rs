@@ -362,10 +362,14 @@ impl CounterBook {
             return;
         }
         self.swept_ms = now_ms;
-        let before = now_ms.saturating_sub(NODE_IDLE_MS);
+        self.forget_silent_since(now_ms.saturating_sub(NODE_IDLE_MS));
+    }
+
+    /// Forgets the nodes last heard from before `before_ms`, and their clusters.
+    fn forget_silent_since(&mut self, before_ms: i64) {
         let mut forgotten = 0;
         self.nodes.retain(|_, n| {
-            let keep = n.last_seen_ms >= before;
+            let keep = n.last_seen_ms >= before_ms;
             if !keep {
                 forgotten += 1 + n.clusters.len();
             }
@@ -384,16 +388,7 @@ impl CounterBook {
             return false;
         }
         self.pressed_ms = now_ms;
-        let before = now_ms.saturating_sub(PRESSED_IDLE_MS);
-        let mut forgotten = 0;
-        self.nodes.retain(|_, n| {
-            let keep = n.last_seen_ms >= before;
-            if !keep {
-                forgotten += 1 + n.clusters.len();
-            }
-            keep
-        });
-        self.tracked -= forgotten;
+        self.forget_silent_since(now_ms.saturating_sub(PRESSED_IDLE_MS));
         self.tracked < cap
     }
 }
