@@ -476,7 +476,7 @@ mod stats {
     #[tokio::test]
     async fn a_flood_of_clusters_stays_within_the_caps() {
         let (mw, _data) = start(&[
-            ("MESHWATCH_LIMITS__MAX_PAIRS", "1000"),
+            ("MESHWATCH_LIMITS__MAX_PAIRS", "500"),
             ("MESHWATCH_INGEST__STATS_MAX_TRACKED", "5000"),
             ("MESHWATCH_WINDOW__GRACE", "10s"),
         ]);
@@ -496,12 +496,13 @@ mod stats {
                 m.sum("meshwatch_envoy_stats_samples_received_total", &[]) >= 200_000.0
             })
             .await;
-        // The node and 4,999 of its clusters are remembered; the rest are refused.
-        assert_eq!(m.get("meshwatch_envoy_stats_tracked", &[]), Some(5000.0));
-        assert_eq!(m.get(REJECTED, &[("reason", "state_full")]), Some(2.0 * 95_001.0));
+        // The node and 625 of its clusters (one node's share: an eighth of the cap) are
+        // remembered; the rest are refused, and the book has room for other Envoys.
+        assert_eq!(m.get("meshwatch_envoy_stats_tracked", &[]), Some(626.0));
+        assert_eq!(m.get(REJECTED, &[("reason", "state_full")]), Some(2.0 * 99_375.0));
         let m =
-            mw.metrics_until(Duration::from_secs(10), |m| m.get("meshwatch_pairs_tracked", &[]) == Some(1000.0)).await;
-        assert_eq!(m.get("meshwatch_pairs_tracked", &[]), Some(1000.0));
+            mw.metrics_until(Duration::from_secs(10), |m| m.get("meshwatch_pairs_tracked", &[]) == Some(500.0)).await;
+        assert_eq!(m.get("meshwatch_pairs_tracked", &[]), Some(500.0), "the pair cap holds too");
         let rss_mib = rss_kib(mw.pid()) / 1024;
         assert!(rss_mib < 256, "resident memory {rss_mib} MiB after the flood");
         assert!(mw.stop().success());
