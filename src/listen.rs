@@ -2,19 +2,24 @@
 //! `max_connections` are open (one more is accepted and closed at once, counted); a connection
 //! that sends nothing for `idle` is closed (half-open and forgotten connections); on the HTTP
 //! listener, a request that is not answered within `answer_within` of its first byte is
-//! closed (a client that drips its request, a byte at a time, never gets one).
+//! closed (a client that drips its request, a byte at a time, never gets one). When the HTTP
+//! listener is full, a new connection closes the one that has gone longest without an answer
+//! (since it was accepted or last answered) instead of being refused: a flood of slow or
+//! silent connections cannot keep a probe or a scrape out.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, futures::OwnedNotified};
 use tokio::time::{Instant, Sleep, sleep};
 use tracing::warn;
 
@@ -50,7 +55,7 @@ impl ConnectionMetrics {
         let closed = IntCounterVec::new(
             Opts::new(
                 "meshwatch_connections_closed_total",
-                "Connections meshwatch closed: `idle` (nothing read for limits.connection_idle), `unanswered` (a request not complete within limits.request_timeout).",
+                "Connections meshwatch closed: `idle` (nothing read for limits.connection_idle), `unanswered` (a request not complete within limits.request_timeout), `evicted` (the HTTP listener was full: the one longest without an answer made room).",
             ),
             &["listener", "reason"],
         )?;
@@ -65,40 +70,96 @@ impl ConnectionMetrics {
 #[derive(Clone, Debug)]
 struct Gate {
     limits: ConnectionLimits,
-    permits: Arc<Semaphore>,
+    /// Connections open (evicted ones that are still closing included).
+    count: Arc<std::sync::atomic::AtomicUsize>,
     open: IntGauge,
     refused: IntCounter,
     idle: IntCounter,
     unanswered: IntCounter,
+    evicted: IntCounter,
+    /// The open connections that a new one may close when the listener is full (HTTP only).
+    evictable: Option<Evictable>,
+}
+
+/// Open connections by admission id.
+type Evictable = Arc<Mutex<BTreeMap<u64, Arc<Slot>>>>;
+
+/// One open connection, as the listener sees it for eviction.
+#[derive(Debug)]
+struct Slot {
+    /// When it was accepted or last answered, as a count of such moments (older is smaller).
+    since: AtomicU64,
+    evict: Arc<Notify>,
+    evicted: AtomicBool,
+}
+
+/// Moments of acceptance and answer, in order, across listeners.
+static MOMENTS: AtomicU64 = AtomicU64::new(1);
+
+fn moment() -> u64 {
+    MOMENTS.fetch_add(1, Ordering::Relaxed)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Gate {
     fn new(name: &str, limits: ConnectionLimits, m: &ConnectionMetrics) -> Gate {
         Gate {
             limits,
-            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            count: Arc::default(),
             open: m.open.with_label_values(&[name]),
             refused: m.refused.with_label_values(&[name]),
             idle: m.closed.with_label_values(&[name, "idle"]),
             unanswered: m.closed.with_label_values(&[name, "unanswered"]),
+            evicted: m.closed.with_label_values(&[name, "evicted"]),
+            evictable: limits.answer_within.map(|_| Arc::default()),
         }
     }
 
-    /// The connection, guarded; `None` (and the connection closed) at the cap.
+    /// The connection, guarded; `None` (and the connection closed) at the cap, unless an
+    /// open one can be closed for it (then it is let in while that one closes).
     fn admit(&self, stream: TcpStream) -> Option<Guarded> {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+        let max = self.limits.max_connections;
+        let before = self.count.fetch_add(1, Ordering::AcqRel);
+        // Over the cap only while evicted ones close, and never past twice it.
+        if before >= max && !(before < 2 * max && self.evict_oldest()) {
+            self.count.fetch_sub(1, Ordering::AcqRel);
             self.refused.inc();
             return None;
-        };
+        }
         let _ = stream.set_nodelay(true);
         self.open.inc();
+        let slot = self.evictable.as_ref().map(|open| {
+            let slot = Arc::new(Slot { since: AtomicU64::new(moment()), evict: Arc::default(), evicted: false.into() });
+            let id = moment();
+            lock(open).insert(id, slot.clone());
+            (id, slot)
+        });
+        let evict = slot.as_ref().map(|(_, s)| Box::pin(s.evict.clone().notified_owned()));
         Some(Guarded {
             inner: stream,
-            _permit: permit,
             read_by: Box::pin(sleep(self.limits.idle)),
             answer_by: None,
             gate: self.clone(),
+            slot,
+            evict,
         })
+    }
+
+    /// Tells the open connection longest without an answer to close; whether there was one.
+    fn evict_oldest(&self) -> bool {
+        let Some(open) = &self.evictable else { return false };
+        let open = lock(open);
+        let oldest = open
+            .values()
+            .filter(|s| !s.evicted.load(Ordering::Relaxed))
+            .min_by_key(|s| s.since.load(Ordering::Relaxed));
+        let Some(slot) = oldest else { return false };
+        slot.evicted.store(true, Ordering::Relaxed);
+        slot.evict.notify_one();
+        true
     }
 }
 
@@ -106,16 +167,22 @@ impl Gate {
 #[derive(Debug)]
 pub struct Guarded {
     inner: TcpStream,
-    _permit: OwnedSemaphorePermit,
     read_by: Pin<Box<Sleep>>,
     /// Armed by the first byte read after the last one written.
     answer_by: Option<Pin<Box<Sleep>>>,
     gate: Gate,
+    /// Its place among the evictable connections, and the signal to close for a new one.
+    slot: Option<(u64, Arc<Slot>)>,
+    evict: Option<Pin<Box<OwnedNotified>>>,
 }
 
 impl Drop for Guarded {
     fn drop(&mut self) {
         self.gate.open.dec();
+        self.gate.count.fetch_sub(1, Ordering::AcqRel);
+        if let (Some((id, _)), Some(open)) = (&self.slot, &self.gate.evictable) {
+            lock(open).remove(id);
+        }
     }
 }
 
@@ -124,6 +191,9 @@ impl Guarded {
     fn answered(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.answer_by = None;
+            if let Some((_, slot)) = &self.slot {
+                slot.since.store(moment(), Ordering::Relaxed);
+            }
         }
         r
     }
@@ -136,6 +206,13 @@ fn closed(why: &'static str) -> io::Error {
 impl AsyncRead for Guarded {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(evict) = this.evict.as_mut()
+            && evict.as_mut().poll(cx).is_ready()
+        {
+            this.evict = None;
+            this.gate.evicted.inc();
+            return Poll::Ready(Err(closed("evicted")));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
