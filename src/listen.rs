@@ -2,10 +2,11 @@
 //! `max_connections` are open (one more is accepted and closed at once, counted); a connection
 //! that sends nothing for `idle` is closed (half-open and forgotten connections); on the HTTP
 //! listener, a request that is not answered within `answer_within` of its first byte is
-//! closed (a client that drips its request, a byte at a time, never gets one). When the HTTP
-//! listener is full, a new connection closes the one that has gone longest without an answer
-//! (since it was accepted or last answered) instead of being refused: a flood of slow or
-//! silent connections cannot keep a probe or a scrape out.
+//! closed (a client that drips its request, a byte at a time, never gets one). When a
+//! listener is full, a new connection closes an open one instead of being refused: on HTTP the
+//! one that has gone longest without an answer (since it was accepted or last answered), on
+//! gRPC the oldest that has never sent a byte (an Envoy speaks at once). A flood of slow or
+//! silent connections cannot keep a probe, a scrape or an Envoy out.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -55,7 +56,7 @@ impl ConnectionMetrics {
         let closed = IntCounterVec::new(
             Opts::new(
                 "meshwatch_connections_closed_total",
-                "Connections meshwatch closed: `idle` (nothing read for limits.connection_idle), `unanswered` (a request not complete within limits.request_timeout), `evicted` (the HTTP listener was full: the one longest without an answer made room).",
+                "Connections meshwatch closed: `idle` (nothing read for limits.connection_idle), `unanswered` (a request not complete within limits.request_timeout), `evicted` (the listener was full: on HTTP the one longest without an answer, on gRPC the oldest that never sent a byte, made room).",
             ),
             &["listener", "reason"],
         )?;
@@ -77,8 +78,10 @@ struct Gate {
     idle: IntCounter,
     unanswered: IntCounter,
     evicted: IntCounter,
-    /// The open connections that a new one may close when the listener is full (HTTP only).
-    evictable: Option<Evictable>,
+    /// The open connections, for a new one to close one of them when the listener is full.
+    evictable: Evictable,
+    /// Any connection may be closed for a new one (HTTP), or only one that never spoke (gRPC).
+    evict_any: bool,
 }
 
 /// Open connections by admission id.
@@ -91,6 +94,8 @@ struct Slot {
     since: AtomicU64,
     evict: Arc<Notify>,
     evicted: AtomicBool,
+    /// It has sent at least one byte.
+    spoken: AtomicBool,
 }
 
 /// Moments of acceptance and answer, in order, across listeners.
@@ -114,7 +119,8 @@ impl Gate {
             idle: m.closed.with_label_values(&[name, "idle"]),
             unanswered: m.closed.with_label_values(&[name, "unanswered"]),
             evicted: m.closed.with_label_values(&[name, "evicted"]),
-            evictable: limits.answer_within.map(|_| Arc::default()),
+            evictable: Arc::default(),
+            evict_any: limits.answer_within.is_some(),
         }
     }
 
@@ -131,30 +137,31 @@ impl Gate {
         }
         let _ = stream.set_nodelay(true);
         self.open.inc();
-        let slot = self.evictable.as_ref().map(|open| {
-            let slot = Arc::new(Slot { since: AtomicU64::new(moment()), evict: Arc::default(), evicted: false.into() });
-            let id = moment();
-            lock(open).insert(id, slot.clone());
-            (id, slot)
+        let slot = Arc::new(Slot {
+            since: AtomicU64::new(moment()),
+            evict: Arc::default(),
+            evicted: false.into(),
+            spoken: false.into(),
         });
-        let evict = slot.as_ref().map(|(_, s)| Box::pin(s.evict.clone().notified_owned()));
+        let id = moment();
+        lock(&self.evictable).insert(id, slot.clone());
+        let evict = Box::pin(slot.evict.clone().notified_owned());
         Some(Guarded {
             inner: stream,
             read_by: Box::pin(sleep(self.limits.idle)),
             answer_by: None,
             gate: self.clone(),
-            slot,
-            evict,
+            slot: (id, slot),
+            evict: Some(evict),
         })
     }
 
     /// Tells the open connection longest without an answer to close; whether there was one.
     fn evict_oldest(&self) -> bool {
-        let Some(open) = &self.evictable else { return false };
-        let open = lock(open);
+        let open = lock(&self.evictable);
         let oldest = open
             .values()
-            .filter(|s| !s.evicted.load(Ordering::Relaxed))
+            .filter(|s| !s.evicted.load(Ordering::Relaxed) && (self.evict_any || !s.spoken.load(Ordering::Relaxed)))
             .min_by_key(|s| s.since.load(Ordering::Relaxed));
         let Some(slot) = oldest else { return false };
         slot.evicted.store(true, Ordering::Relaxed);
@@ -171,8 +178,8 @@ pub struct Guarded {
     /// Armed by the first byte read after the last one written.
     answer_by: Option<Pin<Box<Sleep>>>,
     gate: Gate,
-    /// Its place among the evictable connections, and the signal to close for a new one.
-    slot: Option<(u64, Arc<Slot>)>,
+    /// Its place among the open connections, and the signal to close for a new one.
+    slot: (u64, Arc<Slot>),
     evict: Option<Pin<Box<OwnedNotified>>>,
 }
 
@@ -180,9 +187,7 @@ impl Drop for Guarded {
     fn drop(&mut self) {
         self.gate.open.dec();
         self.gate.count.fetch_sub(1, Ordering::AcqRel);
-        if let (Some((id, _)), Some(open)) = (&self.slot, &self.gate.evictable) {
-            lock(open).remove(id);
-        }
+        lock(&self.gate.evictable).remove(&self.slot.0);
     }
 }
 
@@ -191,9 +196,7 @@ impl Guarded {
     fn answered(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.answer_by = None;
-            if let Some((_, slot)) = &self.slot {
-                slot.since.store(moment(), Ordering::Relaxed);
-            }
+            self.slot.1.since.store(moment(), Ordering::Relaxed);
         }
         r
     }
@@ -217,6 +220,7 @@ impl AsyncRead for Guarded {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
+                    this.slot.1.spoken.store(true, Ordering::Relaxed);
                     this.read_by.as_mut().reset(Instant::now() + this.gate.limits.idle);
                     if let (None, Some(within)) = (&this.answer_by, this.gate.limits.answer_within) {
                         this.answer_by = Some(Box::pin(sleep(within)));

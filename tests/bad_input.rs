@@ -557,24 +557,20 @@ async fn connections_are_bounded_and_silent_or_dripping_ones_are_closed() {
         ("MESHWATCH_LIMITS__IDENTIFY_WITHIN", "2s"),
     ]);
     for addr in [mw.http, mw.grpc] {
-        // 30 silent connections: 20 stay open, 10 are closed at once (on gRPC each one over
-        // the cap is refused; on HTTP each one over it closes the oldest without an answer).
-        let (refused, mut held) = silent_connections(addr, 30, Duration::from_millis(700)).await;
-        assert_eq!((refused, held.len()), (10, 20), "{addr}");
-        let (refused, newest) = silent_connections(addr, 1, Duration::from_millis(700)).await;
-        if addr == mw.http {
-            // A 21st is let in, and the oldest of the 20 makes room.
-            assert_eq!((refused, newest.len()), (0, 1), "{addr}: a 21st connection");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let mut closed = 0;
-            for s in &mut held {
-                closed += usize::from(closed_within(s, Duration::from_millis(10)).await);
-            }
-            assert_eq!(closed, 1, "{addr}: one held connection made room");
-            held.extend(newest);
-        } else {
-            assert_eq!(refused, 1, "{addr}: a 21st connection");
+        // 30 silent connections: 20 stay open, and each one over the cap closes the oldest
+        // silent one (10 closed).
+        let (closed, mut held) = silent_connections(addr, 30, Duration::from_millis(700)).await;
+        assert_eq!((closed, held.len()), (10, 20), "{addr}");
+        // A 21st is let in, and the oldest of the 20 makes room.
+        let (closed, newest) = silent_connections(addr, 1, Duration::from_millis(700)).await;
+        assert_eq!((closed, newest.len()), (0, 1), "{addr}: a 21st connection");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut closed = 0;
+        for s in &mut held {
+            closed += usize::from(closed_within(s, Duration::from_millis(10)).await);
         }
+        assert_eq!(closed, 1, "{addr}: one held connection made room");
+        held.extend(newest);
         // Silent for the idle time: every one of them is closed, and the listener serves again.
         for s in &mut held {
             assert!(closed_within(s, Duration::from_secs(4)).await, "{addr}: a silent connection stayed open");
@@ -631,17 +627,42 @@ async fn connections_are_bounded_and_silent_or_dripping_ones_are_closed() {
     quiet.await.unwrap().expect("the quiet stream was not cut");
 
     let m = mw.metrics().await;
-    let evicted = m.sum("meshwatch_connections_closed_total", &[("listener", "http"), ("reason", "evicted")]);
-    assert_eq!(evicted, 11.0, "{}", m.text);
-    assert_eq!(m.sum("meshwatch_connections_refused_total", &[("listener", "http")]), 0.0);
-    assert!(m.sum("meshwatch_connections_refused_total", &[("listener", "grpc")]) >= 11.0);
     for listener in ["http", "grpc"] {
+        let evicted = m.sum("meshwatch_connections_closed_total", &[("listener", listener), ("reason", "evicted")]);
+        assert_eq!(evicted, 11.0, "{listener}: {}", m.text);
+        assert_eq!(m.sum("meshwatch_connections_refused_total", &[("listener", listener)]), 0.0, "{listener}");
         let idle = m.sum("meshwatch_connections_closed_total", &[("listener", listener), ("reason", "idle")]);
         assert!(idle >= 20.0, "{listener}: {idle}");
     }
     assert!(m.sum("meshwatch_connections_closed_total", &[("listener", "http"), ("reason", "unanswered")]) >= 1.0);
     assert!(m.sum("meshwatch_als_messages_rejected_total", &[("reason", "no_identifier")]) >= 1.0);
     assert_eq!(m.sum("meshwatch_als_entries_decoded_total", &[]), 2.0, "both entries of the quiet stream");
+    assert!(mw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_grpc_a_connection_that_spoke_is_never_closed_for_a_new_one() {
+    let (mw, _data) = start(&[("MESHWATCH_LIMITS__MAX_CONNECTIONS", "5")]);
+    // Five HTTP/2 clients that have spoken (each has its channel up and a call answered).
+    let mut channels = Vec::new();
+    for _ in 0..5 {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{}", mw.grpc)).unwrap().connect().await.unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        health.check(HealthCheckRequest { service: String::new() }).await.expect("answered");
+        channels.push(channel);
+    }
+    // A sixth, silent, finds no connection to close: it is refused, and the five stay up.
+    let (closed, _) = silent_connections(mw.grpc, 1, Duration::from_millis(700)).await;
+    assert_eq!(closed, 1, "a silent sixth connection");
+    let m = mw.metrics().await;
+    assert_eq!(m.get("meshwatch_connections_refused_total", &[("listener", "grpc")]), Some(1.0), "{}", m.text);
+    assert_eq!(m.get("meshwatch_connections_closed_total", &[("listener", "grpc"), ("reason", "evicted")]), Some(0.0));
+    for channel in channels {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.expect("still up");
+    }
     assert!(mw.stop().success());
 }
 
