@@ -333,7 +333,7 @@ fn otlp_decode_only(messages: &[Bytes], entries_per_message: usize, seconds: f64
     let mut entries = 0usize;
     while t.elapsed().as_secs_f64() < seconds {
         for (m, interner) in messages.iter().zip(&mut interners) {
-            let (records, _) = meshwatch_collector::otlp::export(m.clone(), &mesh, interner);
+            let (records, _) = meshwatch_collector::otlp::export(m.clone(), &mesh, interner, None);
             entries += records.len();
         }
     }

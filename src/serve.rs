@@ -91,9 +91,9 @@ fn otlp_http_router(service: OtlpLogsService, mutual_tls: bool) -> axum::Router 
             return (StatusCode::UNSUPPORTED_MEDIA_TYPE, "OTLP/HTTP logs must be application/x-protobuf\n")
                 .into_response();
         }
-        match s.export(body).await {
-            Some(reply) => ([(header::CONTENT_TYPE, "application/x-protobuf")], reply).into_response(),
-            None => (StatusCode::BAD_REQUEST, "not an OTLP ExportLogsServiceRequest\n").into_response(),
+        match s.export(body, None).await {
+            Ok(reply) => ([(header::CONTENT_TYPE, "application/x-protobuf")], reply).into_response(),
+            Err(_) => (StatusCode::BAD_REQUEST, "not an OTLP ExportLogsServiceRequest\n").into_response(),
         }
     };
     axum::Router::new()

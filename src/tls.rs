@@ -2,8 +2,8 @@
 //! client CA, mutual TLS — a client without a certificate from that CA does not get past the
 //! handshake. With `allowed_identities`, a client whose certificate names none of them (as a
 //! URI SAN: a SPIFFE ID) is refused each call with `PERMISSION_DENIED`, counted. With
-//! `bind_node_identity`, an access-log or stats-sink stream's node must report as an identity
-//! its certificate names (the collector checks it on the stream's identifier).
+//! `bind_node_identity`, an access-log or stats-sink stream's node, and an OTLP export's, must
+//! report as an identity its certificate names (the collector checks it).
 
 use std::sync::Arc;
 
@@ -26,8 +26,8 @@ pub struct TlsSettings {
     /// URI SANs (globs, `*` any run of characters) a client certificate must name one of;
     /// empty: any client the CA vouches for.
     pub allowed_identities: Vec<Pattern>,
-    /// An access-log or stats-sink stream's node must report as one of its certificate's
-    /// URI SANs.
+    /// An access-log or stats-sink stream's node (or an OTLP export's) must report as one of
+    /// its certificate's URI SANs.
     pub bind_node_identity: bool,
     /// The HTTP listener over TLS too (same certificate, no client certificates).
     pub http: bool,

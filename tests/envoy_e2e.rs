@@ -675,6 +675,48 @@ async fn access_log_over_tls(
     stream_over_tls(mw, certs, client, path, message.encode_to_vec()).await
 }
 
+/// One OTLP logs export over TLS as `client`, from a node that names itself `identity`, with
+/// one record.
+async fn otlp_over_tls(
+    mw: &Meshwatch,
+    certs: &std::path::Path,
+    client: &str,
+    identity: &str,
+) -> Result<(), tonic::Status> {
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use prost::Message;
+    let kv = |k: &str, v: &str| KeyValue {
+        key: k.into(),
+        value: Some(AnyValue { value: Some(any_value::Value::StringValue(v.into())) }),
+        ..Default::default()
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let record = LogRecord {
+        time_unix_nano: now,
+        attributes: vec![kv("upstream.cluster", "backend"), kv("http.response.status_code", "200")],
+        ..Default::default()
+    };
+    let request = ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(Resource {
+                attributes: vec![kv("node_name", "forger-1"), kv("meshwatch.identity", identity)],
+                ..Default::default()
+            }),
+            scope_logs: vec![ScopeLogs { log_records: vec![record], ..Default::default() }],
+            ..Default::default()
+        }],
+    };
+    let channel = channel_over_tls(mw, certs, Some(client)).await?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(meshwatch_collector::otlp::EXPORT_LOGS_PATH);
+    let body = bytes::Bytes::from(request.encode_to_vec());
+    grpc.unary(tonic::Request::new(body), path, meshwatch_collector::als::BytesCodec).await.map(|_| ())
+}
+
 /// One stats-sink stream over TLS as `client`, from a node named `node_cluster`, without
 /// metrics.
 async fn stats_over_tls(
@@ -768,12 +810,16 @@ async fn access_logs_over_mutual_tls_are_counted_and_clients_without_an_allowed_
     let forged = stats_over_tls(&mw, &certs, "frontend", BACKEND).await.expect_err("a forged stats node was taken");
     assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
     stats_over_tls(&mw, &certs, "frontend", FRONTEND).await.expect("the frontend's stats as itself");
-    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_pair_requests_total", &[]) >= 7.0).await;
+    // And for OTLP over gRPC.
+    let forged = otlp_over_tls(&mw, &certs, "frontend", BACKEND).await.expect_err("a forged OTLP node was taken");
+    assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
+    otlp_over_tls(&mw, &certs, "frontend", FRONTEND).await.expect("the frontend's OTLP records as itself");
+    let m = mw.metrics_until(Duration::from_secs(10), |m| m.sum("meshwatch_pair_requests_total", &[]) >= 8.0).await;
     assert_eq!(m.get("meshwatch_grpc_calls_refused_total", &[]), Some(1.0), "{}", m.text);
     let unproven = [("reason", "unproven_identity")];
-    assert_eq!(m.get("meshwatch_als_messages_rejected_total", &unproven), Some(1.0), "{}", m.text);
     assert_eq!(m.get("meshwatch_envoy_stats_messages_rejected_total", &unproven), Some(1.0), "{}", m.text);
-    assert_eq!(m.sum("meshwatch_pair_requests_total", &[]), 7.0, "the sidecars' entries and the frontend's own");
+    assert_eq!(m.sum("meshwatch_pair_requests_total", &[]), 8.0, "the sidecars' entries and the frontend's own two");
+    assert_eq!(m.get("meshwatch_als_messages_rejected_total", &unproven), Some(2.0), "access log and OTLP");
     drop((frontend, backend));
     assert!(mw.stop().success());
 }

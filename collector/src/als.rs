@@ -271,20 +271,18 @@ impl UnaryService<Bytes> for ExportHandler {
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let service = OtlpLogsService { shared: self.0.clone() };
-        Box::pin(async move {
-            match service.export(request.into_inner()).await {
-                Some(response) => Ok(Response::new(response)),
-                None => Err(Status::invalid_argument("not an OTLP ExportLogsServiceRequest")),
-            }
-        })
+        let proven = request.extensions().get::<ProvenIdentities>().cloned();
+        Box::pin(async move { service.export(request.into_inner(), proven.as_ref()).await.map(Response::new) })
     }
 }
 
 impl OtlpLogsService {
     /// Takes one encoded `ExportLogsServiceRequest` (from gRPC or OTLP/HTTP) in: its records
     /// go to the aggregator. Returns the encoded `ExportLogsServiceResponse`, with a
-    /// `partial_success` when records were rejected; `None` when the body is not a request.
-    pub async fn export(&self, body: Bytes) -> Option<Bytes> {
+    /// `partial_success` when records were rejected; `INVALID_ARGUMENT` when the body is not a
+    /// request, `PERMISSION_DENIED` when a node is not one of `proven` (the client's
+    /// certificate's identities, when nodes are bound to them).
+    pub async fn export(&self, body: Bytes, proven: Option<&ProvenIdentities>) -> Result<Bytes, Status> {
         let shared = &self.shared;
         let stream = crate::pipeline::next_stream_id();
         let mut interner = Interner::new(shared.cfg.interner_capacity);
@@ -295,12 +293,18 @@ impl OtlpLogsService {
             records = tracing::field::Empty,
             rejected = tracing::field::Empty,
         );
-        let (records, tally) = span.in_scope(|| crate::otlp::export(body, &shared.mesh, &mut interner));
+        let (records, tally) = span.in_scope(|| crate::otlp::export(body, &shared.mesh, &mut interner, proven));
         span.record("records", records.len());
         span.record("rejected", tally.rejected.iter().map(|(_, n)| n).sum::<u64>());
         publish(&shared.metrics, &tally);
+        if let Some(claimed) = &tally.unproven {
+            debug!(%claimed, "OTLP export refused: a node claims an identity the certificate does not prove");
+            return Err(Status::permission_denied(format!(
+                "a node reports as {claimed}, which the client certificate does not prove"
+            )));
+        }
         if tally.message_rejected.is_some() {
-            return None;
+            return Err(Status::invalid_argument("not an OTLP ExportLogsServiceRequest"));
         }
         if !records.is_empty() {
             enqueue(shared, Batch { stream, records, ..Batch::default() }).await;
@@ -311,7 +315,7 @@ impl OtlpLogsService {
         // (field 1) and error_message (field 2) when records were rejected.
         let rejected: u64 = tally.rejected.iter().map(|(_, n)| n).sum();
         if rejected == 0 {
-            return Some(Bytes::new());
+            return Ok(Bytes::new());
         }
         // The reasons, as they are counted: "log records rejected: missing_time 1, missing_peer 2".
         let reasons: Vec<String> = tally.rejected.iter().map(|(r, n)| format!("{} {n}", r.as_str())).collect();
@@ -321,7 +325,7 @@ impl OtlpLogsService {
         prost::encoding::string::encode(2, &message, &mut inner);
         let mut out = Vec::new();
         prost::encoding::bytes::encode(1, &inner, &mut out);
-        Some(Bytes::from(out))
+        Ok(Bytes::from(out))
     }
 
     /// The largest request body accepted.

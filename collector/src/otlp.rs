@@ -344,20 +344,37 @@ pub fn encode_export(resources: &[(StringAttributes, Vec<(u64, StringAttributes)
 }
 
 /// Decodes one `ExportLogsServiceRequest`: flow records, and what was counted (`received`,
-/// `decoded` and `rejected` by protocol as for the gRPC access log).
-pub fn export(bytes: Bytes, mesh: &MeshConfig, interner: &mut Interner) -> (Vec<FlowRecord>, Tally) {
+/// `decoded` and `rejected` by protocol as for the gRPC access log). With `proven`, every
+/// resource's node must be one of those identities, or nothing of the request is taken
+/// (`unproven_identity`).
+pub fn export(
+    bytes: Bytes,
+    mesh: &MeshConfig,
+    interner: &mut Interner,
+    proven: Option<&crate::als::ProvenIdentities>,
+) -> (Vec<FlowRecord>, Tally) {
     let mut tally = Tally::default();
     let Ok(request) = ExportRequestWire::decode(bytes) else {
         tally.message_rejected = Some("malformed");
         return (Vec::new(), tally);
     };
+    let nodes: Vec<NodeContext> = request
+        .resource_logs
+        .iter()
+        .map(|rl| node(&Attributes::read(rl.resource.as_ref().map_or(&[][..], |r| &r.attributes)), mesh))
+        .collect();
+    if let Some(p) = proven
+        && let Some(claimed) = nodes.iter().find(|n| !p.0.iter().any(|i| **i == *n.identity))
+    {
+        tally.message_rejected = Some(crate::decode::UNPROVEN_IDENTITY);
+        tally.unproven = Some(claimed.identity.clone());
+        return (Vec::new(), tally);
+    }
     let mut records = Vec::new();
     let mut resolver = Resolver { mesh, interner };
-    for rl in &request.resource_logs {
-        let resource = Attributes::read(rl.resource.as_ref().map_or(&[][..], |r| &r.attributes));
-        let node = node(&resource, mesh);
+    for (rl, node) in request.resource_logs.iter().zip(&nodes) {
         for rec in rl.scope_logs.iter().flat_map(|s| &s.log_records) {
-            let (p, outcome) = log_record(rec, &node, &mut resolver);
+            let (p, outcome) = log_record(rec, node, &mut resolver);
             tally.received[p] += 1;
             tally.count(p, outcome, &mut records);
         }
@@ -405,6 +422,23 @@ mod tests {
     }
 
     #[test]
+    fn with_proven_identities_a_request_naming_another_node_is_taken_whole_or_not_at_all() {
+        let web = "spiffe://mesh.test/ns/shop/sa/web";
+        let resource = |identity: &str| vec![kv("node_name", "web-1"), kv("meshwatch.identity", identity)];
+        let rec = || vec![kv("upstream.cluster", "api"), kv("http.response.status_code", "200")];
+        let proven = crate::als::ProvenIdentities(vec![web.to_string()].into());
+        let (records, tally) =
+            export(request(resource(web), vec![rec()]), &mesh(), &mut Interner::new(16), Some(&proven));
+        assert_eq!((records.len(), tally.message_rejected), (1, None));
+        let db = "spiffe://mesh.test/ns/shop/sa/db";
+        let (records, tally) =
+            export(request(resource(db), vec![rec()]), &mesh(), &mut Interner::new(16), Some(&proven));
+        assert!(records.is_empty());
+        assert_eq!(tally.message_rejected, Some(crate::decode::UNPROVEN_IDENTITY));
+        assert_eq!(tally.unproven.as_deref(), Some(db));
+    }
+
+    #[test]
     fn client_side_records_name_the_callee_by_its_certificate() {
         let resource = vec![kv("node_name", "web-1"), kv("cluster_name", "web"), kv("log_name", "outbound_otel")];
         let rec = vec![
@@ -418,7 +452,7 @@ mod tests {
             kv("upstream.host", "10.1.2.3:8443"),
             kv("downstream.peer.uri_san", "-"),
         ];
-        let (records, tally) = export(request(resource, vec![rec]), &mesh(), &mut Interner::new(16));
+        let (records, tally) = export(request(resource, vec![rec]), &mesh(), &mut Interner::new(16), None);
         assert_eq!((tally.received, tally.decoded), ([1, 0], [1, 0]));
         let r = &records[0];
         assert_eq!((&*r.source, &*r.destination), ("web", "spiffe://mesh.test/ns/shop/sa/api"));
@@ -442,7 +476,7 @@ mod tests {
             kv("response.code", "200"),
         ];
         let plaintext = vec![kv("downstream.remote_address", "10.0.0.9:51000"), kv("response.code", "200")];
-        let (records, tally) = export(request(resource, vec![full, plaintext]), &mesh(), &mut Interner::new(16));
+        let (records, tally) = export(request(resource, vec![full, plaintext]), &mesh(), &mut Interner::new(16), None);
         assert_eq!(tally.decoded, [2, 0]);
         assert_eq!(
             (&*records[0].source, &*records[0].destination, records[0].reporter, records[0].mtls),
@@ -460,7 +494,7 @@ mod tests {
         let no_status = vec![kv("upstream.cluster", "api"), kv("response.flags", "-")];
         let tcp_no_status = vec![kv("upstream.cluster", "db"), kv("protocol", "-")];
         let (records, tally) =
-            export(request(resource, vec![no_peer, no_status, tcp_no_status]), &mesh(), &mut Interner::new(16));
+            export(request(resource, vec![no_peer, no_status, tcp_no_status]), &mesh(), &mut Interner::new(16), None);
         assert_eq!(records.len(), 1, "only the TCP record, which has no status by nature");
         assert_eq!(records[0].protocol, Protocol::Tcp);
         let mut rejected = tally.rejected.clone();
@@ -497,7 +531,7 @@ mod tests {
             kv("authority", "api.shop:8080"),
             kv("protocol", "HTTP/1.1"),
         ];
-        let (records, tally) = export(request(resource, vec![snake, dotted]), &mesh(), &mut Interner::new(16));
+        let (records, tally) = export(request(resource, vec![snake, dotted]), &mesh(), &mut Interner::new(16), None);
         assert_eq!(tally.decoded, [2, 0]);
         assert_eq!(records[0], records[1]);
         let r = &records[0];
@@ -508,14 +542,14 @@ mod tests {
 
     #[test]
     fn bad_input_is_counted_not_fatal() {
-        let (records, tally) = export(Bytes::from_static(b"\xff\xff\xff"), &mesh(), &mut Interner::new(4));
+        let (records, tally) = export(Bytes::from_static(b"\xff\xff\xff"), &mesh(), &mut Interner::new(4), None);
         assert!(records.is_empty());
         assert_eq!(tally.message_rejected, Some("malformed"));
         let mut no_time = request(vec![], vec![vec![kv("response.code", "200")]]).to_vec();
         // Zero the time: fixed64 field 1 follows its tag byte 0x09.
         let at = no_time.windows(1).position(|w| w[0] == 0x09).expect("time field");
         no_time[at + 1..at + 9].fill(0);
-        let (records, tally) = export(no_time.into(), &mesh(), &mut Interner::new(4));
+        let (records, tally) = export(no_time.into(), &mesh(), &mut Interner::new(4), None);
         assert!(records.is_empty());
         assert_eq!(tally.rejected, vec![(Rejection::MissingTime, 1)]);
         let v6 = Bytes::from_static(b"[::1]:80");
