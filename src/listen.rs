@@ -71,14 +71,13 @@ impl ConnectionMetrics {
 #[derive(Clone, Debug)]
 struct Gate {
     limits: ConnectionLimits,
-    /// Connections open (evicted ones that are still closing included).
-    count: Arc<std::sync::atomic::AtomicUsize>,
     open: IntGauge,
     refused: IntCounter,
     idle: IntCounter,
     unanswered: IntCounter,
     evicted: IntCounter,
-    /// The open connections, for a new one to close one of them when the listener is full.
+    /// The open connections (evicted ones still closing included): how many there are, and
+    /// which one a new one may close when the listener is full.
     evictable: Evictable,
     /// Any connection may be closed for a new one (HTTP), or only one that never spoke (gRPC).
     evict_any: bool,
@@ -113,7 +112,6 @@ impl Gate {
     fn new(name: &str, limits: ConnectionLimits, m: &ConnectionMetrics) -> Gate {
         Gate {
             limits,
-            count: Arc::default(),
             open: m.open.with_label_values(&[name]),
             refused: m.refused.with_label_values(&[name]),
             idle: m.closed.with_label_values(&[name, "idle"]),
@@ -128,37 +126,39 @@ impl Gate {
     /// open one can be closed for it (then it is let in while that one closes).
     fn admit(&self, stream: TcpStream) -> Option<Guarded> {
         let max = self.limits.max_connections;
-        let before = self.count.fetch_add(1, Ordering::AcqRel);
-        // Over the cap only while evicted ones close, and never past twice it.
-        if before >= max && !(before < 2 * max && self.evict_oldest()) {
-            self.count.fetch_sub(1, Ordering::AcqRel);
-            self.refused.inc();
-            return None;
-        }
+        let slot = {
+            let mut open = lock(&self.evictable);
+            // Over the cap only while evicted ones close, and never past twice it.
+            if open.len() >= max && !(open.len() < 2 * max && self.evict_oldest(&open)) {
+                self.refused.inc();
+                return None;
+            }
+            let slot = Arc::new(Slot {
+                since: AtomicU64::new(moment()),
+                evict: Arc::default(),
+                evicted: false.into(),
+                spoken: false.into(),
+            });
+            let id = moment();
+            open.insert(id, slot.clone());
+            (id, slot)
+        };
         let _ = stream.set_nodelay(true);
         self.open.inc();
-        let slot = Arc::new(Slot {
-            since: AtomicU64::new(moment()),
-            evict: Arc::default(),
-            evicted: false.into(),
-            spoken: false.into(),
-        });
-        let id = moment();
-        lock(&self.evictable).insert(id, slot.clone());
-        let evict = Box::pin(slot.evict.clone().notified_owned());
+        let evict = Box::pin(slot.1.evict.clone().notified_owned());
         Some(Guarded {
             inner: stream,
             read_by: Box::pin(sleep(self.limits.idle)),
             answer_by: None,
             gate: self.clone(),
-            slot: (id, slot),
+            slot,
             evict: Some(evict),
         })
     }
 
-    /// Tells the open connection longest without an answer to close; whether there was one.
-    fn evict_oldest(&self) -> bool {
-        let open = lock(&self.evictable);
+    /// Tells the open connection longest without an answer (on gRPC, of those that never
+    /// spoke) to close; whether there was one.
+    fn evict_oldest(&self, open: &BTreeMap<u64, Arc<Slot>>) -> bool {
         let oldest = open
             .values()
             .filter(|s| !s.evicted.load(Ordering::Relaxed) && (self.evict_any || !s.spoken.load(Ordering::Relaxed)))
@@ -186,7 +186,6 @@ pub struct Guarded {
 impl Drop for Guarded {
     fn drop(&mut self) {
         self.gate.open.dec();
-        self.gate.count.fetch_sub(1, Ordering::AcqRel);
         lock(&self.gate.evictable).remove(&self.slot.0);
     }
 }

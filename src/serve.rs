@@ -102,6 +102,20 @@ fn otlp_http_router(service: OtlpLogsService, mutual_tls: bool) -> axum::Router 
         .with_state(service)
 }
 
+/// Serves `app` on `incoming` until `shutdown`, in a task of its own.
+fn spawn_http<L>(
+    incoming: L,
+    app: axum::Router,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), ServeError>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let http = axum::serve(incoming, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tokio::spawn(async move { http.await.map_err(ServeError::Http) })
+}
+
 /// Runs until `signal` is cancelled: then `/readyz` answers 503 for `config.shutdown_drain`
 /// while everything else goes on (a load balancer's probe sees it and stops sending), and
 /// then it drains within `config.shutdown_grace`. `on_bound` is called once both listeners
@@ -235,19 +249,13 @@ pub async fn run(config: Config, signal: CancellationToken, on_bound: impl FnOnc
         read_token: config.read_token.clone(),
     })
     .merge(otlp_http);
-    let stop = shutdown.clone().cancelled_owned();
     let http_task = match config.grpc_tls.as_ref().filter(|t| t.http) {
         Some(tls) => {
             let rustls = Arc::new(tls.http_config().map_err(ServeError::Tls)?);
             let within = config.http_connections.answer_within.unwrap_or(std::time::Duration::from_secs(10));
-            let incoming = crate::listen::TlsListener::new(http_incoming, rustls, within);
-            let http = axum::serve(incoming, app).with_graceful_shutdown(stop);
-            tokio::spawn(async move { http.await.map_err(ServeError::Http) })
+            spawn_http(crate::listen::TlsListener::new(http_incoming, rustls, within), app, &shutdown)
         }
-        None => {
-            let http = axum::serve(http_incoming, app).with_graceful_shutdown(stop);
-            tokio::spawn(async move { http.await.map_err(ServeError::Http) })
-        }
+        None => spawn_http(http_incoming, app, &shutdown),
     };
     let grpc_task = tokio::spawn(grpc);
 

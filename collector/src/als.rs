@@ -298,10 +298,7 @@ impl OtlpLogsService {
         span.record("rejected", tally.rejected.iter().map(|(_, n)| n).sum::<u64>());
         publish(&shared.metrics, &tally);
         if let Some(claimed) = &tally.unproven {
-            debug!(%claimed, "OTLP export refused: a node claims an identity the certificate does not prove");
-            return Err(Status::permission_denied(format!(
-                "a node reports as {claimed}, which the client certificate does not prove"
-            )));
+            return Err(ProvenIdentities::refusal(claimed));
         }
         if tally.message_rejected.is_some() {
             return Err(Status::invalid_argument("not an OTLP ExportLogsServiceRequest"));
@@ -338,6 +335,19 @@ impl OtlpLogsService {
 /// when nodes must report as what their certificate proves (`listen.tls.bind_node_identity`).
 #[derive(Clone, Debug)]
 pub struct ProvenIdentities(pub Arc<[String]>);
+
+impl ProvenIdentities {
+    /// Whether the certificate proves `identity`.
+    pub fn proves(&self, identity: &str) -> bool {
+        self.0.iter().any(|i| i == identity)
+    }
+
+    /// The refusal of a node that reports as `claimed` without the certificate proving it.
+    pub fn refusal(claimed: &str) -> Status {
+        debug!(%claimed, "ingest refused: a node claims an identity its certificate does not prove");
+        Status::permission_denied(format!("the node reports as {claimed}, which its client certificate does not prove"))
+    }
+}
 
 struct StreamHandler(Arc<Shared>);
 
@@ -411,10 +421,7 @@ async fn run_stream(
                 };
                 publish(m, &tally);
                 if let Some(claimed) = &tally.unproven {
-                    debug!(%claimed, "access-log stream refused: its node claims an identity its certificate does not prove");
-                    return Err(Status::permission_denied(format!(
-                        "the node reports as {claimed}, which its client certificate does not prove"
-                    )));
+                    return Err(ProvenIdentities::refusal(claimed));
                 }
                 if !records.is_empty() {
                     enqueue(shared, Batch { stream: id, records, ..Batch::default() }).await;

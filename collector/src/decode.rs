@@ -313,7 +313,7 @@ impl StreamDecoder {
             match identifier(raw) {
                 Ok(id) => {
                     let node = NodeContext::new(id.node.as_ref(), &id.log_name, mesh);
-                    if self.proven.as_ref().is_some_and(|p| !p.0.iter().any(|i| **i == *node.identity)) {
+                    if self.proven.as_ref().is_some_and(|p| !p.proves(&node.identity)) {
                         tally.message_rejected = Some(UNPROVEN_IDENTITY);
                         tally.unproven = Some(node.identity);
                         self.node = None;

@@ -364,7 +364,7 @@ pub fn export(
         .map(|rl| node(&Attributes::read(rl.resource.as_ref().map_or(&[][..], |r| &r.attributes)), mesh))
         .collect();
     if let Some(p) = proven
-        && let Some(claimed) = nodes.iter().find(|n| !p.0.iter().any(|i| **i == *n.identity))
+        && let Some(claimed) = nodes.iter().find(|n| !p.proves(&n.identity))
     {
         tally.message_rejected = Some(crate::decode::UNPROVEN_IDENTITY);
         tally.unproven = Some(claimed.identity.clone());

@@ -117,13 +117,10 @@ async fn run_stream(
         if let Some(identifier) = &message.identifier {
             state.identify(identifier.node.as_ref(), &shared.mesh, &shared.cfg);
             if let (Some(p), Some(claimed)) = (&proven, state.identity())
-                && !p.0.iter().any(|i| i == claimed)
+                && !p.proves(claimed)
             {
                 m.messages_rejected.with_label_values(&[crate::decode::UNPROVEN_IDENTITY]).inc();
-                debug!(%claimed, "stats stream refused: its node claims an identity its certificate does not prove");
-                return Err(Status::permission_denied(format!(
-                    "the node reports as {claimed}, which its client certificate does not prove"
-                )));
+                return Err(crate::als::ProvenIdentities::refusal(claimed));
             }
         }
         let now_ms = wall_clock_ms();

@@ -456,16 +456,15 @@ impl Delivery {
             let name = self.receiver.name.clone();
             let max = if matches!(self.receiver.target, Target::Alertmanager { .. }) { ALERTMANAGER_BATCH } else { 1 };
             let batch = blocking(move || store.next_batch(&name, max, NEXT_SCAN)).await.unwrap_or_default();
-            let head = batch.first();
             // The queue's depth needs a scan of it: at most once a second while it drains.
-            if head.is_none() {
+            if batch.is_empty() {
                 self.metrics.depth.with_label_values(&r).set(0);
                 self.metrics.oldest.set(&self.receiver.name, None);
             } else if gauges_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 gauges_at = Some(tokio::time::Instant::now());
                 self.refresh_gauges().await;
             }
-            if head.is_none() {
+            if batch.is_empty() {
                 attempt = 0;
                 let mut wait = Duration::from_secs(3600);
                 if let Target::Alertmanager { .. } = self.receiver.target {
@@ -535,7 +534,7 @@ impl Delivery {
                     let keys: Vec<Vec<u8>> = batch.iter().map(|q| q.key.clone()).collect();
                     let removed = blocking(move || {
                         let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-                        store.delivered_all(&keys)
+                        store.delivered(&keys)
                     });
                     if removed.await.is_some() {
                         self.metrics.sent.with_label_values(&r).inc_by(batch.len() as u64);

@@ -229,30 +229,8 @@ impl Store {
         Ok(StoredCheckpoint { models, anomalies, trust, alerts, silences, last_start_ms })
     }
 
-    /// The oldest queued notification of a receiver.
-    pub fn head(&self, receiver: &str) -> Result<Option<Queued>, StoreError> {
-        for item in self.outbox.scan_prefix(outbox_prefix(receiver)) {
-            let (key, value) = item?;
-            match serde_json::from_slice(&value) {
-                Ok(notification) => {
-                    return Ok(Some(Queued { key: key.to_vec(), receiver: receiver.to_string(), notification }));
-                }
-                Err(error) => {
-                    warn!(%error, receiver, "dropping an undecodable queued notification");
-                    self.outbox.remove(key)?;
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// Removes a delivered notification.
-    pub fn delivered(&self, key: &[u8]) -> Result<(), StoreError> {
-        self.delivered_all(&[key])
-    }
-
-    /// Removes delivered notifications, at once.
-    pub fn delivered_all(&self, keys: &[&[u8]]) -> Result<(), StoreError> {
+    /// Removes delivered notifications, in one batch.
+    pub fn delivered(&self, keys: &[&[u8]]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for key in keys {
             batch.remove(*key);
@@ -421,7 +399,7 @@ mod tests {
             store.enqueue(&[(receiver.to_string(), n(&i.to_string()))], &state).expect("queued");
         }
         for receiver in ["b", "a", "a", "b", "a"] {
-            let q = store.head(receiver).expect("reads").expect("queued");
+            let q = store.next_batch(receiver, 1, usize::MAX).expect("reads").remove(0);
             let letter = DeadLetter {
                 receiver: receiver.into(),
                 reason: "refused".into(),
@@ -477,7 +455,7 @@ mod tests {
         let batch = store.next_batch("am", 10, 1_000).expect("reads");
         assert_eq!(names(&batch), ["c1:firing", "w1:firing", "w2:firing", "w3:firing"]);
         let keys: Vec<&[u8]> = batch.iter().map(|q| q.key.as_slice()).collect();
-        store.delivered_all(&keys).expect("removed");
+        store.delivered(&keys).expect("removed");
         assert_eq!(names(&store.next_batch("am", 10, 1_000).expect("reads")), ["c1:resolved", "w1:resolved"]);
         // Only the first `scan` are looked at.
         assert_eq!(names(&store.next_batch("am", 10, 1).expect("reads")), ["w1:resolved"]);
